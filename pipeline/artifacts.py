@@ -1,0 +1,359 @@
+"""The artifact contract every stage keeps (DESIGN.md, "Rules for every stage").
+
+A stage directory holds `manifest.json` (resolved config, schema version, input identities, fingerprint,
+shard list), numbered shards and `_SUCCESS`, written last. While a process writes it, the directory is locked.
+
+    writer = StageWriter(run / "mine", identity, force=cfg.force, dist=dist)
+    if not writer.begin():          # up to date: nothing to do, nothing touched
+        return
+    for shard in plan:
+        if writer.is_done(shard): continue
+        writer.write_table(shard, table)   # temp name, fsync, rename, then a checksum record
+    writer.finish(expected=plan)     # manifest with every shard, then _SUCCESS
+
+Shard records live in `.records/` (one small JSON per shard, written after the shard) so that several ranks
+can complete shards without sharing a file; `finish` folds them into the manifest. A shard counts as done
+only when its record exists and the file's size and SHA-256 match it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .dist import Dist
+from .errors import PipelineError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SUCCESS = "_SUCCESS"
+LOCK = ".lock"
+RECORDS = ".records"
+
+
+# ---------------------------------------------------------------- hashing
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_name(index: int, prefix: str = "part", ext: str = "parquet") -> str:
+    return f"{prefix}-{index:05d}.{ext}"
+
+
+def diff(old: Any, new: Any, path: str = "") -> list[str]:
+    """Human-readable differences between two JSON-like values: ['config.k: 32 -> 16', ...]."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in old:
+                out.append(f"{sub}: (absent) -> {_short(new[key])}")
+            elif key not in new:
+                out.append(f"{sub}: {_short(old[key])} -> (absent)")
+            else:
+                out.extend(diff(old[key], new[key], sub))
+        return out
+    return [] if old == new else [f"{path}: {_short(old)} -> {_short(new)}"]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------- atomic writes
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_write_npy(path: Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{path}: corrupt JSON ({e.msg} at line {e.lineno}); rerun with --force") from None
+
+
+# ---------------------------------------------------------------- lock
+class StageLock:
+    """An exclusive `flock` on DIR/.lock; the file names the holder. The OS drops it if the holder dies."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise PipelineError(f"{self.path.parent} is being written by another process ({holder})") from None
+        holder = (
+            f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{_dt.datetime.now().isoformat(timespec='seconds')}: {' '.join(sys.argv[:3])}"
+        )
+        os.ftruncate(fd, 0)
+        os.write(fd, holder.encode())
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+# ---------------------------------------------------------------- stage state (read side)
+def stage_state(directory: Path) -> dict[str, Any]:
+    """Read-only view of a stage directory: absent | partial | complete, with shard counts."""
+    manifest = read_json(directory / MANIFEST)
+    if manifest is None:
+        return {"state": "absent", "manifest": None}
+    expected = manifest.get("expected_shards") or []
+    done = sum(1 for rel in expected if _record_ok(directory, rel))
+    complete = (directory / SUCCESS).exists() and done == len(expected)
+    return {"state": "complete" if complete else "partial", "done": done, "total": len(expected), "manifest": manifest}
+
+
+def require_complete(directory: Path, what: str, hint: str) -> dict[str, Any]:
+    """The manifest of a complete upstream stage, or an error saying what to run."""
+    state = stage_state(directory)
+    if state["state"] == "absent":
+        raise PipelineError(f"{directory}: no {what} output here; {hint}")
+    if state["state"] != "complete":
+        raise PipelineError(
+            f"{directory}: {what} is incomplete ({state['done']}/{state['total']} shards); rerun it to finish: {hint}"
+        )
+    return state["manifest"]
+
+
+def _record_path(directory: Path, rel: str) -> Path:
+    return directory / RECORDS / (rel.replace("/", "__") + ".json")
+
+
+def _record_ok(directory: Path, rel: str) -> bool:
+    rec = read_json(_record_path(directory, rel))
+    path = directory / rel
+    if rec is None or not path.exists() or path.stat().st_size != rec["bytes"]:
+        return False
+    return sha256_file(path) == rec["sha256"]
+
+
+# ---------------------------------------------------------------- writer
+class StageWriter:
+    """Writes one stage directory under the contract. See the module docstring for the call sequence."""
+
+    def __init__(
+        self,
+        directory: Path,
+        identity: dict[str, Any],
+        *,
+        force: bool,
+        dist: Dist,
+        keep: Iterable[str] = (),
+        config: dict[str, Any] | None = None,
+        log=print,
+    ):
+        self.dir = Path(directory)
+        self.identity = {"schema_version": SCHEMA_VERSION, **identity}
+        self.fingerprint = fingerprint(self.identity)
+        self.force = force
+        self.dist = dist
+        self.keep = set(keep) | {LOCK}
+        self.config = config
+        self.log = log if dist.is_main else (lambda *a, **k: None)
+        self._lock = StageLock(self.dir)
+
+    # -- start
+    def begin(self) -> bool:
+        """Lock, check the existing output, write the manifest. False if complete and up to date."""
+        decision = "work"
+        if self.dist.is_main:
+            self._lock.acquire()
+            try:
+                decision = self._prepare()
+            except BaseException:
+                self._lock.release()
+                raise
+        # Every rank learns the outcome from the files rank 0 left: _SUCCESS stays only when up to date.
+        self.dist.barrier()
+        up_to_date = (self.dir / SUCCESS).exists()
+        if up_to_date and self.dist.is_main:
+            self._lock.release()
+        return not up_to_date
+
+    def _prepare(self) -> str:
+        old = read_json(self.dir / MANIFEST)
+        if old is None:
+            leftovers = [p.name for p in self.dir.iterdir() if p.name not in self.keep] if self.dir.exists() else []
+            if leftovers and not self.force:
+                raise PipelineError(
+                    f"{self.dir} holds files but no {MANIFEST} ({', '.join(sorted(leftovers)[:3])}); "
+                    "it was not written by this tool; use --force to replace it"
+                )
+            self._wipe()
+        elif old.get("fingerprint") != self.fingerprint:
+            if not self.force:
+                changes = diff(old.get("identity", {}), self.identity) or ["(fingerprint only)"]
+                shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+                raise PipelineError(
+                    f"{self.dir} was made with different settings ({shown}); "
+                    "use --force to replace it, or another --run directory"
+                )
+            self.log(f"[{self.dir.name}] --force: replacing output made with other settings")
+            self._wipe()
+        else:
+            expected = old.get("expected_shards") or []
+            if (self.dir / SUCCESS).exists():
+                bad = [rel for rel in expected if not _record_ok(self.dir, rel)]
+                if not bad:
+                    self.log(f"[{self.dir.name}] up to date (fingerprint {self.fingerprint[:12]}); nothing to do")
+                    return "up-to-date"
+                self.log(f"[{self.dir.name}] {len(bad)} shard(s) missing or failing their checksum; redoing them")
+                (self.dir / SUCCESS).unlink()
+            else:
+                self.log(f"[{self.dir.name}] resuming an incomplete run (fingerprint {self.fingerprint[:12]})")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._write_manifest(status="running", shards=None)
+        return "work"
+
+    def _wipe(self) -> None:
+        if not self.dir.exists():
+            return
+        for p in self.dir.iterdir():
+            if p.name in self.keep:
+                continue
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def _write_manifest(self, status: str, shards: dict[str, Any] | None, expected: list[str] | None = None,
+                        extra: dict[str, Any] | None = None) -> None:
+        old = read_json(self.dir / MANIFEST) or {}
+        manifest = {
+            "stage": self.identity.get("stage"),
+            "status": status,
+            "fingerprint": self.fingerprint,
+            "identity": self.identity,
+            "config": self.config,
+            "created": old.get("created") if old.get("fingerprint") == self.fingerprint else None,
+            "updated": _dt.datetime.now().isoformat(timespec="seconds"),
+            "expected_shards": expected if expected is not None else old.get("expected_shards", []),
+            "shards": shards if shards is not None else old.get("shards", {}),
+            **(extra or {}),
+        }
+        manifest["created"] = manifest["created"] or manifest["updated"]
+        atomic_write_json(self.dir / MANIFEST, manifest)
+
+    # -- shards
+    def is_done(self, rel: str) -> bool:
+        return _record_ok(self.dir, rel)
+
+    def _record(self, rel: str, rows: int) -> None:
+        path = self.dir / rel
+        atomic_write_json(
+            _record_path(self.dir, rel), {"rows": rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        )
+        _maybe_die_for_tests()
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        atomic_write_table(self.dir / rel, table)
+        self._record(rel, table.num_rows)
+
+    def write_npy(self, rel: str, array: np.ndarray) -> None:
+        atomic_write_npy(self.dir / rel, array)
+        self._record(rel, int(array.shape[0]))
+
+    def plan(self, expected: list[str]) -> None:
+        """Record the full shard list up front, so that `status` can report n/m while the stage runs."""
+        if self.dist.is_main:
+            self._write_manifest(status="running", shards=None, expected=expected)
+
+    # -- end
+    def finish(self, expected: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Wait for every rank, fold the shard records into the manifest, then write _SUCCESS."""
+        self.dist.barrier()
+        manifest: dict[str, Any] = {}
+        if self.dist.is_main:
+            try:
+                shards = {}
+                for rel in expected:
+                    rec = read_json(_record_path(self.dir, rel))
+                    if rec is None or not (self.dir / rel).exists():
+                        raise PipelineError(f"{self.dir / rel}: shard missing at the end of the stage; rerun to finish it")
+                    shards[rel] = rec
+                self._write_manifest(status="complete", shards=shards, expected=expected, extra=extra)
+                (self.dir / SUCCESS).write_text(self.fingerprint + "\n")
+                manifest = read_json(self.dir / MANIFEST) or {}
+            finally:
+                self._lock.release()
+        self.dist.barrier()
+        return manifest
+
+    def abort(self) -> None:
+        if self.dist.is_main:
+            self._lock.release()
+
+
+def _maybe_die_for_tests() -> None:
+    """CPRD_KILL_AFTER_SHARDS=N: SIGKILL this process after its N-th shard (how tests interrupt a stage)."""
+    limit = os.environ.get("CPRD_KILL_AFTER_SHARDS")
+    if not limit:
+        return
+    global _shards_written
+    _shards_written += 1
+    if _shards_written >= int(limit):
+        os.kill(os.getpid(), 9)
+
+
+_shards_written = 0

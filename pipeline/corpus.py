@@ -1,0 +1,307 @@
+"""Corpus readers: every input format becomes the two tables of DESIGN.md.
+
+    images: image_id (str, unique), path (absolute)
+    texts:  text_id (str, unique), image_id (its positive image), text
+
+Formats (`--format`): `albef` (ALBEF/BLIP annotation JSON, per-caption train records or per-image caption
+lists), `karpathy` (dataset_flickr30k.json / dataset_coco.json, filtered by split), `coco` (captions_*.json),
+`hf` (a `datasets.load_dataset` name or local folder, e.g. an imagefolder with metadata.jsonl) and `auto`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import PipelineError
+
+FORMATS = ("auto", "albef", "karpathy", "coco", "hf")
+
+
+@dataclass
+class Corpus:
+    image_ids: list[str]
+    image_paths: list[str]
+    text_ids: list[str]
+    text_image_ids: list[str]
+    texts: list[str]
+
+    # --- derived views
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_texts(self) -> int:
+        return len(self.text_ids)
+
+    def text_image_rows(self) -> np.ndarray:
+        """Row of each text's positive image in the image table, shape [num_texts]."""
+        row = {iid: i for i, iid in enumerate(self.image_ids)}
+        return np.fromiter((row[i] for i in self.text_image_ids), dtype=np.int64, count=self.num_texts)
+
+    def image_text_rows(self) -> list[np.ndarray]:
+        """Rows of each image's positive texts, one array per image."""
+        order = np.argsort(self.text_image_rows(), kind="stable")
+        counts = np.bincount(self.text_image_rows(), minlength=self.num_images)
+        return np.split(order, np.cumsum(counts)[:-1])
+
+    def images_table(self) -> pa.Table:
+        return pa.table({"image_id": self.image_ids, "path": self.image_paths})
+
+    def texts_table(self) -> pa.Table:
+        return pa.table({"text_id": self.text_ids, "image_id": self.text_image_ids, "text": self.texts})
+
+    def content_hash(self) -> str:
+        """SHA-256 over the normalised tables plus each image file's size and mtime (not its bytes)."""
+        h = hashlib.sha256()
+        for iid, path in zip(self.image_ids, self.image_paths):
+            st = os.stat(path)
+            h.update(f"I\t{iid}\t{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        for tid, iid, text in zip(self.text_ids, self.text_image_ids, self.texts):
+            h.update(f"T\t{tid}\t{iid}\t{text}\n".encode())
+        return h.hexdigest()
+
+
+def load_tables(directory: Path) -> Corpus:
+    """Read a normalised corpus written by `mine` (RUN/mine/corpus)."""
+    images = pq.read_table(directory / "images.parquet").to_pydict()
+    texts = pq.read_table(directory / "texts.parquet").to_pydict()
+    return Corpus(images["image_id"], images["path"], texts["text_id"], texts["image_id"], texts["text"])
+
+
+# ---------------------------------------------------------------- building and checking
+class _Builder:
+    """Collects images and captions from a reader, checking ids as they come."""
+
+    def __init__(self, source: str, image_root: Path | None, bytes_dir: Path | None):
+        self.source = source
+        self.image_root = image_root
+        self.bytes_dir = bytes_dir
+        self.images: dict[str, str] = {}
+        self.text_ids: list[str] = []
+        self.text_image_ids: list[str] = []
+        self.texts: list[str] = []
+        self._seen_text: set[str] = set()
+        self._per_image: dict[str, int] = {}
+
+    def resolve(self, path: str) -> str:
+        p = Path(path)
+        if not p.is_absolute() and self.image_root is not None:
+            p = self.image_root / p
+        return str(p.resolve())
+
+    def captions_of(self, image_id: str) -> int:
+        """How many captions `image_id` has so far (numbers the captions of per-caption layouts)."""
+        self._per_image[image_id] = self._per_image.get(image_id, -1) + 1
+        return self._per_image[image_id]
+
+    def add_image(self, image_id: Any, path: str, where: str, allow_repeat: bool = False) -> str:
+        image_id = str(image_id)
+        resolved = self.resolve(path)
+        old = self.images.get(image_id)
+        if old is not None and (not allow_repeat or old != resolved):
+            raise PipelineError(f"{self.source}: duplicate image id '{image_id}' ({where})")
+        self.images[image_id] = resolved
+        return image_id
+
+    def add_image_bytes(self, image_id: str, data: bytes, where: str) -> str:
+        if self.bytes_dir is None:
+            raise PipelineError(f"{self.source}: {where} holds image bytes but no folder was given to store them")
+        self.bytes_dir.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha1(data).hexdigest()[:16]
+        path = self.bytes_dir / f"{digest}.img"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        if image_id in self.images:
+            raise PipelineError(f"{self.source}: duplicate image id '{image_id}' ({where})")
+        self.images[image_id] = str(path)
+        return image_id
+
+    def add_text(self, text_id: Any, image_id: str, text: Any, where: str) -> None:
+        text_id = str(text_id)
+        if not isinstance(text, str) or not text.strip():
+            raise PipelineError(f"{self.source}: empty caption ({where})")
+        if text_id in self._seen_text:
+            raise PipelineError(f"{self.source}: duplicate text id '{text_id}' ({where})")
+        self._seen_text.add(text_id)
+        self.text_ids.append(text_id)
+        self.text_image_ids.append(image_id)
+        self.texts.append(" ".join(text.split()))
+
+    def build(self, check_files: bool = True) -> Corpus:
+        if not self.images or not self.text_ids:
+            raise PipelineError(f"{self.source}: no images or no captions found (check --split and --format)")
+        with_text = set(self.text_image_ids)
+        ids = [i for i in self.images if i in with_text]  # an image without captions has no positive
+        paths = [self.images[i] for i in ids]
+        if check_files:
+            for iid, path in zip(ids, paths):
+                if not os.path.isfile(path):
+                    hint = "" if self.image_root else " (pass --image-root?)"
+                    raise PipelineError(f"{self.source}: image file not found: {path} (image id '{iid}'){hint}")
+        return Corpus(ids, paths, self.text_ids, self.text_image_ids, self.texts)
+
+
+# ---------------------------------------------------------------- readers
+def _load_json(path: Path) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def read_albef(data: Path, b: _Builder, split: str | None) -> None:
+    records = _load_json(data)
+    if not isinstance(records, list):
+        raise PipelineError(f"{data}: ALBEF/BLIP annotations are a JSON list of records")
+    for n, rec in enumerate(records):
+        where = f"record {n}"
+        if not isinstance(rec, dict) or "image" not in rec or "caption" not in rec:
+            raise PipelineError(f"{data}: {where} lacks 'image' or 'caption'")
+        caps = rec["caption"]
+        if isinstance(caps, list):  # val/test layout: one record per image
+            iid = b.add_image(rec.get("image_id", rec["image"]), rec["image"], where)
+            for j, cap in enumerate(caps):
+                b.add_text(f"{iid}#{j}", iid, cap, f"{where}, caption {j}")
+        else:  # train layout: one record per caption, images repeat
+            iid = b.add_image(rec.get("image_id", rec["image"]), rec["image"], where, allow_repeat=True)
+            b.add_text(f"{iid}#{b.captions_of(iid)}", iid, caps, where)
+
+
+def read_karpathy(data: Path, b: _Builder, split: str | None) -> None:
+    doc = _load_json(data)
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise PipelineError(f"{data}: Karpathy split files have an 'images' list")
+    wanted = {split} | ({"restval"} if split == "train" else set()) if split else None
+    for n, img in enumerate(doc["images"]):
+        if wanted is not None and img.get("split") not in wanted:
+            continue
+        where = f"images[{n}]"
+        if "filename" not in img or "sentences" not in img:
+            raise PipelineError(f"{data}: {where} lacks 'filename' or 'sentences'")
+        rel = os.path.join(img.get("filepath", ""), img["filename"])
+        iid = b.add_image(img.get("cocoid", Path(img["filename"]).stem), rel, where)
+        for j, sent in enumerate(img["sentences"]):
+            b.add_text(sent.get("sentid", f"{iid}#{j}"), iid, sent.get("raw"), f"{where}.sentences[{j}]")
+
+
+def read_coco(data: Path, b: _Builder, split: str | None) -> None:
+    doc = _load_json(data)
+    if not isinstance(doc, dict) or "images" not in doc or "annotations" not in doc:
+        raise PipelineError(f"{data}: COCO caption files have 'images' and 'annotations'")
+    known = set()
+    for n, img in enumerate(doc["images"]):
+        known.add(b.add_image(img["id"], img["file_name"], f"images[{n}]"))
+    for n, ann in enumerate(doc["annotations"]):
+        iid = str(ann["image_id"])
+        if iid not in known:
+            raise PipelineError(f"{data}: annotations[{n}] refers to unknown image_id {iid}")
+        b.add_text(ann["id"], iid, ann.get("caption"), f"annotations[{n}]")
+
+
+def read_hf(data: str, b: _Builder, split: str | None, image_column: str, caption_column: str,
+            id_column: str | None) -> None:
+    import datasets
+
+    path = Path(data)
+    try:
+        if path.is_dir() and not any(path.glob("*.py")):
+            ds = datasets.load_dataset(str(path), split=split or "train")
+        else:
+            ds = datasets.load_dataset(data, split=split or "train")
+    except (FileNotFoundError, ValueError) as e:
+        raise PipelineError(f"{data}: cannot load as a Hugging Face dataset ({str(e).splitlines()[0]})") from None
+    for col in (image_column, caption_column) + ((id_column,) if id_column else ()):
+        if col not in ds.column_names:
+            raise PipelineError(f"{data}: no column '{col}' (columns: {', '.join(ds.column_names)})")
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    for n, row in enumerate(ds):
+        where = f"row {n}"
+        img = row[image_column]
+        iid = str(row[id_column]) if id_column else None
+        if isinstance(img, dict) and img.get("path") and os.path.isfile(img["path"]):
+            iid = iid or Path(img["path"]).stem
+            b.add_image(iid, img["path"], where)
+        elif isinstance(img, dict) and img.get("bytes"):
+            iid = iid or f"{n:08d}"
+            b.add_image_bytes(iid, img["bytes"], where)
+        elif isinstance(img, str):
+            iid = iid or Path(img).stem
+            b.add_image(iid, img, where)
+        else:
+            raise PipelineError(f"{data}: {where}: column '{image_column}' holds no image path or bytes")
+        caps = row[caption_column]
+        caps = caps if isinstance(caps, list) else [caps]
+        for j, cap in enumerate(caps):
+            b.add_text(f"{iid}#{j}", iid, cap, f"{where}, caption {j}")
+
+
+def detect_format(data: str) -> str:
+    path = Path(data)
+    if path.is_dir():
+        return "hf"
+    if not path.exists():
+        if path.suffix in (".json", ".jsonl"):
+            raise PipelineError(f"--data: file not found: {data}")
+        return "hf"  # a hub dataset name such as "nlphuji/flickr30k"
+    if path.suffix != ".json":
+        raise PipelineError(f"{data}: cannot guess the format of a '{path.suffix}' file; pass --format")
+    doc = _load_json(path)
+    if isinstance(doc, dict) and "annotations" in doc and "images" in doc:
+        return "coco"
+    if isinstance(doc, dict) and isinstance(doc.get("images"), list) and doc["images"] and "sentences" in doc["images"][0]:
+        return "karpathy"
+    if isinstance(doc, list) and doc and isinstance(doc[0], dict) and {"image", "caption"} <= set(doc[0]):
+        return "albef"
+    raise PipelineError(f"{data}: not a known annotation format (albef, karpathy, coco); pass --format")
+
+
+def read_corpus(
+    data: str,
+    fmt: str = "auto",
+    image_root: str | None = None,
+    split: str | None = None,
+    image_column: str = "image",
+    caption_column: str = "text",
+    id_column: str | None = None,
+    bytes_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> Corpus:
+    """Read any supported input into a checked Corpus (every image file must exist)."""
+    if fmt not in FORMATS:
+        raise PipelineError(f"--format: unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
+    if fmt == "auto":
+        fmt = detect_format(data)
+        log(f"[corpus] --format auto: reading {data} as '{fmt}'")
+    root = Path(image_root).resolve() if image_root else None
+    if root is not None and not root.is_dir():
+        raise PipelineError(f"--image-root: not a directory: {image_root}")
+    if fmt != "hf" and not Path(data).is_file():
+        raise PipelineError(f"--data: file not found: {data}")
+    if root is None and fmt != "hf":
+        root = Path(data).resolve().parent  # relative paths are relative to the annotation file
+    b = _Builder(str(data), root, bytes_dir)
+    if fmt == "albef":
+        read_albef(Path(data), b, split)
+    elif fmt == "karpathy":
+        read_karpathy(Path(data), b, split)
+    elif fmt == "coco":
+        read_coco(Path(data), b, split)
+    else:
+        read_hf(data, b, split, image_column, caption_column, id_column)
+    corpus = b.build()
+    log(f"[corpus] {corpus.num_images} images, {corpus.num_texts} captions")
+    return corpus

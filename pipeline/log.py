@@ -1,0 +1,15 @@
+"""Logging that only the main process does (tqdm bars likewise)."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+def make_log(is_main: bool) -> Callable[..., None]:
+    if not is_main:
+        return lambda *args, **kwargs: None
+
+    def log(*args: object) -> None:
+        print(*args, file=sys.stderr, flush=True)
+
+    return log

@@ -1,0 +1,178 @@
+"""Loading Hugging Face checkpoints (hub name or local folder) and the dual-encoder adapter."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from .errors import PipelineError
+
+
+def model_identity(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
+    """What a fingerprint records of a model: a local folder's file hashes, or a hub name and revision."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        files = {}
+        for f in sorted(path.rglob("*")):
+            if f.is_file() and not f.name.startswith("."):
+                h = hashlib.sha256()
+                with open(f, "rb") as fh:
+                    while block := fh.read(1 << 20):
+                        h.update(block)
+                files[str(f.relative_to(path))] = h.hexdigest()
+        if not files:
+            raise PipelineError(f"{name_or_path}: model folder is empty")
+        return {"path": str(path.resolve()), "files": files}
+    return {"hub": name_or_path, "revision": revision or "main"}
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image as RGB, or raise a PipelineError naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise PipelineError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise PipelineError(f"unreadable image {path}: {e.__class__.__name__}") from None
+
+
+def _pretrained(loader: Callable, name_or_path: str, what: str, **kwargs: Any) -> Any:
+    try:
+        return loader(name_or_path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise PipelineError(f"{name_or_path}: cannot load its {what} ({first})") from None
+
+
+def load_processors(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The image processor and tokenizer saved with a model; a clear error if either is missing."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    kw = dict(revision=revision, trust_remote_code=trust_remote_code)
+    path = Path(name_or_path)
+    if path.is_dir() and not (path / "preprocessor_config.json").exists():
+        raise PipelineError(f"{name_or_path}: model folder has no image processor (preprocessor_config.json)")
+    if path.is_dir() and not any((path / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        raise PipelineError(f"{name_or_path}: model folder has no tokenizer (tokenizer.json / vocab.txt)")
+    image_processor = _pretrained(AutoImageProcessor.from_pretrained, name_or_path, "image processor", **kw)
+    tokenizer = _pretrained(AutoTokenizer.from_pretrained, name_or_path, "tokenizer", **kw)
+    return image_processor, tokenizer
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Loads and preprocesses images in DataLoader workers; a bad file is reported, not raised in the worker."""
+
+    def __init__(self, paths: Sequence[str], processor: Any):
+        self.paths, self.processor = list(paths), processor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = load_image(self.paths[i])
+        except PipelineError as e:
+            return None, str(e)
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0], None
+
+
+def _collate(batch):
+    for _, err in batch:
+        if err is not None:
+            return None, err
+    return torch.stack([px for px, _ in batch]), None
+
+
+def image_loader(paths: Sequence[str], processor: Any, batch_size: int, num_workers: int):
+    """Batches of pixel values in corpus order; raises PipelineError on the first bad image."""
+    loader = torch.utils.data.DataLoader(
+        _ImageDataset(paths, processor), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
+    )
+    for pixels, err in loader:
+        if err is not None:
+            raise PipelineError(err)
+        yield pixels
+
+
+def _features(out: Any) -> torch.Tensor:
+    """transformers 4 returns a tensor from get_*_features, 5 a ModelOutput with the projection in pooler_output."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for name in ("pooler_output", "image_embeds", "text_embeds"):
+        value = getattr(out, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise PipelineError(f"model returned {type(out).__name__} without features")
+
+
+class DualEncoder:
+    """Any model with `get_image_features` / `get_text_features` (CLIP, SigLIP ...). Outputs are L2-normalised."""
+
+    def __init__(self, name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 revision: str | None = None, trust_remote_code: bool = False, model: Any = None):
+        from transformers import AutoModel
+
+        self.name = name_or_path
+        self.image_processor, self.tokenizer = load_processors(name_or_path, revision, trust_remote_code)
+        if model is None:
+            model = _pretrained(AutoModel.from_pretrained, name_or_path, "model weights",
+                                revision=revision, trust_remote_code=trust_remote_code)
+        for fn in ("get_image_features", "get_text_features"):
+            if not hasattr(model, fn):
+                raise PipelineError(f"{name_or_path}: {type(model).__name__} has no {fn}; it is not a dual encoder")
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.device, self.dtype = device, dtype
+        cfg = getattr(model.config, "text_config", model.config)
+        self.max_length = int(getattr(cfg, "max_position_embeddings", 77))
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                              return_tensors="pt")
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, D], L2-normalised, differentiable (used by distill)."""
+        out = self.model.get_image_features(pixel_values=pixel_values)
+        return torch.nn.functional.normalize(_features(out).float(), dim=-1)
+
+    def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.model.get_text_features(**tokens)
+        return torch.nn.functional.normalize(_features(out).float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode_images(self, paths: Sequence[str], batch_size: int = 64, num_workers: int = 0,
+                      progress: bool = True) -> np.ndarray:
+        chunks = []
+        with tqdm(total=len(paths), desc="embed images", unit="img", disable=not progress, leave=False) as bar:
+            for pixels in image_loader(paths, self.image_processor, batch_size, num_workers):
+                chunks.append(self.image_features(pixels.to(self.device, self.dtype)).cpu().numpy())
+                bar.update(len(pixels))
+        return np.concatenate(chunks).astype(np.float32)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = True) -> np.ndarray:
+        chunks = []
+        with tqdm(total=len(texts), desc="embed texts", unit="txt", disable=not progress, leave=False) as bar:
+            for s in range(0, len(texts), batch_size):
+                tokens = {k: v.to(self.device) for k, v in self.tokenize(texts[s: s + batch_size]).items()}
+                chunks.append(self.text_features(tokens).cpu().numpy())
+                bar.update(len(texts[s: s + batch_size]))
+        return np.concatenate(chunks).astype(np.float32)
+
+
+def torch_dtype(name: str, device: str) -> torch.dtype:
+    """`auto` = bf16 on a GPU that supports it, else fp32."""
+    if name == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

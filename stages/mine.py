@@ -1,0 +1,204 @@
+"""Stage one, part one: embed the corpus with the student and mine the top-k hard negatives per query.
+
+RUN/mine/
+  corpus/{images,texts}.parquet      the normalised corpus every later stage reads
+  embeddings/                        L2-normalised student embeddings (own fingerprint: reused across --k/--index)
+  candidates/part-NNNNN.parquet      one row per query: direction, query_id, positive_ids, candidate_ids,
+                                     student_scores (k hard negatives, most similar first, positives excluded)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import config as cfgmod
+from pipeline.artifacts import StageWriter, shard_name
+from pipeline.config import option, runtime
+from pipeline.corpus import FORMATS, Corpus, read_corpus
+from pipeline.dist import Dist, init, resolve_device
+from pipeline.errors import PipelineError
+from pipeline.index import INDEX_KINDS, build_index, search_excluding
+from pipeline.log import make_log
+from pipeline.models import DualEncoder, model_identity
+
+DIRECTIONS = ("i2t", "t2i")
+EMBED_SHARD = 8192  # rows per embedding shard: the unit of encoding work split across ranks
+
+CANDIDATE_SCHEMA = pa.schema([
+    ("direction", pa.string()),
+    ("query_id", pa.string()),
+    ("positive_ids", pa.list_(pa.string())),
+    ("candidate_ids", pa.list_(pa.string())),
+    ("student_scores", pa.list_(pa.float32())),
+])
+
+
+@dataclass
+class MineConfig:
+    run: str = runtime(None, "run directory; this stage writes RUN/mine")
+    data: str = runtime(None, "annotation file, dataset folder or Hugging Face dataset name")
+    student: str = option(None, "dual encoder: Hugging Face name or local folder (CLIP, SigLIP, ...)")
+    format: str = option("auto", "input format", choices=FORMATS)
+    image_root: Optional[str] = runtime(None, "folder that relative image paths are resolved against")
+    split: Optional[str] = option(None, "split to read (karpathy: train includes restval; hf: default train)")
+    image_column: str = option("image", "hf format: the image column")
+    caption_column: str = option("text", "hf format: the caption column (a string or a list of strings)")
+    id_column: Optional[str] = option(None, "hf format: a column of image ids (default: file name stem)")
+    revision: Optional[str] = option(None, "model revision on the hub")
+    trust_remote_code: bool = option(False, "allow model code from the checkpoint (off unless you ask)")
+    k: int = option(32, "hard negatives kept per query")
+    directions: str = option("i2t,t2i", "comma-separated: i2t (image queries), t2i (text queries)")
+    index: str = option("flat", "FAISS index: flat (exact), ivf or hnsw (approximate, for large corpora)",
+                        choices=INDEX_KINDS)
+    nprobe: int = option(16, "ivf: lists probed per query")
+    shard_size: int = option(10000, "queries per candidate shard")
+    batch_size: int = runtime(64, "images per encoding batch (texts use 4x)")
+    search_batch: int = runtime(4096, "queries per FAISS search call")
+    num_workers: int = runtime(0, "DataLoader workers that decode images")
+    device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    force: bool = runtime(False, "replace an output made with other settings")
+
+
+def _directions(cfg: MineConfig) -> list[str]:
+    dirs = [d.strip() for d in cfg.directions.split(",") if d.strip()]
+    bad = [d for d in dirs if d not in DIRECTIONS]
+    if bad or not dirs:
+        raise PipelineError(f"--directions: expected a comma-separated subset of i2t,t2i, got '{cfg.directions}'")
+    return dirs
+
+
+def _check_k(cfg: MineConfig, corpus: Corpus, dirs: list[str]) -> None:
+    if cfg.k < 1:
+        raise PipelineError(f"--k must be at least 1, got {cfg.k}")
+    if "i2t" in dirs:
+        most = max(len(p) for p in corpus.image_text_rows())
+        avail = corpus.num_texts - most
+        if cfg.k >= avail:
+            raise PipelineError(f"--k {cfg.k} is not smaller than the {avail} negative captions available to "
+                                f"every image query ({corpus.num_texts} captions, up to {most} positives)")
+    if "t2i" in dirs and cfg.k >= corpus.num_images - 1:
+        raise PipelineError(f"--k {cfg.k} is not smaller than the {corpus.num_images - 1} negative images "
+                            "available to every caption query")
+
+
+def _embed(cfg: MineConfig, corpus: Corpus, student_id: dict, corpus_hash: str, run: Path, dist: Dist,
+           device: str, log) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings for all images and texts, from the cache when its fingerprint matches."""
+    identity = {"stage": "mine/embeddings", "student": student_id, "revision": cfg.revision,
+                "corpus": corpus_hash, "shard_rows": EMBED_SHARD}
+    # The cache is owned by the mine stage, which already refused or accepted --force: replace if stale.
+    writer = StageWriter(run / "mine" / "embeddings", identity, force=True, dist=dist, log=log)
+    plan = [(kind, s, min(n, s + EMBED_SHARD))
+            for kind, n in (("images", corpus.num_images), ("texts", corpus.num_texts))
+            for s in range(0, n, EMBED_SHARD)]
+    files = [f"{kind}-{s // EMBED_SHARD:05d}.npy" for kind, s, _ in plan]
+    if writer.begin():
+        writer.plan(files)
+        mine_ = [(f, p) for i, (f, p) in enumerate(zip(files, plan)) if i % dist.world_size == dist.rank]
+        todo = [(f, p) for f, p in mine_ if not writer.is_done(f)]
+        if todo:
+            encoder = DualEncoder(cfg.student, device=device, revision=cfg.revision,
+                                  trust_remote_code=cfg.trust_remote_code)
+            for f, (kind, s, e) in todo:
+                if kind == "images":
+                    emb = encoder.encode_images(corpus.image_paths[s:e], cfg.batch_size, cfg.num_workers,
+                                                progress=dist.is_main)
+                else:
+                    emb = encoder.encode_texts(corpus.texts[s:e], 4 * cfg.batch_size, progress=dist.is_main)
+                writer.write_npy(f, emb)
+                log(f"[mine] embedded {kind} {s}:{e}")
+        writer.finish(files)
+    else:
+        log("[mine] embeddings up to date; re-using them")
+    load = lambda kind: np.concatenate([np.load(writer.dir / f, allow_pickle=False)
+                                        for f in files if f.startswith(kind)])
+    return load("images"), load("texts")
+
+
+def run(cfg: MineConfig) -> Path:
+    dist = init(cfg.device)
+    log = make_log(dist.is_main)
+    device = resolve_device(cfg.device, dist)
+    if not cfg.run or not cfg.data or not cfg.student:
+        raise PipelineError("mine needs --run, --data and --student")
+    log("[mine] resolved config:\n" + cfgmod.render(cfg))
+    dirs = _directions(cfg)
+    if cfg.shard_size < 1:
+        raise PipelineError(f"--shard-size must be at least 1, got {cfg.shard_size}")
+    run_dir = Path(cfg.run)
+    out = run_dir / "mine"
+
+    corpus = read_corpus(cfg.data, cfg.format, cfg.image_root, cfg.split, cfg.image_column,
+                         cfg.caption_column, cfg.id_column, bytes_dir=out / "corpus" / "images", log=log)
+    _check_k(cfg, corpus, dirs)
+    corpus_hash = corpus.content_hash()
+    student_id = model_identity(cfg.student, cfg.revision)
+    identity = {"stage": "mine", "config": cfgmod.fingerprinted(cfg), "corpus": corpus_hash, "student": student_id}
+
+    # Candidate shards: fixed query ranges per direction, numbered globally; rank r takes shards r, r+W, ...
+    plan = []
+    for d in dirs:
+        n = corpus.num_images if d == "i2t" else corpus.num_texts
+        plan += [(d, s, min(n, s + cfg.shard_size)) for s in range(0, n, cfg.shard_size)]
+    shard_files = [f"candidates/{shard_name(i)}" for i in range(len(plan))]
+    expected = ["corpus/images.parquet", "corpus/texts.parquet"] + shard_files
+
+    writer = StageWriter(out, identity, force=cfg.force, dist=dist, keep=["embeddings"],
+                         config=cfgmod.as_dict(cfg), log=log)
+    if not writer.begin():
+        return out
+    try:
+        writer.plan(expected)
+        if dist.is_main:
+            if not writer.is_done("corpus/images.parquet"):
+                writer.write_table("corpus/images.parquet", corpus.images_table())
+            if not writer.is_done("corpus/texts.parquet"):
+                writer.write_table("corpus/texts.parquet", corpus.texts_table())
+
+        img_emb, txt_emb = _embed(cfg, corpus, student_id, corpus_hash, run_dir, dist, device, log)
+
+        todo = [(f, p) for i, (f, p) in enumerate(zip(shard_files, plan))
+                if i % dist.world_size == dist.rank and not writer.is_done(f)]
+        log(f"[mine] {len(plan)} candidate shard(s); {len(todo)} to write on this rank")
+        text_pos_of_image = corpus.image_text_rows()          # i2t positives: rows in the text table
+        image_of_text = corpus.text_image_rows()               # t2i positive: one row in the image table
+        image_ids, text_ids = np.asarray(corpus.image_ids, dtype=object), np.asarray(corpus.text_ids, dtype=object)
+        for d in dirs:
+            work = [(f, s, e) for f, (dd, s, e) in todo if dd == d]
+            if not work:
+                continue
+            cand_emb, query_emb = (txt_emb, img_emb) if d == "i2t" else (img_emb, txt_emb)
+            index = build_index(cand_emb, cfg.index, nprobe=cfg.nprobe, use_gpu=device.startswith("cuda"), log=log)
+            for f, s, e in work:
+                if d == "i2t":
+                    positives = text_pos_of_image[s:e]
+                    qids, cand_ids = image_ids[s:e], text_ids
+                    pos_ids = [list(text_ids[p]) for p in positives]
+                else:
+                    positives = [image_of_text[i:i + 1] for i in range(s, e)]
+                    qids, cand_ids = text_ids[s:e], image_ids
+                    pos_ids = [[image_ids[image_of_text[i]]] for i in range(s, e)]
+                rows, scores = search_excluding(index, query_emb[s:e], positives, cfg.k, cfg.search_batch,
+                                                progress=dist.is_main, desc=f"search {d} {s}:{e}")
+                table = pa.table({
+                    "direction": [d] * (e - s),
+                    "query_id": list(qids),
+                    "positive_ids": pos_ids,
+                    "candidate_ids": [list(r) for r in cand_ids[rows]],
+                    "student_scores": list(scores),
+                }, schema=CANDIDATE_SCHEMA)
+                writer.write_table(f, table)
+                log(f"[mine] wrote {f} ({d} queries {s}:{e})")
+        writer.finish(expected, extra={"directions": dirs, "k": cfg.k, "num_images": corpus.num_images,
+                                       "num_texts": corpus.num_texts,
+                                       "shard_plan": [{"file": f, "direction": d, "start": s, "end": e}
+                                                      for f, (d, s, e) in zip(shard_files, plan)]})
+    except BaseException:
+        writer.abort()
+        raise
+    log(f"[mine] done: {out}")
+    return out
