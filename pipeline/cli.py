@@ -38,7 +38,8 @@ def config_options(cls: type) -> Callable:
             if tp is bool:
                 fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)(fn)
             else:
-                fn = click.option(flag, f.name, type=_click_type(tp, f.metadata.get("choices")), default=None,
+                names = [flag] + (["--run-dir"] if f.name == "run" else [])  # torchrun's parser takes --run
+                fn = click.option(*names, f.name, type=_click_type(tp, f.metadata.get("choices")), default=None,
                                   help=help_text)(fn)
         return click.option("--config", "config_file", type=click.Path(dir_okay=False),
                             help="YAML file of options (flags given here override it)")(fn)

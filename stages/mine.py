@@ -39,7 +39,7 @@ CANDIDATE_SCHEMA = pa.schema([
 
 @dataclass
 class MineConfig:
-    run: str = runtime(None, "run directory; this stage writes RUN/mine")
+    run: str = runtime(None, "run directory; this stage writes RUN/mine (spell it --run-dir under torchrun)")
     data: str = runtime(None, "annotation file, dataset folder or Hugging Face dataset name")
     student: str = option(None, "dual encoder: Hugging Face name or local folder (CLIP, SigLIP, ...)")
     format: str = option("auto", "input format", choices=FORMATS)

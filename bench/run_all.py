@@ -1,0 +1,9 @@
+"""`make bench`: every benchmark, each writing bench/results/NAME.json."""
+import sys
+
+from bench import mine_bench
+from bench.common import write
+
+if __name__ == "__main__":
+    quick = "--quick" in sys.argv
+    write("mine", mine_bench.main(n_images=4000 if quick else 40000, batch=4096))

@@ -1,0 +1,141 @@
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from conftest import write_albef_corpus, write_images
+from pipeline.corpus import detect_format, read_corpus
+from pipeline.errors import PipelineError
+
+quiet = dict(log=lambda *_: None)
+
+
+def test_albef_list_layout(tmp_path):
+    ann = write_albef_corpus(tmp_path, n_images=3, per_image=5, layout="list")
+    c = read_corpus(str(ann), "albef", **quiet)
+    assert c.num_images == 3 and c.num_texts == 15
+    assert c.image_ids[0] == "images/img0000.png"  # no image_id field: the path is the id
+    assert c.text_ids[:2] == ["images/img0000.png#0", "images/img0000.png#1"]
+    assert os.path.isabs(c.image_paths[0]) and os.path.isfile(c.image_paths[0])
+    assert [len(r) for r in c.image_text_rows()] == [5, 5, 5]
+
+
+def test_albef_train_layout_groups_captions_by_image(tmp_path):
+    ann = write_albef_corpus(tmp_path, n_images=4, per_image=2, layout="train")
+    c = read_corpus(str(ann), "albef", **quiet)
+    assert c.image_ids == ["im0", "im1", "im2", "im3"]
+    assert c.text_ids[:3] == ["im0#0", "im0#1", "im1#0"]
+    assert c.text_image_ids == ["im0", "im0", "im1", "im1", "im2", "im2", "im3", "im3"]
+
+
+def _karpathy(tmp_path):
+    names = write_images(tmp_path / "imgs", 4)
+    splits = ["train", "restval", "val", "test"]
+    doc = {"dataset": "coco", "images": [
+        {"filepath": "imgs", "filename": n, "split": s, "cocoid": 100 + i,
+         "sentences": [{"raw": f"caption {i} {j}", "sentid": 10 * i + j} for j in range(2)]}
+        for i, (n, s) in enumerate(zip(names, splits))]}
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_karpathy_split_filter_train_includes_restval(tmp_path):
+    path = _karpathy(tmp_path)
+    train = read_corpus(str(path), "karpathy", split="train", **quiet)
+    assert train.image_ids == ["100", "101"]
+    test = read_corpus(str(path), "karpathy", split="test", **quiet)
+    assert test.image_ids == ["103"] and test.text_ids == ["30", "31"] and test.texts == ["caption 3 0", "caption 3 1"]
+
+
+def test_coco_captions(tmp_path):
+    names = write_images(tmp_path / "val2014", 2)
+    doc = {"images": [{"id": 7, "file_name": names[0]}, {"id": 9, "file_name": names[1]}],
+           "annotations": [{"id": 1, "image_id": 7, "caption": " A  cat. "}, {"id": 2, "image_id": 9, "caption": "dog"},
+                           {"id": 3, "image_id": 7, "caption": "a cat again"}]}
+    path = tmp_path / "captions_val2014.json"
+    path.write_text(json.dumps(doc))
+    c = read_corpus(str(path), "auto", image_root=str(tmp_path / "val2014"), **quiet)
+    assert c.image_ids == ["7", "9"]
+    assert c.text_ids == ["1", "2", "3"] and c.text_image_ids == ["7", "9", "7"]
+    assert c.texts[0] == "A cat."  # whitespace normalised
+
+
+@pytest.mark.parametrize("caption_kind", ["string", "list"])
+def test_hf_imagefolder(tmp_path, caption_kind):
+    folder = tmp_path / "hf"
+    names = write_images(folder, 3)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i, n in enumerate(names):
+            caps = f"caption {i}" if caption_kind == "string" else [f"caption {i} a", f"caption {i} b"]
+            f.write(json.dumps({"file_name": n, "captions": caps}) + "\n")
+    c = read_corpus(str(folder), "auto", caption_column="captions", **quiet)
+    assert sorted(c.image_ids) == ["img0000", "img0001", "img0002"]
+    assert c.num_texts == (3 if caption_kind == "string" else 6)
+    for tid, iid, text in zip(c.text_ids, c.text_image_ids, c.texts):
+        assert tid.startswith(iid + "#") and text.startswith(f"caption {iid[-1]}")
+
+
+def test_detect_format(tmp_path):
+    assert detect_format(str(write_albef_corpus(tmp_path / "a", 2))) == "albef"
+    assert detect_format(str(_karpathy(tmp_path / "k" if (tmp_path / "k").mkdir() is None else None))) == "karpathy"
+    (tmp_path / "x.json").write_text(json.dumps({"foo": 1}))
+    with pytest.raises(PipelineError, match="not a known annotation format"):
+        detect_format(str(tmp_path / "x.json"))
+
+
+def test_corpus_hash_tracks_image_stat_not_bytes(tmp_path):
+    ann = write_albef_corpus(tmp_path, n_images=3)
+    h1 = read_corpus(str(ann), **quiet).content_hash()
+    assert read_corpus(str(ann), **quiet).content_hash() == h1
+    img = tmp_path / "images" / "img0001.png"
+    os.utime(img, ns=(0, 123456789))
+    assert read_corpus(str(ann), **quiet).content_hash() != h1
+
+
+# ------------------------------------------------------------------ bad input
+def _records(tmp_path, records):
+    write_images(tmp_path / "images", 3)
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def test_missing_image_names_the_file(tmp_path):
+    path = _records(tmp_path, [{"image": "images/nope.png", "caption": ["a"]}])
+    with pytest.raises(PipelineError, match=r"image file not found: .*nope\.png"):
+        read_corpus(path, **quiet)
+
+
+def test_empty_caption_names_the_record(tmp_path):
+    path = _records(tmp_path, [{"image": "images/img0000.png", "caption": ["ok", "  "]}])
+    with pytest.raises(PipelineError, match=r"empty caption \(record 0, caption 1\)"):
+        read_corpus(path, **quiet)
+
+
+def test_duplicate_image_id(tmp_path):
+    path = _records(tmp_path, [{"image": "images/img0000.png", "caption": ["a"]},
+                               {"image": "images/img0000.png", "caption": ["b"]}])
+    with pytest.raises(PipelineError, match=r"duplicate image id 'images/img0000.png' \(record 1\)"):
+        read_corpus(path, **quiet)
+
+
+def test_duplicate_text_id(tmp_path):
+    names = write_images(tmp_path, 1)
+    doc = {"images": [{"id": 1, "file_name": names[0]}],
+           "annotations": [{"id": 5, "image_id": 1, "caption": "a"}, {"id": 5, "image_id": 1, "caption": "b"}]}
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    with pytest.raises(PipelineError, match=r"duplicate text id '5' \(annotations\[1\]\)"):
+        read_corpus(str(tmp_path / "c.json"), "coco", **quiet)
+
+
+def test_unknown_format(tmp_path):
+    with pytest.raises(PipelineError, match="unknown format 'parquet'"):
+        read_corpus(str(tmp_path), "parquet", **quiet)
+
+
+def test_image_without_file_reports_image_root_hint(tmp_path):
+    path = _records(tmp_path, [{"image": "elsewhere/img0000.png", "caption": ["a"]}])
+    with pytest.raises(PipelineError, match="image id"):
+        read_corpus(path, **quiet)

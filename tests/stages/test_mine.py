@@ -1,0 +1,214 @@
+"""The mine stage through its CLI: equivalence with brute force, the artifact contract, bad input."""
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import cli, cli_subprocess, write_albef_corpus
+from pipeline.artifacts import SUCCESS, StageLock
+
+ARGS = ("--k", "6", "--shard-size", "7")
+
+
+def mine(run, data, student, *extra, expect=0):
+    return cli("mine", "--run", run, "--data", data, "--student", student, *ARGS, *extra, expect=expect)
+
+
+def candidates(run: Path) -> list[dict]:
+    files = sorted((run / "mine" / "candidates").glob("part-*.parquet"))
+    return [row for f in files for row in pq.read_table(f).to_pylist()]
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of every file except the lock."""
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in directory.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def test_candidates_equal_brute_force_both_directions(tmp_path, corpus_file, tiny_clip):
+    run = tmp_path / "run"
+    mine(run, corpus_file, tiny_clip)
+    emb = run / "mine" / "embeddings"
+    img = np.load(emb / "images-00000.npy")
+    txt = np.load(emb / "texts-00000.npy")
+    assert np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-5)
+    images = pq.read_table(run / "mine" / "corpus" / "images.parquet").to_pydict()
+    texts = pq.read_table(run / "mine" / "corpus" / "texts.parquet").to_pydict()
+    image_row = {iid: i for i, iid in enumerate(images["image_id"])}
+    text_row = {tid: i for i, tid in enumerate(texts["text_id"])}
+    rows = candidates(run)
+    assert len(rows) == 24 + 120 and {r["direction"] for r in rows} == {"i2t", "t2i"}
+    for r in rows:
+        if r["direction"] == "i2t":
+            q, cand, cand_ids = img[image_row[r["query_id"]]], txt, texts["text_id"]
+            positives = [t for t, i in zip(texts["text_id"], texts["image_id"]) if i == r["query_id"]]
+        else:
+            q, cand, cand_ids = txt[text_row[r["query_id"]]], img, images["image_id"]
+            positives = [texts["image_id"][text_row[r["query_id"]]]]
+        assert sorted(r["positive_ids"]) == sorted(positives)
+        assert len(positives) == (5 if r["direction"] == "i2t" else 1)
+        sims = {cid: float(q @ cand[i]) for i, cid in enumerate(cand_ids) if cid not in positives}
+        ref = sorted(sims.values(), reverse=True)[:6]
+        np.testing.assert_allclose(r["student_scores"], ref, atol=1e-5)
+        np.testing.assert_allclose(r["student_scores"], [sims[c] for c in r["candidate_ids"]], atol=1e-5)
+        assert not set(r["candidate_ids"]) & set(positives)
+        assert len(set(r["candidate_ids"])) == 6
+
+
+def test_rerun_is_a_no_op_and_changed_config_is_refused(tmp_path, corpus_file, tiny_clip):
+    run = tmp_path / "run"
+    mine(run, corpus_file, tiny_clip)
+    before = snapshot(run)
+    out = mine(run, corpus_file, tiny_clip).output
+    assert "up to date" in out and snapshot(run) == before
+
+    out = cli("mine", "--run", run, "--data", corpus_file, "--student", tiny_clip, "--k", "4", expect=2).output
+    assert out.strip().splitlines()[-1].startswith("error:") and "config.k: 6 -> 4" in out and "--force" in out
+    assert snapshot(run) == before
+
+    # --force replaces the candidates but re-uses the embeddings (same student, same corpus)
+    emb_before = {k: v for k, v in before.items() if k.startswith("mine/embeddings/")}
+    cli("mine", "--run", run, "--data", corpus_file, "--student", tiny_clip, "--k", "4", "--force")
+    after = snapshot(run)
+    assert {k: v for k, v in after.items() if k.startswith("mine/embeddings/")} == emb_before
+    assert all(len(r["candidate_ids"]) == 4 for r in candidates(run))
+    manifest = json.loads((run / "mine" / "manifest.json").read_text())
+    assert manifest["config"]["k"] == 4 and manifest["status"] == "complete"
+
+
+def test_config_file_and_flag_precedence(tmp_path, corpus_file, tiny_clip):
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("k: 3\nshard_size: 50\ndirections: t2i\n")
+    run = tmp_path / "run"
+    cli("mine", "--config", cfg, "--run", run, "--data", corpus_file, "--student", tiny_clip, "--k", "5")
+    manifest = json.loads((run / "mine" / "manifest.json").read_text())
+    assert manifest["config"]["k"] == 5 and manifest["config"]["shard_size"] == 50
+    assert manifest["config"]["directions"] == "t2i" and manifest["config"]["index"] == "flat"
+    cfg.write_text("kk: 3\n")
+    assert "unknown option 'kk'" in cli("mine", "--config", cfg, "--run", tmp_path / "r2", expect=2).output
+
+
+def test_second_writer_is_refused(tmp_path, corpus_file, tiny_clip):
+    run = tmp_path / "run"
+    lock = StageLock(run / "mine")
+    lock.acquire()
+    try:
+        out = mine(run, corpus_file, tiny_clip, expect=2).output
+        assert "being written by another process (pid" in out
+    finally:
+        lock.release()
+    mine(run, corpus_file, tiny_clip)
+
+
+def test_truncated_shard_is_detected_and_redone(tmp_path, corpus_file, tiny_clip):
+    run = tmp_path / "run"
+    mine(run, corpus_file, tiny_clip)
+    reference = candidates(run)
+    shard = run / "mine" / "candidates" / "part-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])
+    other = run / "mine" / "candidates" / "part-00003.parquet"
+    other_stat = other.stat().st_mtime_ns
+    assert "partial" in cli("status", "--run", run).output
+    out = mine(run, corpus_file, tiny_clip).output
+    assert "1 shard(s) missing or failing their checksum" in out
+    assert candidates(run) == reference and other.stat().st_mtime_ns == other_stat
+    assert (run / "mine" / SUCCESS).exists()
+
+
+def _mine_argv(run, data, student):
+    return ["mine", "--run-dir", run, "--data", data, "--student", student, *ARGS, "--device", "cpu"]
+
+
+def test_killed_run_resumes_to_identical_output(tmp_path, corpus_file, tiny_clip):
+    ref_run, run = tmp_path / "ref", tmp_path / "run"
+    mine(ref_run, corpus_file, tiny_clip)
+    # SIGKILL after the 6th shard: corpus tables, embeddings and some candidate shards are written
+    proc = cli_subprocess(*_mine_argv(run, corpus_file, tiny_clip), env={"CPRD_KILL_AFTER_SHARDS": "6"})
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "mine" / SUCCESS).exists()
+    done_before = set(p.name for p in (run / "mine" / "candidates").glob("*.parquet"))
+    assert 0 < len(done_before) < 21
+    assert "partial" in cli("status", "--run", run).output
+    out = mine(run, corpus_file, tiny_clip).output
+    assert "resuming" in out and "embeddings up to date" in out
+    assert candidates(run) == candidates(ref_run)
+
+
+def test_two_processes_match_one_and_resume_with_one(tmp_path, corpus_file, tiny_clip):
+    ref_run, run = tmp_path / "ref", tmp_path / "run"
+    mine(ref_run, corpus_file, tiny_clip)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                "-m", "pipeline.cli"]
+    proc = cli_subprocess(*_mine_argv(run, corpus_file, tiny_clip), launcher=torchrun, check=True)
+    assert candidates(run) == candidates(ref_run)
+    assert proc.stderr.count("resolved config") == 1  # only the main process logs
+
+    # a 2-process run killed part-way, finished by a single process
+    run2 = tmp_path / "run2"
+    proc = cli_subprocess(*_mine_argv(run2, corpus_file, tiny_clip), launcher=torchrun,
+                          env={"CPRD_KILL_AFTER_SHARDS": "4"})
+    assert proc.returncode != 0 and not (run2 / "mine" / SUCCESS).exists()
+    mine(run2, corpus_file, tiny_clip)
+    assert candidates(run2) == candidates(ref_run)
+
+
+# ------------------------------------------------------------------ bad input
+def _assert_clean_error(result, pattern, run):
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and lines[-1].startswith("error:"), result.output
+    import re
+    assert re.search(pattern, lines[-1]), lines[-1]
+    assert not (run / "mine" / SUCCESS).exists()
+
+
+def test_unreadable_image(tmp_path, corpus_file, tiny_clip):
+    (corpus_file.parent / "images" / "img0003.png").write_bytes(b"not a png at all")
+    run = tmp_path / "run"
+    _assert_clean_error(mine(run, corpus_file, tiny_clip, expect=None), r"unreadable image .*img0003\.png", run)
+
+
+def test_missing_image(tmp_path, corpus_file, tiny_clip):
+    (corpus_file.parent / "images" / "img0005.png").unlink()
+    run = tmp_path / "run"
+    _assert_clean_error(mine(run, corpus_file, tiny_clip, expect=None), r"image file not found: .*img0005\.png", run)
+
+
+@pytest.mark.parametrize("mutate,pattern", [
+    (lambda r: r[2]["caption"].__setitem__(1, ""), r"empty caption \(record 2, caption 1\)"),
+    (lambda r: r.append(dict(r[0])), r"duplicate image id 'images/img0000.png' \(record 24\)"),
+])
+def test_bad_annotations(tmp_path, corpus_file, tiny_clip, mutate, pattern):
+    records = json.loads(corpus_file.read_text())
+    mutate(records)
+    corpus_file.write_text(json.dumps(records))
+    run = tmp_path / "run"
+    _assert_clean_error(mine(run, corpus_file, tiny_clip, expect=None), pattern, run)
+
+
+def test_unknown_format(tmp_path, corpus_file, tiny_clip):
+    r = mine(tmp_path / "run", corpus_file, tiny_clip, "--format", "tsv", expect=None)
+    assert r.exit_code == 2 and "'tsv' is not one of" in r.output
+
+
+def test_k_too_large(tmp_path, corpus_file, tiny_clip):
+    run = tmp_path / "run"
+    r = cli("mine", "--run", run, "--data", corpus_file, "--student", tiny_clip, "--k", "23", expect=None)
+    _assert_clean_error(r, r"--k 23 is not smaller than the 23 negative images", run)
+
+
+@pytest.mark.parametrize("drop,pattern", [("preprocessor_config.json", "no image processor"),
+                                          ("tokenizer.json", "no tokenizer")])
+def test_model_folder_without_processor(tmp_path, corpus_file, tiny_clip, drop, pattern):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_clip, model)
+    for name in ([drop] if drop != "tokenizer.json" else ["tokenizer.json", "vocab.txt", "tokenizer_config.json"]):
+        (model / name).unlink(missing_ok=True)
+    run = tmp_path / "run"
+    _assert_clean_error(mine(run, corpus_file, model, expect=None), pattern, run)
