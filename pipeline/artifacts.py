@@ -245,15 +245,19 @@ class StageWriter:
                 )
             self._wipe()
         elif old.get("fingerprint") != self.fingerprint:
-            if not self.force:
+            if not self.force and not self._has_finished_work():
+                self.log(f"[{self.dir.name}] replacing an attempt with other settings that finished no shard")
+                self._wipe()
+            elif not self.force:
                 changes = diff(old.get("identity", {}), self.identity) or ["(fingerprint only)"]
                 shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
                 raise PipelineError(
                     f"{self.dir} was made with different settings ({shown}); "
                     "use --force to replace it, or another --run directory"
                 )
-            self.log(f"[{self.dir.name}] --force: replacing output made with other settings")
-            self._wipe()
+            else:
+                self.log(f"[{self.dir.name}] --force: replacing output made with other settings")
+                self._wipe()
         else:
             expected = old.get("expected_shards") or []
             if (self.dir / SUCCESS).exists():
@@ -268,6 +272,10 @@ class StageWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_manifest(status="running", shards=None)
         return "work"
+
+    def _has_finished_work(self) -> bool:
+        records = self.dir / RECORDS
+        return (self.dir / SUCCESS).exists() or (records.is_dir() and any(records.iterdir()))
 
     def _wipe(self) -> None:
         if not self.dir.exists():

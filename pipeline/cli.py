@@ -89,6 +89,8 @@ def _stage_command(name: str, module: str, cls_name: str, doc: str) -> None:
 
 _stage_command("mine", "stages.mine", "MineConfig",
                "Embed the corpus with the student and mine the top-k hard negatives of every query (RUN/mine).")
+_stage_command("score-teacher", "stages.score_teacher", "TeacherConfig",
+               "Score every mined pair and every positive with the cross-encoder teacher (RUN/teacher).")
 
 
 @main.command("status")

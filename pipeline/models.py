@@ -46,7 +46,7 @@ def load_image(path: str) -> Image.Image:
 def _pretrained(loader: Callable, name_or_path: str, what: str, **kwargs: Any) -> Any:
     try:
         return loader(name_or_path, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise PipelineError(f"{name_or_path}: cannot load its {what} ({first})") from None
 
@@ -84,21 +84,29 @@ class _ImageDataset(torch.utils.data.Dataset):
 
 
 def _collate(batch):
+    """Stack [3, H, W] images, zero-padding to the largest H and W; pixel_mask marks real pixels (1)."""
     for _, err in batch:
         if err is not None:
-            return None, err
-    return torch.stack([px for px, _ in batch]), None
+            return None, None, err
+    h = max(px.shape[1] for px, _ in batch)
+    w = max(px.shape[2] for px, _ in batch)
+    pixels = torch.zeros(len(batch), batch[0][0].shape[0], h, w, dtype=batch[0][0].dtype)
+    mask = torch.zeros(len(batch), h, w, dtype=torch.long)
+    for i, (px, _) in enumerate(batch):
+        pixels[i, :, : px.shape[1], : px.shape[2]] = px
+        mask[i, : px.shape[1], : px.shape[2]] = 1
+    return pixels, mask, None
 
 
-def image_loader(paths: Sequence[str], processor: Any, batch_size: int, num_workers: int):
-    """Batches of pixel values in corpus order; raises PipelineError on the first bad image."""
+def image_batches(paths: Sequence[str], processor: Any, batch_size: int, num_workers: int):
+    """(pixel_values [B, 3, H, W], pixel_mask [B, H, W]) in the order of `paths`; PipelineError on a bad image."""
     loader = torch.utils.data.DataLoader(
         _ImageDataset(paths, processor), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
     )
-    for pixels, err in loader:
+    for pixels, mask, err in loader:
         if err is not None:
             raise PipelineError(err)
-        yield pixels
+        yield pixels, mask
 
 
 def _features(out: Any) -> torch.Tensor:
@@ -150,7 +158,7 @@ class DualEncoder:
                       progress: bool = True) -> np.ndarray:
         chunks = []
         with tqdm(total=len(paths), desc="embed images", unit="img", disable=not progress, leave=False) as bar:
-            for pixels in image_loader(paths, self.image_processor, batch_size, num_workers):
+            for pixels, _ in image_batches(paths, self.image_processor, batch_size, num_workers):
                 chunks.append(self.image_features(pixels.to(self.device, self.dtype)).cpu().numpy())
                 bar.update(len(pixels))
         return np.concatenate(chunks).astype(np.float32)

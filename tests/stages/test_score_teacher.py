@@ -1,0 +1,207 @@
+"""score-teacher: equivalence with each model's own forward, one vision pass per image, the contract, bad input."""
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import cli, cli_subprocess, save_tiny_blip
+from pipeline.artifacts import SUCCESS
+
+
+@pytest.fixture
+def run(tmp_path, mined_run) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(mined_run, dst)
+    shutil.rmtree(dst / "teacher", ignore_errors=True)
+    return dst
+
+
+def score(run, teacher, *extra, expect=0):
+    return cli("score-teacher", "--run", run, "--teacher", teacher, "--images-per-shard", "5",
+               "--batch-size", "16", "--image-batch-size", "3", *extra, expect=expect)
+
+
+def teacher_rows(run: Path) -> list[dict]:
+    return [r for f in sorted((run / "teacher").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def reference_scores(kind: str, model_dir: Path, run: Path, pairs: list[tuple[str, str]]) -> np.ndarray:
+    """Each pair through the model's own standard forward, one pair at a time, image processed alone."""
+    from PIL import Image
+    from transformers import (AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval,
+                              ViltForImageAndTextRetrieval)
+
+    images = pq.read_table(run / "mine" / "corpus" / "images.parquet").to_pydict()
+    texts = pq.read_table(run / "mine" / "corpus" / "texts.parquet").to_pydict()
+    path = dict(zip(images["image_id"], images["path"]))
+    text = dict(zip(texts["text_id"], texts["text"]))
+    proc, tok = AutoImageProcessor.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    cls = BlipForImageTextRetrieval if kind == "blip" else ViltForImageAndTextRetrieval
+    model = cls.from_pretrained(model_dir).eval()
+    out = []
+    with torch.no_grad():
+        for iid, tid in pairs:
+            px = proc(images=Image.open(path[iid]).convert("RGB"), return_tensors="pt")
+            t = tok([text[tid]], return_tensors="pt")
+            if kind == "blip":
+                logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
+                               pixel_values=px["pixel_values"], use_itm_head=True).itm_score
+                out.append(float(logits[0, 1] - logits[0, 0]))
+            else:
+                out.append(float(model(**t, pixel_values=px["pixel_values"],
+                                       pixel_mask=px.get("pixel_mask")).logits[0, 0]))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("kind", ["blip", "vilt"])
+def test_scores_equal_the_models_own_forward(run, kind, tiny_blip, tiny_vilt):
+    model_dir = tiny_blip if kind == "blip" else tiny_vilt
+    score(run, model_dir)
+    rows = teacher_rows(run)
+    candidates = [r for f in sorted((run / "mine" / "candidates").glob("*.parquet"))
+                  for r in pq.read_table(f).to_pylist()]
+    assert [{k: r[k] for k in c} for r, c in zip(rows, candidates)] == candidates  # the candidate columns pass through unchanged
+
+    # every stored score (both directions, candidates and positives) against a per-pair forward
+    pairs, stored = [], []
+    for r in rows[::3]:
+        for ids, scores in ((r["candidate_ids"], r["teacher_scores"]), (r["positive_ids"], r["positive_teacher_scores"])):
+            assert len(ids) == len(scores)
+            for other, s in zip(ids, scores):
+                pairs.append((r["query_id"], other) if r["direction"] == "i2t" else (other, r["query_id"]))
+                stored.append(s)
+    ref = reference_scores(kind, model_dir, run, pairs)
+    np.testing.assert_allclose(stored, ref, atol=1e-4, rtol=0)
+    assert np.std(ref) > 0  # the comparison is not between constants
+
+
+def test_vision_tower_runs_once_per_unique_image(run, tiny_blip, monkeypatch):
+    from transformers.models.blip import modeling_blip
+
+    seen = []
+    original = modeling_blip.BlipVisionModel.forward
+
+    def counting(self, pixel_values=None, **kw):
+        seen.append(pixel_values.shape[0])
+        return original(self, pixel_values=pixel_values, **kw)
+
+    monkeypatch.setattr(modeling_blip.BlipVisionModel, "forward", counting)
+    score(run, tiny_blip)
+    pairs = pq.read_table(run / "teacher" / "pairs" / "part-00000.parquet")
+    all_pairs = [pq.read_table(f) for f in sorted((run / "teacher" / "pairs").glob("*.parquet"))]
+    unique_images = {i for t in all_pairs for i in t["image_id"].to_pylist()}
+    assert sum(seen) == len(unique_images) == 24
+    assert pairs.num_rows > 24  # far more pairs than images: the reuse is real
+    keys = [(i, t) for tab in all_pairs for i, t in zip(tab["image_id"].to_pylist(), tab["text_id"].to_pylist())]
+    assert len(keys) == len(set(keys))  # deduplicated across directions
+
+
+def test_itm_plus_itc_adds_the_contrastive_cosine(run, tiny_blip, tmp_path):
+    score(run, tiny_blip)
+    itm = teacher_rows(run)
+    run2 = tmp_path / "run2"
+    shutil.copytree(run, run2)
+    score(run2, tiny_blip, "--score", "itm+itc", "--itc-weight", "2", "--force")
+    both = teacher_rows(run2)
+    # independent ITC: BLIP's own forward with use_itm_head=False returns the cosine
+    from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval
+    from PIL import Image
+    images = pq.read_table(run / "mine" / "corpus" / "images.parquet").to_pydict()
+    texts = pq.read_table(run / "mine" / "corpus" / "texts.parquet").to_pydict()
+    path, text = dict(zip(images["image_id"], images["path"])), dict(zip(texts["text_id"], texts["text"]))
+    model = BlipForImageTextRetrieval.from_pretrained(tiny_blip).eval()
+    proc, tok = AutoImageProcessor.from_pretrained(tiny_blip), AutoTokenizer.from_pretrained(tiny_blip)
+    r_itm, r_both = itm[0], both[0]
+    assert r_itm["direction"] == "i2t"
+    with torch.no_grad():
+        px = proc(images=Image.open(path[r_itm["query_id"]]).convert("RGB"), return_tensors="pt")["pixel_values"]
+        for tid, s_itm, s_both in zip(r_itm["candidate_ids"], r_itm["teacher_scores"], r_both["teacher_scores"]):
+            t = tok([text[tid]], return_tensors="pt")
+            cos = float(model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], pixel_values=px,
+                              use_itm_head=False).itm_score[0])
+            assert s_both == pytest.approx(s_itm + 2 * cos, abs=1e-4)
+
+
+def test_rerun_no_op_and_kill_resume(run, tiny_blip, tmp_path):
+    ref = tmp_path / "ref"
+    shutil.copytree(run, ref)
+    score(ref, tiny_blip)
+    assert "up to date" in score(ref, tiny_blip).output
+
+    proc = cli_subprocess("score-teacher", "--run", run, "--teacher", tiny_blip, "--images-per-shard", "5",
+                          "--device", "cpu", env={"CPRD_KILL_AFTER_SHARDS": "3"})
+    assert proc.returncode == -signal.SIGKILL and not (run / "teacher" / SUCCESS).exists()
+    assert "partial" in cli("status", "--run", run).output
+    out = score(run, tiny_blip).output
+    assert "resuming" in out
+    assert teacher_rows(run) == teacher_rows(ref)
+
+
+def test_two_processes_score_like_one(run, tiny_blip, tmp_path):
+    ref = tmp_path / "ref"
+    shutil.copytree(run, ref)
+    score(ref, tiny_blip)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+                "-m", "pipeline.cli"]
+    cli_subprocess("score-teacher", "--run-dir", run, "--teacher", tiny_blip, "--images-per-shard", "5",
+                   "--device", "cpu", launcher=torchrun, check=True)
+    got, want = teacher_rows(run), teacher_rows(ref)
+    assert [r["candidate_ids"] for r in got] == [r["candidate_ids"] for r in want]
+    np.testing.assert_allclose([s for r in got for s in r["teacher_scores"]],
+                               [s for r in want for s in r["teacher_scores"]], atol=1e-6)
+
+
+# ------------------------------------------------------------------ bad input
+def _error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    return result.output.strip().splitlines()[-1]
+
+
+def test_mine_incomplete(run, tiny_blip):
+    (run / "mine" / SUCCESS).unlink()
+    assert "mine is incomplete" in _error_line(score(run, tiny_blip, expect=None))
+    shutil.rmtree(run / "mine")
+    assert "no mine output here" in _error_line(score(run, tiny_blip, expect=None))
+
+
+def test_teacher_without_itm_head(run, tmp_path, tiny_blip, tiny_clip):
+    from transformers import BlipModel
+    plain = tmp_path / "blip-plain"
+    shutil.copytree(tiny_blip, plain)
+    BlipModel.from_pretrained(tiny_blip).save_pretrained(plain)  # same config family, no ITM head
+    assert "no trained matching head (itm_head missing)" in _error_line(score(run, plain, expect=None))
+    assert "is not a supported cross-encoder" in _error_line(score(run, tiny_clip, expect=None))
+    assert not (run / "teacher" / SUCCESS).exists()
+
+
+def test_missing_image_file(run, tiny_blip):
+    images = pq.read_table(run / "mine" / "corpus" / "images.parquet").to_pydict()
+    Path(images["path"][7]).unlink()
+    line = _error_line(score(run, tiny_blip, expect=None))
+    assert "image file not found" in line and images["path"][7] in line
+
+
+def test_mismatched_tokenizer(run, tmp_path):
+    model = save_tiny_blip(tmp_path / "small-vocab", vocab_size=1000)  # saved with the 30522-token BERT tokenizer
+    line = _error_line(cli("score-teacher", "--run", run, "--teacher", model, expect=None))
+    assert "tokenizer has 30522 tokens but the model's text embeddings have 1000" in line
+
+
+def test_non_finite_score_names_the_pair(run, tiny_blip, monkeypatch):
+    from pipeline import teachers
+    original = teachers.BlipITM.score
+
+    def poisoned(self, state, tokens):
+        out = original(self, state, tokens)
+        out[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(teachers.BlipITM, "score", poisoned)
+    line = _error_line(score(run, tiny_blip, expect=None))
+    assert "non-finite teacher score nan for pair (image '" in line and "', text '" in line
+    assert not (run / "teacher" / SUCCESS).exists()
