@@ -1,0 +1,24 @@
+"""ListMLE: the full-ranking special case of CPRD."""
+from __future__ import annotations
+
+import torch
+
+from .cprd import cprd_loss
+
+
+def listmle_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Plackett-Luce likelihood of the teacher's full order under the student logits:
+
+        row_loss = (1/(n-1)) * sum_{j=1..n-1} [ logsumexp_{l=j..n} s(l) - s(j) ]
+
+    with s(j) the student logit of the j-th candidate in teacher order (descending, stable). This is
+    `cprd_loss` with every position valid. Rows with fewer than two real candidates are skipped.
+
+    | input          | shape  | meaning                                  |
+    | -------------- | ------ | ---------------------------------------- |
+    | student_logits | [B, N] | student logit_scale * cos                |
+    | teacher_scores | [B, N] | teacher scores (only their order is used) |
+    | mask           | [B, N] | optional bool, True = real candidate     |
+    """
+    return cprd_loss(student_logits, teacher_scores, mask)

@@ -1,0 +1,107 @@
+"""Plain-loop references, written from the formulas in DESIGN.md, independent of the vectorised code."""
+import math
+
+import torch
+
+
+def rows(student, teacher, mask):
+    for b in range(student.shape[0]):
+        idx = [j for j in range(student.shape[1]) if mask is None or bool(mask[b, j])]
+        yield b, idx
+
+
+def cprd_ref(student, teacher, mask=None, num_valid=None, min_teacher_score=None):
+    losses = []
+    for b, idx in rows(student, teacher, mask):
+        order = sorted(idx, key=lambda j: -float(teacher[b, j]))  # sorted() is stable
+        n = len(order)
+        m = 0
+        for j, c in enumerate(order):
+            if j >= n - 1 or (num_valid is not None and j >= num_valid):
+                break
+            if min_teacher_score is not None and float(teacher[b, c]) < min_teacher_score:
+                break
+            m += 1
+        if m == 0:
+            continue
+        total = 0
+        for j in range(m):
+            tail = torch.stack([student[b, order[l]] for l in range(j, n)])
+            total = total + torch.logsumexp(tail, 0) - student[b, order[j]]
+        losses.append(total / m)
+    return torch.stack(losses).mean() if losses else None
+
+
+def kl_ref(student, teacher, mask=None, T=1.0):
+    losses = []
+    for b, idx in rows(student, teacher, mask):
+        if len(idx) < 2:
+            continue
+        s = torch.stack([student[b, j] for j in idx])
+        t = torch.stack([teacher[b, j] for j in idx]) / T
+        p = torch.softmax(t, 0)
+        q = torch.log_softmax(s, 0)
+        losses.append(sum(p[i] * (torch.log(p[i]) - q[i]) for i in range(len(idx))))
+    return torch.stack(losses).mean() if losses else None
+
+
+def margin_mse_ref(s_pos, s_neg, t_pos, t_neg, mask=None):
+    losses = []
+    for b, idx in rows(s_neg, t_neg, mask):
+        if not idx:
+            continue
+        vals = [((s_pos[b] - s_neg[b, j]) - (t_pos[b] - t_neg[b, j])) ** 2 for j in idx]
+        losses.append(sum(vals) / len(vals))
+    return torch.stack(losses).mean() if losses else None
+
+
+def ranknet_ref(student, teacher, mask=None):
+    losses = []
+    for b, idx in rows(student, teacher, mask):
+        pairs = [(i, j) for i in idx for j in idx if float(teacher[b, i]) > float(teacher[b, j])]
+        if not pairs:
+            continue
+        vals = [torch.log1p(torch.exp(-(student[b, i] - student[b, j]))) for i, j in pairs]
+        losses.append(sum(vals) / len(vals))
+    return torch.stack(losses).mean() if losses else None
+
+
+def itc_ref(img, txt, scale, positive=None):
+    img = img / img.norm(dim=1, keepdim=True)
+    txt = txt / txt.norm(dim=1, keepdim=True)
+    B = img.shape[0]
+    total_i = total_t = 0
+    for i in range(B):
+        logits = [scale * (img[i] * txt[j]).sum() for j in range(B)]
+        pos = [j for j in range(B) if (positive is None and j == i) or (positive is not None and bool(positive[i, j]))]
+        lse = torch.logsumexp(torch.stack(logits), 0)
+        total_i = total_i + sum(lse - logits[j] for j in pos) / len(pos)
+    for j in range(B):
+        logits = [scale * (img[i] * txt[j]).sum() for i in range(B)]
+        pos = [i for i in range(B) if (positive is None and i == j) or (positive is not None and bool(positive[i, j]))]
+        lse = torch.logsumexp(torch.stack(logits), 0)
+        total_t = total_t + sum(lse - logits[i] for i in pos) / len(pos)
+    return (total_i / B + total_t / B) / 2
+
+
+def random_case(seed, B=5, N=7, with_mask=True, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(B, N, generator=g, dtype=torch.float64) * 3
+    teacher = torch.randn(B, N, generator=g, dtype=torch.float64)
+    if ties:
+        teacher = teacher.round()
+    mask = None
+    if with_mask:
+        mask = torch.rand(B, N, generator=g) > 0.3
+        mask[0] = True
+        mask[1] = False
+        mask[2, 1:] = False  # a single real candidate: nothing to learn
+    return student.requires_grad_(), teacher, mask
+
+
+def assert_same_value_and_grad(fast, ref, student):
+    (g_fast,) = torch.autograd.grad(fast, student, retain_graph=True)
+    (g_ref,) = torch.autograd.grad(ref, student)
+    torch.testing.assert_close(fast.double(), ref.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_fast.double(), g_ref.double(), rtol=1e-4, atol=1e-6)
+    assert not torch.isnan(g_fast).any()

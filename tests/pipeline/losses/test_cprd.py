@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import torch
+
+from pipeline.losses import cprd_loss, listmle_loss
+
+from .reference import assert_same_value_and_grad, cprd_ref, random_case
+
+
+def test_golden_value_by_hand():
+    s = torch.tensor([[1.0, 2.0, 3.0]])
+    t = torch.tensor([[3.0, 2.0, 1.0]])  # teacher order = index order: s(1)=1, s(2)=2, s(3)=3
+    lse123 = 3 + math.log(1 + math.exp(-1) + math.exp(-2))  # 3.40760596
+    lse23 = 3 + math.log(1 + math.exp(-1))                   # 3.31326169
+    assert cprd_loss(s, t, num_valid=1).item() == pytest.approx(lse123 - 1, abs=1e-6)             # 2.40760596
+    assert cprd_loss(s, t, num_valid=2).item() == pytest.approx(((lse123 - 1) + (lse23 - 2)) / 2, abs=1e-6)
+    assert cprd_loss(s, t, min_teacher_score=2.5).item() == pytest.approx(lse123 - 1, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("num_valid,min_score", [(None, None), (1, None), (3, None), (None, 0.0), (2, -0.5)])
+def test_matches_loop_reference_values_and_grads(seed, num_valid, min_score):
+    student, teacher, mask = random_case(seed, ties=seed % 2 == 1)
+    fast = cprd_loss(student, teacher, mask, num_valid=num_valid, min_teacher_score=min_score)
+    ref = cprd_ref(student, teacher, mask, num_valid=num_valid, min_teacher_score=min_score)
+    assert_same_value_and_grad(fast, ref, student)
+
+
+def test_padding_is_ignored():
+    student, teacher, _ = random_case(7, B=3, N=5, with_mask=False)
+    padded_s = torch.cat([student, torch.full((3, 2), 50.0, dtype=student.dtype)], 1)
+    padded_t = torch.cat([teacher, torch.full((3, 2), 99.0, dtype=teacher.dtype)], 1)  # would rank first
+    mask = torch.cat([torch.ones(3, 5, dtype=torch.bool), torch.zeros(3, 2, dtype=torch.bool)], 1)
+    torch.testing.assert_close(cprd_loss(padded_s, padded_t, mask, num_valid=2), cprd_loss(student, teacher, num_valid=2))
+
+
+def test_rows_with_nothing_to_learn_are_skipped():
+    s = torch.tensor([[1.0, 2.0, 3.0], [5.0, 0.0, 0.0]])
+    t = torch.tensor([[3.0, 2.0, 1.0], [1.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])  # row 1: one candidate, m = 0
+    assert cprd_loss(s, t, mask, num_valid=1).item() == pytest.approx(cprd_loss(s[:1], t[:1], num_valid=1).item())
+    # min_teacher_score above every score: m = 0 for row 0 too
+    assert cprd_loss(s[:1], t[:1], min_teacher_score=10.0).item() == 0.0
+
+
+def test_all_rows_degenerate_is_a_zero_with_a_graph():
+    s = torch.randn(3, 4, requires_grad=True)
+    out = cprd_loss(s, torch.randn(3, 4), torch.zeros(3, 4, dtype=torch.bool))
+    assert out.item() == 0.0 and out.requires_grad
+    out.backward()
+    assert torch.equal(s.grad, torch.zeros_like(s))
+    empty = torch.zeros(0, 4, requires_grad=True)
+    assert cprd_loss(empty, torch.zeros(0, 4)).item() == 0.0
+
+
+def test_num_valid_at_least_n_minus_1_equals_listmle():
+    student, teacher, mask = random_case(3, with_mask=True)
+    torch.testing.assert_close(cprd_loss(student, teacher, mask, num_valid=6), listmle_loss(student, teacher, mask))
+    torch.testing.assert_close(cprd_loss(student, teacher, mask, num_valid=100), listmle_loss(student, teacher, mask))
+
+
+def test_order_below_the_cut_is_not_taught():
+    """Permuting the teacher scores of the candidates below the valid ones leaves the loss unchanged."""
+    s = torch.randn(1, 6)
+    t = torch.tensor([[6.0, 5.0, 4.0, 3.0, 2.0, 1.0]])
+    t_perm = torch.tensor([[6.0, 5.0, 1.0, 3.0, 2.0, 4.0]])  # indices 2..5 reordered, 0..1 stay on top
+    assert cprd_loss(s, t, num_valid=2).item() == pytest.approx(cprd_loss(s, t_perm, num_valid=2).item(), abs=1e-6)
+    assert cprd_loss(s, t, num_valid=3).item() != pytest.approx(cprd_loss(s, t_perm, num_valid=3).item(), abs=1e-3)
+
+
+def test_only_order_of_teacher_scores_matters():
+    student, teacher, mask = random_case(5)
+    torch.testing.assert_close(cprd_loss(student, teacher, mask, num_valid=3),
+                               cprd_loss(student, 10 * teacher + 4, mask, num_valid=3))
+
+
+def test_shape_errors_say_how_to_fix():
+    with pytest.raises(ValueError, match="unsqueeze"):
+        cprd_loss(torch.randn(4), torch.randn(4))
+    with pytest.raises(ValueError, match="one teacher score per student logit"):
+        cprd_loss(torch.randn(2, 4), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="True = real candidate"):
+        cprd_loss(torch.randn(2, 4), torch.randn(2, 4), torch.ones(2, 3, dtype=torch.bool))
