@@ -314,6 +314,10 @@ class StageWriter:
         )
         _maybe_die_for_tests()
 
+    def record_file(self, rel: str, rows: int = 0) -> None:
+        """Record a file that was written by other means (e.g. save_pretrained), once it is complete."""
+        self._record(rel, rows)
+
     def write_table(self, rel: str, table: pa.Table) -> None:
         atomic_write_table(self.dir / rel, table)
         self._record(rel, table.num_rows)

@@ -92,6 +92,14 @@ _stage_command("mine", "stages.mine", "MineConfig",
 _stage_command("score-teacher", "stages.score_teacher", "TeacherConfig",
                "Score every mined pair and every positive with the cross-encoder teacher (RUN/teacher).")
 
+_stage_command("distill", "stages.distill", "DistillConfig",
+               "Train the student: contrastive loss + distillation over the teacher-ranked hard negatives "
+               "(RUN/distill).")
+
+_stage_command("evaluate", "stages.evaluate", "EvalConfig",
+               "Recall@1/5/10 in both directions and RSUM of a dual encoder, optionally re-ranked by the teacher "
+               "(RUN/eval).")
+
 
 @main.command("status")
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="run directory")

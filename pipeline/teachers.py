@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import PipelineError
-from .models import _pretrained, load_processors
+from .models import _pretrained, image_batches, load_processors
 
 
 class CrossEncoder:
@@ -111,3 +112,47 @@ def load_teacher(name_or_path: str, device: str = "cpu", dtype: torch.dtype = to
         raise PipelineError(f"{name_or_path}: tokenizer has {len(tokenizer)} tokens but the model's text "
                             f"embeddings have {vocab}: the tokenizer does not belong to this model")
     return adapter(model, image_processor, tokenizer, device, dtype)
+
+
+@torch.inference_mode()
+def score_pairs(teacher: CrossEncoder, corpus: Any, img_rows: np.ndarray, txt_rows: np.ndarray, batch_size: int = 256,
+                image_batch_size: int = 64, num_workers: int = 0, itc_weight: float = 0.0, bar: Any = None
+                ) -> np.ndarray:
+    """Scores [P] of P pairs given as corpus rows, which must be sorted by image row.
+
+    Images are loaded and encoded `image_batch_size` at a time, once each; the pairs of those images then
+    run through the text/cross side in batches of `batch_size`, each gathering its images' state.
+    With itc_weight > 0 the score is ITM log-odds + itc_weight x ITC cosine. A non-finite score is an error
+    naming the pair.
+    """
+    if len(img_rows) and (np.diff(img_rows) < 0).any():
+        raise ValueError("score_pairs: pairs must be sorted by image row")
+    scores = np.empty(len(img_rows), dtype=np.float32)
+    images = np.unique(img_rows)
+    starts = np.searchsorted(img_rows, images)
+    ends = np.searchsorted(img_rows, images, side="right")
+    for b in range(0, len(images), image_batch_size):
+        group = images[b: b + image_batch_size]
+        ((pixels, mask),) = list(image_batches([corpus.image_paths[i] for i in group], teacher.image_processor,
+                                               len(group), num_workers))
+        state = teacher.encode_images(pixels, mask)
+        lo, hi = starts[b], ends[b + len(group) - 1]
+        local = np.searchsorted(group, img_rows[lo:hi])  # pair -> its image's index in this group
+        for s in range(lo, hi, batch_size):
+            e = min(hi, s + batch_size)
+            idx = torch.from_numpy(local[s - lo: e - lo]).to(teacher.device)
+            per_pair = tuple(t[idx] for t in state)
+            tokens = teacher.tokenize([corpus.texts[t] for t in txt_rows[s:e]])
+            out = teacher.score(per_pair, tokens)
+            if itc_weight:
+                out = out + itc_weight * teacher.itc(per_pair, tokens)
+            out = out.float().cpu().numpy()
+            bad = np.flatnonzero(~np.isfinite(out))
+            if len(bad):
+                i = s + bad[0]
+                raise PipelineError(f"non-finite teacher score {out[bad[0]]} for pair (image "
+                                    f"'{corpus.image_ids[img_rows[i]]}', text '{corpus.text_ids[txt_rows[i]]}')")
+            scores[s:e] = out
+            if bar is not None:
+                bar.update(e - s)
+    return scores

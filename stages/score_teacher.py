@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 from pipeline import config as cfgmod
 from pipeline.artifacts import StageWriter, require_complete, shard_name
 from pipeline.config import option, runtime
-from pipeline.corpus import Corpus, load_tables
+from pipeline.corpus import load_tables
 from pipeline.dist import init, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.log import make_log
-from pipeline.models import image_batches, model_identity, torch_dtype
-from pipeline.teachers import CrossEncoder, load_teacher
+from pipeline.models import model_identity, torch_dtype
+from pipeline.teachers import load_teacher, score_pairs
 
 SCORES = ("itm", "itm+itc")
 
@@ -85,40 +85,6 @@ def _pairs_of_shard(table: pa.Table, corpus_ids: tuple[pa.Array, pa.Array], shar
                 txt.append(np.repeat(_rows(part["query_id"], text_ids, "text", shard), lengths))
                 img.append(_rows(others, image_ids, "image", shard))
     return np.concatenate(img), np.concatenate(txt)
-
-
-@torch.inference_mode()
-def _score_pairs(teacher: CrossEncoder, cfg: TeacherConfig, corpus: Corpus, img_rows: np.ndarray,
-                 txt_rows: np.ndarray, bar: tqdm) -> np.ndarray:
-    """Scores of pairs sorted by image row. Each image's state is computed once, in image batches."""
-    scores = np.empty(len(img_rows), dtype=np.float32)
-    images = np.unique(img_rows)
-    starts = np.searchsorted(img_rows, images)
-    ends = np.searchsorted(img_rows, images, side="right")
-    for b in range(0, len(images), cfg.image_batch_size):
-        group = images[b: b + cfg.image_batch_size]
-        paths = [corpus.image_paths[i] for i in group]
-        ((pixels, mask),) = list(image_batches(paths, teacher.image_processor, len(paths), cfg.num_workers))
-        state = teacher.encode_images(pixels, mask)
-        lo, hi = starts[b], ends[b + len(group) - 1]
-        local = np.searchsorted(group, img_rows[lo:hi])  # pair -> index of its image in this group
-        for s in range(lo, hi, cfg.batch_size):
-            e = min(hi, s + cfg.batch_size)
-            idx = torch.from_numpy(local[s - lo: e - lo]).to(teacher.device)
-            per_pair = tuple(t[idx] for t in state)
-            tokens = teacher.tokenize([corpus.texts[t] for t in txt_rows[s:e]])
-            out = teacher.score(per_pair, tokens)
-            if cfg.score == "itm+itc":
-                out = out + cfg.itc_weight * teacher.itc(per_pair, tokens)
-            out = out.float().cpu().numpy()
-            bad = np.flatnonzero(~np.isfinite(out))
-            if len(bad):
-                i = s + bad[0]
-                raise PipelineError(f"non-finite teacher score {out[bad[0]]} for pair (image "
-                                    f"'{corpus.image_ids[img_rows[i]]}', text '{corpus.text_ids[txt_rows[i]]}')")
-            scores[s:e] = out
-            bar.update(e - s)
-    return scores
 
 
 def run(cfg: TeacherConfig) -> Path:
@@ -179,7 +145,9 @@ def _run(cfg, writer, mine, mine_dir, corpus, dist, device, dtype, log) -> None:
                   disable=not dist.is_main, smoothing=0.1) as bar:
             for f, lo, hi in todo:
                 img_rows, txt_rows = keys[lo:hi] // n_texts, keys[lo:hi] % n_texts
-                scores = _score_pairs(teacher, cfg, corpus, img_rows, txt_rows, bar)
+                scores = score_pairs(teacher, corpus, img_rows, txt_rows, cfg.batch_size, cfg.image_batch_size,
+                                     cfg.num_workers, itc_weight=cfg.itc_weight if cfg.score == "itm+itc" else 0.0,
+                                     bar=bar)
                 writer.write_table(f, pa.table({
                     "image_id": pa.array(corpus_ids[0].take(pa.array(img_rows))),
                     "text_id": pa.array(corpus_ids[1].take(pa.array(txt_rows))),

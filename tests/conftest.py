@@ -82,7 +82,7 @@ def cli_subprocess(*args: str, env: dict | None = None, check: bool = False, lau
                    timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the CLI as a real process (for kill/resume and multi-process tests)."""
     cmd = (launcher or [sys.executable, "-m", "pipeline.cli"]) + [str(a) for a in args]
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -105,4 +105,15 @@ def mined_run(tmp_path_factory, tiny_clip) -> Path:
     root = tmp_path_factory.mktemp("mined")
     ann = write_albef_corpus(root / "data")
     cli("mine", "--run", root / "run", "--data", ann, "--student", tiny_clip, "--k", "6", "--shard-size", "7")
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def scored_run(tmp_path_factory, mined_run, tiny_blip) -> Path:
+    """mined_run + a complete RUN/teacher from the tiny BLIP. Copy it before writing to it."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("scored")
+    shutil.copytree(mined_run, root / "run")
+    cli("score-teacher", "--run", root / "run", "--teacher", tiny_blip, "--images-per-shard", "8")
     return root / "run"

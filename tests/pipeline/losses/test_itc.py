@@ -5,7 +5,7 @@ import torch
 
 from pipeline.losses import itc_loss
 
-from .reference import itc_ref
+from reference import itc_ref
 
 
 def test_golden_value_by_hand():

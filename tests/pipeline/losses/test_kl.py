@@ -5,7 +5,7 @@ import torch
 
 from pipeline.losses import kl_loss
 
-from .reference import assert_same_value_and_grad, kl_ref, random_case
+from reference import assert_same_value_and_grad, kl_ref, random_case
 
 
 def test_golden_value_by_hand():

@@ -5,7 +5,7 @@ import torch
 
 from pipeline.losses import listmle_loss
 
-from .reference import assert_same_value_and_grad, cprd_ref, random_case
+from reference import assert_same_value_and_grad, cprd_ref, random_case
 
 
 def test_golden_value_by_hand():

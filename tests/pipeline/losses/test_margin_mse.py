@@ -3,7 +3,7 @@ import torch
 
 from pipeline.losses import margin_mse_loss
 
-from .reference import assert_same_value_and_grad, margin_mse_ref, random_case
+from reference import assert_same_value_and_grad, margin_mse_ref, random_case
 
 
 def test_golden_value_by_hand():

@@ -5,7 +5,7 @@ import torch
 
 from pipeline.losses import ranknet_loss
 
-from .reference import assert_same_value_and_grad, random_case, ranknet_ref
+from reference import assert_same_value_and_grad, random_case, ranknet_ref
 
 
 def test_golden_value_by_hand():

@@ -1,0 +1,133 @@
+"""distill on a two-layer student over a tiny teacher cache: determinism, learning, resume, outputs, bad input."""
+import json
+import shutil
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli, cli_subprocess
+from pipeline.artifacts import SUCCESS
+
+FAST = ("--batch-size", "16", "--num-negatives", "5", "--lr", "2e-3", "--shuffle-buffer", "64", "--device", "cpu")
+
+
+@pytest.fixture
+def run(tmp_path, scored_run):
+    shutil.copytree(scored_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def distill(run, *extra, expect=0):
+    return cli("distill", "--run", run, *FAST, *extra, expect=expect)
+
+
+def metrics(run):
+    return [json.loads(l) for l in (run / "distill" / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run):
+    return load_file(run / "distill" / "final" / "model.safetensors")
+
+
+def test_first_losses_are_deterministic_and_named(run, tmp_path):
+    distill(run, "--max-steps", "3", "--seed", "1")
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    distill(other, "--max-steps", "3", "--seed", "1", "--force")
+    a, b = metrics(run), metrics(other)
+    assert [m["step"] for m in a] == [1, 2, 3]
+    for m in a:
+        assert set(m) >= {"loss", "itc", "distill", "lr", "logit_scale"}
+        assert m["loss"] == pytest.approx(m["itc"] + m["distill"], rel=1e-5)
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    distill(other, "--max-steps", "3", "--seed", "2", "--force")
+    assert metrics(other)[0]["loss"] != a[0]["loss"]  # the seed matters (positive choice, shuffling)
+
+
+@pytest.mark.parametrize("loss", ["cprd", "kl", "listmle", "ranknet", "margin-mse", "none"])
+def test_every_loss_runs_through_the_loop(run, loss):
+    distill(run, "--loss", loss, "--max-steps", "2")
+    m = metrics(run)
+    assert len(m) == 2 and all(torch.isfinite(torch.tensor(x["loss"])) for x in m)
+    assert ("distill" in m[0]) == (loss != "none")
+    if loss != "none":
+        assert m[0]["distill"] > 0
+
+
+def test_loss_decreases(run):
+    distill(run, "--loss", "cprd", "--epochs", "8", "--lr", "3e-3")
+    m = metrics(run)
+    assert len(m) == 8 * (144 // 16)
+    first, last = sum(x["loss"] for x in m[:5]) / 5, sum(x["loss"] for x in m[-5:]) / 5
+    assert last < 0.85 * first, (first, last)
+    assert sum(x["distill"] for x in m[-5:]) < sum(x["distill"] for x in m[:5])
+
+
+def test_killed_run_resumes_to_the_same_weights(run, tmp_path):
+    ref = tmp_path / "ref"
+    shutil.copytree(run, ref)
+    args = ("--max-steps", "10", "--save-every", "4", "--grad-accum", "2")
+    distill(ref, *args)
+    proc = cli_subprocess("distill", "--run", run, *FAST, *args, env={"CPRD_KILL_AT_STEP": "6"})
+    assert proc.returncode == -signal.SIGKILL and not (run / "distill" / SUCCESS).exists()
+    assert json.loads((run / "distill" / "checkpoints" / "latest.json").read_text())["step"] == 4
+    out = distill(run, *args).output
+    assert "resuming from step-4: step 4, epoch 1, batch 0" in out
+    assert [m["step"] for m in metrics(run)] == list(range(1, 11))
+    a, b = final_weights(run), final_weights(ref)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert [m["loss"] for m in metrics(run)] == pytest.approx([m["loss"] for m in metrics(ref)], rel=1e-5)
+
+
+def test_final_loads_with_automodel_and_rerun_is_up_to_date(run):
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+    distill(run, "--max-steps", "2")
+    final = run / "distill" / "final"
+    model = AutoModel.from_pretrained(final)
+    assert type(model).__name__ == "CLIPModel"
+    AutoTokenizer.from_pretrained(final), AutoImageProcessor.from_pretrained(final)
+    assert "up to date" in distill(run, "--max-steps", "2").output
+    manifest = json.loads((run / "distill" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and "final/model.safetensors" in manifest["shards"]
+
+
+def test_epoch_boundary_and_two_workers_match_zero_workers(run, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    distill(run, "--epochs", "2")
+    cli("distill", "--run", other, *FAST, "--epochs", "2", "--num-workers", "2")
+    assert [m["loss"] for m in metrics(run)] == pytest.approx([m["loss"] for m in metrics(other)], rel=1e-6)
+    assert {m["epoch"] for m in metrics(run)} == {0, 1}
+
+
+# ------------------------------------------------------------------ bad input
+def _error(result):
+    assert result.exit_code == 2, result.output
+    return result.output.strip().splitlines()[-1]
+
+
+def test_unknown_loss(run):
+    assert "'hinge' is not one of" in distill(run, "--loss", "hinge", expect=None).output
+
+
+def test_too_many_negatives(run):
+    line = _error(distill(run, "--num-negatives", "7", expect=None))
+    assert "--num-negatives 7 is more than the 6 hard negatives per query" in line
+    assert not (run / "distill").exists()
+
+
+def test_teacher_from_a_different_corpus(run, tiny_clip, tmp_path):
+    from conftest import write_albef_corpus
+    other = write_albef_corpus(tmp_path / "other-data", n_images=20)
+    cli("mine", "--run", run, "--data", other, "--student", tiny_clip, "--k", "6", "--force")
+    line = _error(distill(run, "--max-steps", "1", expect=None))
+    assert "scored on a different corpus or mining run" in line and "rerun score-teacher" in line
+
+
+def test_teacher_missing(run):
+    shutil.rmtree(run / "teacher")
+    assert "no score-teacher output here" in _error(distill(run, expect=None))
