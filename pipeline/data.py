@@ -23,6 +23,7 @@ A batch encodes each unique image and caption once. For B queries with N hard ne
 from __future__ import annotations
 
 import zlib
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,12 +58,15 @@ def pick(seed: int, epoch: int, query_id: str, n: int) -> int:
 class DistillBatches(torch.utils.data.IterableDataset):
     def __init__(self, files: Sequence[Path], corpus: Any, image_processor: Any, tokenizer: Any, max_length: int,
                  batch_size: int, num_negatives: int, batches: int, seed: int, epoch: int, shuffle_buffer: int,
-                 rank: int = 0, world_size: int = 1, skip: int = 0):
+                 rank: int = 0, world_size: int = 1, skip: int = 0, image_cache_mb: float = 512):
         self.files, self.corpus = list(files), corpus
         self.image_processor, self.tokenizer, self.max_length = image_processor, tokenizer, max_length
         self.batch_size, self.num_negatives, self.batches = batch_size, num_negatives, batches
         self.seed, self.epoch, self.shuffle_buffer = seed, epoch, shuffle_buffer
         self.rank, self.world_size, self.skip = rank, world_size, skip
+        # Hard-negative images recur many times per epoch: keep processed images, least recently used out,
+        # up to `image_cache_mb` per worker (bounded, so host memory does not grow with the data).
+        self.cache_bytes, self._cache, self._cached = int(image_cache_mb * 2**20), OrderedDict(), 0
         self.image_row = {iid: i for i, iid in enumerate(corpus.image_ids)}
         self.text_row = {tid: i for i, tid in enumerate(corpus.text_ids)}
 
@@ -120,13 +124,12 @@ class DistillBatches(torch.utils.data.IterableDataset):
             cmask[r, : len(idx)] = True
             teacher[r, : len(idx)] = torch.tensor(scores, dtype=torch.float32)
 
-        pixels = [self.image_processor(images=load_image(c.image_paths[row]), return_tensors="pt")["pixel_values"][0]
-                  for row in images]
+        pixels = self.pixels(list(images))
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                 return_tensors="pt")
         pi, pt = torch.tensor(pair_img), torch.tensor(pair_txt)
         return {
-            "pixel_values": torch.stack(pixels),
+            "pixel_values": pixels,
             "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
             "pair_image": pi, "pair_text": pt,
             "pair_positive_mask": (pi[:, None] == pi[None, :]) | (pt[:, None] == pt[None, :]),
@@ -134,6 +137,27 @@ class DistillBatches(torch.utils.data.IterableDataset):
             "candidates": cand, "candidate_mask": cmask, "teacher": teacher,
             "teacher_positive": torch.tensor(t_pos, dtype=torch.float32),
         }
+
+
+    def pixels(self, rows: list[int]) -> torch.Tensor:
+        """[len(rows), 3, H, W]: cached images reused, the rest decoded and processed in one call."""
+        missing = [r for r in rows if r not in self._cache]
+        fresh: dict[int, torch.Tensor] = {}
+        if missing:
+            pixels = self.image_processor(images=[load_image(self.corpus.image_paths[r]) for r in missing],
+                                          return_tensors="pt")["pixel_values"]
+            fresh = dict(zip(missing, pixels))
+        out = torch.stack([self._cache[r] if r in self._cache else fresh[r] for r in rows])
+        for r in rows:
+            if r in self._cache:
+                self._cache.move_to_end(r)
+        for r, px in fresh.items():
+            if px.nbytes <= self.cache_bytes:
+                self._cache[r] = px
+                self._cached += px.nbytes
+        while self._cached > self.cache_bytes:
+            self._cached -= self._cache.popitem(last=False)[1].nbytes
+        return out
 
 
 def loader(dataset: DistillBatches, num_workers: int) -> torch.utils.data.DataLoader:

@@ -61,6 +61,7 @@ class DistillConfig:
     max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
     save_every: int = runtime(500, "save a resumable checkpoint every N optimizer steps (and at the end)")
     num_workers: int = runtime(0, "DataLoader workers that load images")
+    image_cache_mb: float = runtime(512, "processed images kept per loader worker (LRU), in MB")
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     force: bool = runtime(False, "replace an output made with other settings (and ignore its checkpoints)")
 
@@ -220,7 +221,7 @@ def _train(cfg, acc, dist, writer, run_dir, teacher, student, log) -> None:
         stop = min(batches_per_epoch, skip + (total_steps - step) * cfg.grad_accum)  # exactly what is left
         data = DistillBatches(files, corpus, encoder.image_processor, encoder.tokenizer, encoder.max_length,
                               cfg.batch_size, cfg.num_negatives, stop, cfg.seed, epoch,
-                              cfg.shuffle_buffer, dist.rank, dist.world_size, skip)
+                              cfg.shuffle_buffer, dist.rank, dist.world_size, skip, cfg.image_cache_mb)
         sums: dict[str, float] = {}
         for batch_in_epoch, batch in enumerate(loader(data, cfg.num_workers), start=skip):
             if "error" in batch:

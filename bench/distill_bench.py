@@ -1,0 +1,122 @@
+"""distill's data path: the same training steps fed by the streaming Parquet loader vs pre-materialised tensors.
+
+A real teacher cache is made by the real stages (tiny CLIP student, tiny BLIP teacher, synthetic corpus).
+Both modes run `StudentTowers` + `compute_loss` + AdamW, exactly the stage's step; only the batch source
+differs. Data-path share = (streaming - materialised) / streaming step time. Peak host memory of a process
+that streams every batch (no model) is measured with the shards as they are and copied 10 times.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+N_IMAGES, BATCH, STEPS, WARMUP, WORKERS = 600, 64, 30, 3, 2
+
+
+def _setup(tmp: Path) -> Path:
+    from bench.teacher_bench import _corpus
+    from pipeline.config import resolve
+    from pipeline.tiny_models import save_tiny_blip, save_tiny_clip
+    from stages import mine, score_teacher
+    import bench.teacher_bench as tb
+
+    tb.N_IMAGES = N_IMAGES
+    ann = _corpus(tmp / "data")
+    clip = save_tiny_clip(tmp / "clip", hidden=128, layers=4)
+    blip = save_tiny_blip(tmp / "blip")
+    run = tmp / "run"
+    mine.run(resolve(mine.MineConfig, None, dict(run=str(run), data=str(ann), student=str(clip), k=8, device="cpu")))
+    score_teacher.run(resolve(score_teacher.TeacherConfig, None, dict(run=str(run), teacher=str(blip), device="cpu")))
+    return run
+
+
+def _batches(run: Path, workers: int, shards: list[Path] | None = None, steps: int = STEPS + WARMUP):
+    from pipeline.corpus import load_tables
+    from pipeline.data import DistillBatches, loader
+    from pipeline.models import load_processors
+
+    student = json.loads((run / "mine" / "manifest.json").read_text())["config"]["student"]
+    proc, tok = load_processors(student)
+    files = shards or sorted((run / "teacher").glob("part-*.parquet"))
+    data = DistillBatches(files, load_tables(run / "mine" / "corpus"), proc, tok, 32, BATCH, 8, steps, 0, 0, 10000)
+    return loader(data, workers)
+
+
+def _time_steps(run: Path, source) -> float:
+    import torch
+
+    from pipeline.models import DualEncoder
+    from stages.distill import DistillConfig, StudentTowers, compute_loss
+
+    torch.manual_seed(0)
+    student = json.loads((run / "mine" / "manifest.json").read_text())["config"]["student"]
+    towers = StudentTowers(DualEncoder(student)).train()
+    opt = torch.optim.AdamW(towers.parameters(), lr=1e-4)
+    cfg = DistillConfig(run=str(run), num_negatives=8)
+    times = []
+    t = time.perf_counter()
+    for i, batch in enumerate(source):
+        img, txt, scale = towers(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        compute_loss(cfg, img, txt, scale, batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        now = time.perf_counter()
+        times.append(now - t)
+        t = now
+    return sum(times[WARMUP:]) / len(times[WARMUP:])
+
+
+def stream_only(run: str, copies: int) -> None:
+    """Child process: stream every batch of the teacher shards (copied `copies` times), report peak RSS."""
+    from bench.common import peak_rss_mb
+
+    run = Path(run)
+    shards = sorted((run / "teacher").glob("part-*.parquet"))
+    if copies > 1:
+        extra = run / f"copies-{copies}"
+        extra.mkdir(exist_ok=True)
+        for c in range(copies):
+            for s in shards:
+                shutil.copy(s, extra / f"{c:03d}-{s.name}")
+        shards = sorted(extra.glob("*.parquet"))
+    import pyarrow.parquet as pq
+    rows = sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
+    n = 0
+    for batch in _batches(run, 0, shards, steps=rows // BATCH):
+        n += 1
+    print(json.dumps({"copies": copies, "rows": rows, "batches": n, "peak_rss_mb": peak_rss_mb()}))
+
+
+def main() -> dict:
+    from bench.common import run_child
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _setup(Path(tmp))
+        materialised = list(_batches(run, 0))               # built once, before timing
+        stream_s = _time_steps(run, _batches(run, WORKERS))
+        mem_s = _time_steps(run, materialised)
+        one = run_child("bench.distill_bench", "--stream-only", str(run), "1")
+        ten = run_child("bench.distill_bench", "--stream-only", str(run), "10")
+    share = max(0.0, (stream_s - mem_s) / stream_s)
+    return {
+        "student": "CLIP hidden 128, 4+4 layers, 32x32 images", "batch_size": BATCH, "num_negatives": 8,
+        "loader_workers": WORKERS, "timed_steps": STEPS,
+        "step_s_streaming": stream_s, "step_s_materialised": mem_s,
+        "data_path_share_of_step": share, "goal_share_below": 0.05,
+        "stream_peak_rss_mb_1x": one["peak_rss_mb"], "stream_peak_rss_mb_10x": ten["peak_rss_mb"],
+        "rows_1x": one["rows"], "rows_10x": ten["rows"],
+        "peak_rss_ratio_10x_over_1x": ten["peak_rss_mb"] / one["peak_rss_mb"],
+    }
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--stream-only":
+        stream_only(sys.argv[2], int(sys.argv[3]))
+    else:
+        from bench.common import write
+
+        write("distill", main())
