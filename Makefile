@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-assets bench bench-quick clean
 
 install: $(STAMP)
 
@@ -22,8 +22,15 @@ test: install
 demo: install
 	$(VENV)/bin/cprd-pipeline demo --out runs/demo
 
+# Rebuild the demo's packed student and teacher (data/demo/) from scratch: about 15 minutes on 2 cores.
+demo-assets: install
+	$(VENV)/bin/cprd-pipeline demo-assets --out data/demo --work runs/demo-assets
+
 bench: install
 	$(PY) -m bench.run_all
+
+bench-quick: install
+	$(PY) -m bench.run_all --quick
 
 clean:
 	rm -rf $(VENV) runs bench/results .pytest_cache

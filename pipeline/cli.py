@@ -100,6 +100,23 @@ _stage_command("evaluate", "stages.evaluate", "EvalConfig",
                "Recall@1/5/10 in both directions and RSUM of a dual encoder, optionally re-ranked by the teacher "
                "(RUN/eval).")
 
+_stage_command("demo", "stages.demo", "DemoConfig",
+               "The whole pipeline on the bundled demo corpus and models; writes OUT/report.md "
+               "(see README: make demo).")
+
+
+@main.command("demo-assets")
+@click.option("--out", default="data/demo", show_default=True, type=click.Path(file_okay=False),
+              help="where the packed models go")
+@click.option("--work", default="runs/demo-assets", show_default=True, type=click.Path(file_okay=False),
+              help="scratch folder (corpus, full models, validation results)")
+@click.option("--seed", default=0, show_default=True, type=int)
+def demo_assets(out: str, work: str, seed: int) -> None:
+    """Train the demo's student and teacher from scratch and pack them (about 15 minutes on 2 CPU cores)."""
+    from .demo.models import build_assets
+
+    build_assets(Path(out), Path(work), seed=seed)
+
 
 @main.command("status")
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="run directory")

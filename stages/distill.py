@@ -59,6 +59,8 @@ class DistillConfig:
     seed: int = option(0, "seed for initialisation, shuffling and positive choice")
     shuffle_buffer: int = option(10000, "rows in the streaming shuffle buffer")
     max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
+    out: Optional[str] = runtime(None, "output folder (default RUN/distill); several students can share one "
+                                       "teacher cache")
     save_every: int = runtime(500, "save a resumable checkpoint every N optimizer steps (and at the end)")
     num_workers: int = runtime(0, "DataLoader workers that load images")
     image_cache_mb: float = runtime(512, "processed images kept per loader worker (LRU), in MB")
@@ -146,7 +148,7 @@ def run(cfg: DistillConfig) -> Path:
     log("[distill] resolved config:\n" + cfgmod.render(cfg))
     identity = {"stage": "distill", "config": cfgmod.fingerprinted(cfg), "upstream": teacher["fingerprint"],
                 "student": model_identity(student), "world_size": dist.world_size}
-    out = run_dir / "distill"
+    out = Path(cfg.out) if cfg.out else run_dir / "distill"
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log)
     if not writer.begin():
         return out

@@ -1,0 +1,260 @@
+"""The demo's own student (tiny CLIP) and teacher (tiny BLIP ITM), trained from scratch on the demo corpus.
+
+`make demo-assets` runs `build_assets`: train both on the `pretrain` split, choose the teacher's ITC weight on
+a validation split, and pack each model into one small safetensors file under data/demo/. Packing keeps
+fp16 weights and only the word-embedding rows of tokens the demo's captions use (the BERT vocabulary has
+30,522 rows; the captions use a few dozen), so each file is a few MB; `unpack` rebuilds a normal
+Hugging Face folder (config, weights, tokenizer, image processor) that the pipeline loads like any other.
+Training is deterministic for a seed, torch version and thread count, so the command reproduces the files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..losses import itc_loss
+from ..models import load_image
+from ..tiny_models import bert_tokenizer_dir, save_tiny_blip, save_tiny_clip
+
+HIDDEN, LAYERS, HEADS = 128, 4, 4
+
+
+def new_student(path: Path, seed: int) -> Path:
+    return save_tiny_clip(path, seed=seed, hidden=HIDDEN, layers=LAYERS, heads=HEADS, projection_dim=128,
+                          max_positions=16)
+
+
+def new_teacher(path: Path, seed: int) -> Path:
+    return save_tiny_blip(path, seed=seed, hidden=HIDDEN, layers=LAYERS, heads=HEADS, projection_dim=128)
+
+
+# ---------------------------------------------------------------- data in memory
+def load_split(ann: Path, processor, tokenizer, max_length: int = 16):
+    """Pixels [N,3,H,W], caption tokens [N,5,L] (+ mask), combination ids [N] of an annotation file."""
+    records = json.loads(Path(ann).read_text())
+    pixels = processor(images=[load_image(str(Path(ann).parent / r["image"])) for r in records],
+                       return_tensors="pt")["pixel_values"]
+    flat = [c for r in records for c in r["caption"]]
+    tok = tokenizer(flat, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    n = len(records)
+    return (pixels, tok["input_ids"].view(n, 5, -1), tok["attention_mask"].view(n, 5, -1),
+            torch.tensor([r["combination"] for r in records]))
+
+
+def _cosine_lr(opt, base: float, step: int, total: int, warmup: int) -> None:
+    lr = base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def _batches(n: int, batch: int, steps: int, gen: torch.Generator):
+    for _ in range(steps):
+        yield torch.randint(0, n, (batch,), generator=gen)
+
+
+# ---------------------------------------------------------------- student
+def train_student(model_dir: Path, ann: Path, steps: int, seed: int, log: Callable = print, batch: int = 128,
+                  lr: float = 1e-3) -> None:
+    """Contrastive training with soft targets: two items of the same combination are not negatives."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    torch.manual_seed(seed)
+    model = CLIPModel.from_pretrained(model_dir).train()
+    px, ids, att, combo = load_split(ann, AutoImageProcessor.from_pretrained(model_dir),
+                                     AutoTokenizer.from_pretrained(model_dir))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step, idx in enumerate(_batches(len(px), batch, steps, gen)):
+        _cosine_lr(opt, lr, step, steps, 50)
+        cap = torch.randint(0, 5, (batch,), generator=gen)
+        img = model.get_image_features(pixel_values=px[idx]).pooler_output
+        txt = model.get_text_features(input_ids=ids[idx, cap], attention_mask=att[idx, cap]).pooler_output
+        same = combo[idx][:, None] == combo[idx][None, :]
+        loss = itc_loss(img, txt, model.logit_scale.exp().clamp(max=100), same)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"[student] step {step + 1}/{steps} itc {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    model.save_pretrained(model_dir)
+
+
+# ---------------------------------------------------------------- teacher
+def _blip_itc(model, px, ids, att):
+    vis = model.vision_model(pixel_values=px).last_hidden_state            # [B, P, H]
+    txt = model.text_encoder(input_ids=ids, attention_mask=att).last_hidden_state
+    img_f = F.normalize(model.vision_proj(vis[:, 0]), dim=-1)
+    txt_f = F.normalize(model.text_proj(txt[:, 0]), dim=-1)
+    return vis, img_f, txt_f
+
+
+def _itm(model, vis, ids, att):
+    """Match log-odds [B] for B (image state, caption) pairs."""
+    atts = torch.ones(vis.shape[:-1], dtype=torch.long)
+    h = model.text_encoder(input_ids=ids, attention_mask=att, encoder_hidden_states=vis,
+                           encoder_attention_mask=atts).last_hidden_state
+    logits = model.itm_head(h[:, 0])
+    return logits[:, 1] - logits[:, 0]
+
+
+def train_teacher(model_dir: Path, ann: Path, itc_steps: int, itm_steps: int, seed: int, log: Callable = print,
+                  batch: int = 96, lr: float = 1e-3, temperature: float = 0.07) -> None:
+    """Two stages (only this made a from-scratch ITM head learn): ITC alone, then ITC + ITM + ranking.
+
+    Stage two pairs each image with its caption and with one hard negative caption, and each caption with
+    one hard negative image, the negatives drawn from the ITC similarities (never the same combination).
+    ITM is trained as binary match/no-match; the ranking term asks each positive's log-odds to beat its
+    negative's (softmax over the two).
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval
+
+    torch.manual_seed(seed)
+    model = BlipForImageTextRetrieval.from_pretrained(model_dir).train()
+    px, ids, att, combo = load_split(ann, AutoImageProcessor.from_pretrained(model_dir),
+                                     AutoTokenizer.from_pretrained(model_dir))
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for stage, steps, stage_lr in (("itc", itc_steps, lr), ("itc+itm", itm_steps, lr / 2)):
+        opt = torch.optim.AdamW(model.parameters(), lr=stage_lr, weight_decay=0.05)
+        for step, idx in enumerate(_batches(len(px), batch, steps, gen)):
+            _cosine_lr(opt, stage_lr, step, steps, 50)
+            cap = torch.randint(0, 5, (batch,), generator=gen)
+            b_ids, b_att = ids[idx, cap], att[idx, cap]
+            vis, img_f, txt_f = _blip_itc(model, px[idx], b_ids, b_att)
+            same = combo[idx][:, None] == combo[idx][None, :]
+            sims = img_f @ txt_f.T
+            loss = itc_loss(img_f, txt_f, 1 / temperature, same)
+            terms = {"itc": loss.item()}
+            if stage == "itc+itm":
+                with torch.no_grad():  # hard negatives: sampled by ITC similarity among other combinations
+                    w = torch.softmax(sims / temperature, dim=1).masked_fill(same, 0) + 1e-9
+                    neg_txt = torch.multinomial(w, 1, generator=gen).squeeze(1)
+                    w = torch.softmax(sims.T / temperature, dim=1).masked_fill(same.T, 0) + 1e-9
+                    neg_img = torch.multinomial(w, 1, generator=gen).squeeze(1)
+                pos = _itm(model, vis, b_ids, b_att)
+                neg_t = _itm(model, vis, b_ids[neg_txt], b_att[neg_txt])
+                neg_i = _itm(model, vis[neg_img], b_ids, b_att)
+                scores = torch.cat([pos, neg_t, neg_i])
+                labels = torch.cat([torch.ones_like(pos), torch.zeros_like(neg_t), torch.zeros_like(neg_i)])
+                itm = F.binary_cross_entropy_with_logits(scores, labels)
+                rank = (F.softplus(neg_t - pos) + F.softplus(neg_i - pos)).mean() / 2
+                loss = loss + itm + rank
+                terms.update(itm=itm.item(), rank=rank.item())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 100 == 0 or step == steps - 1:
+                shown = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+                log(f"[teacher] {stage} step {step + 1}/{steps} {shown} ({time.time() - t0:.0f}s)")
+    model.save_pretrained(model_dir)
+
+
+# ---------------------------------------------------------------- packing
+def demo_token_ids(captions: list[str]) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bert_tokenizer_dir())
+    ids = set(tok.all_special_ids)
+    for c in captions:
+        ids.update(tok(c)["input_ids"])
+    return sorted(ids)
+
+
+def pack(model_dir: Path, out: Path, kind: str, token_ids: list[int], metadata: dict) -> None:
+    """One fp16 safetensors file: every tensor, word embeddings cut to `token_ids`; config in the metadata."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(Path(model_dir) / "model.safetensors")
+    keep = torch.tensor(token_ids)
+    packed = {}
+    for name, t in state.items():
+        if name.endswith("word_embeddings.weight") or name.endswith("token_embedding.weight"):
+            t = t[keep]
+        packed[name] = t.to(torch.float16).contiguous()
+    packed["__token_ids__"] = keep.to(torch.int32)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    save_file(packed, str(out), metadata={"kind": kind, "config": json.dumps(config), **{k: json.dumps(v) for k, v in metadata.items()}})
+
+
+def unpack(asset: Path, out: Path) -> dict:
+    """Rebuild a Hugging Face model folder from a packed asset; returns the asset's metadata."""
+    from safetensors import safe_open
+    from transformers import (AutoTokenizer, BlipForImageTextRetrieval, BlipImageProcessor, CLIPImageProcessor,
+                              CLIPModel)
+    from transformers import BlipConfig, CLIPConfig
+
+    with safe_open(str(asset), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    kind, config = meta["kind"], json.loads(meta["config"])
+    keep = tensors.pop("__token_ids__").long()
+    if kind == "student":
+        model = CLIPModel(CLIPConfig.from_dict(config))
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    else:
+        model = BlipForImageTextRetrieval(BlipConfig.from_dict(config))
+        processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    state = model.state_dict()
+    for name, t in tensors.items():
+        t = t.float()
+        if name.endswith("word_embeddings.weight") or name.endswith("token_embedding.weight"):
+            full = torch.zeros_like(state[name])
+            full[keep] = t
+            t = full
+        state[name] = t
+    model.load_state_dict(state)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(bert_tokenizer_dir()).save_pretrained(out)
+    processor.save_pretrained(out)
+    return {k: json.loads(v) for k, v in meta.items() if k not in ("kind", "config")}
+
+
+# ---------------------------------------------------------------- the whole recipe
+ITC_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+def build_assets(out: Path, work: Path, seed: int = 0, student_steps: int = 800, itc_steps: int = 600,
+                 itm_steps: int = 1000, log: Callable = print) -> dict:
+    """Generate the pretrain/val splits, train student and teacher, pick the ITC weight on val, pack both."""
+    from ..config import resolve
+    from .corpus import DemoCorpusSpec, combinations, captions, generate
+    from stages import evaluate
+
+    torch.set_num_threads(2)
+    spec = DemoCorpusSpec(seed=seed)
+    data = generate(spec, work / "data", splits=("pretrain", "val"))
+    student, teacher = new_student(work / "student", seed), new_teacher(work / "teacher", seed)
+    train_student(student, data["pretrain"], student_steps, seed, log)
+    train_teacher(teacher, data["pretrain"], itc_steps, itm_steps, seed, log)
+
+    def val(**kw) -> dict:
+        cfg = resolve(evaluate.EvalConfig, None, dict(data=str(data["val"]), model=str(student), device="cpu",
+                                                      out=str(work / "eval"), **kw))
+        return evaluate.run(cfg)
+
+    results = {"student": val()}
+    for w in ITC_WEIGHTS:
+        m = val(rerank_teacher=str(teacher), rerank_score="itm+itc" if w else "itm", itc_weight=w or 1.0)
+        results[f"itm+{w:g}itc"] = m["rerank"]
+        log(f"[assets] val rerank itc_weight {w:g}: RSUM {m['rerank']['rsum']:.1f} "
+            f"(student {results['student']['rsum']:.1f})")
+    best = max(ITC_WEIGHTS, key=lambda w: results[f"itm+{w:g}itc"]["rsum"])
+    meta = {"seed": seed, "student_steps": student_steps, "itc_steps": itc_steps, "itm_steps": itm_steps,
+            "itc_weight": best, "torch": torch.__version__,
+            "val_rsum": {k: v["rsum"] for k, v in results.items()}}
+    tokens = demo_token_ids([c for combo in combinations() for c in captions(combo)])
+    out.mkdir(parents=True, exist_ok=True)
+    pack(student, out / "student.safetensors", "student", tokens, meta)
+    pack(teacher, out / "teacher.safetensors", "teacher", tokens, meta)
+    (out / "assets.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log(f"[assets] itc_weight {best:g}; wrote {out}")
+    return meta

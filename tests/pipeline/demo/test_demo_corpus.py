@@ -1,0 +1,42 @@
+import json
+
+from pipeline.demo.corpus import (DemoCorpusSpec, captions, combinations, generate, split_combinations)
+
+
+def test_generation_is_deterministic(tmp_path):
+    spec = DemoCorpusSpec(seed=3, train_images=30)
+    a, b = generate(spec, tmp_path / "a"), generate(spec, tmp_path / "b")
+    for split in ("train", "test"):
+        assert a[split].read_text() == b[split].read_text()
+        for rec in json.loads(a[split].read_text()):
+            assert (tmp_path / "a" / rec["image"]).read_bytes() == (tmp_path / "b" / rec["image"]).read_bytes()
+    other = generate(DemoCorpusSpec(seed=4, train_images=30), tmp_path / "c")
+    assert other["train"].read_text() != a["train"].read_text()
+
+
+def test_splits_are_clean(tmp_path):
+    spec = DemoCorpusSpec(seed=0, train_images=400, pretrain_images=400)
+    seen, held = split_combinations(spec)
+    assert len(held) == 40 and len(seen) == 224 and not set(seen) & set(held)
+    paths = generate(spec, tmp_path, splits=("pretrain", "train", "test", "val"))
+    for split in ("pretrain", "train"):
+        used = {r["combination"] for r in json.loads(paths[split].read_text())}
+        assert not used & set(held), f"{split} leaks held-out combinations"
+    for split in ("test", "val"):
+        recs = json.loads(paths[split].read_text())
+        assert sorted(r["combination"] for r in recs) == list(range(264))  # every combination exactly once
+    # test and val draw different images of the same combinations
+    t, v = (json.loads(paths[s].read_text()) for s in ("test", "val"))
+    assert (tmp_path / t[0]["image"]).read_bytes() != (tmp_path / v[0]["image"]).read_bytes()
+
+
+def test_captions_bind_attributes_and_relations():
+    combos = combinations()
+    assert len(combos) == 264
+    all_caps = [c for combo in combos for c in captions(combo)]
+    assert len(set(all_caps)) == len(all_caps)  # no caption is shared by two combinations
+    a_left = captions((0, 4, "horizontal"))  # red circle, green square
+    assert a_left[0] == "a red circle left of a green square" and a_left[1] == "a green square right of a red circle"
+    swapped = captions((4, 0, "horizontal"))
+    assert swapped[0] == "a green square left of a red circle"  # same words, other binding: a hard negative
+    assert all(len(captions(c)) == 5 for c in combos)
