@@ -219,16 +219,22 @@ class StageWriter:
     # -- start
     def begin(self) -> bool:
         """Lock, check the existing output, write the manifest. False if complete and up to date."""
-        decision = "work"
+        error: BaseException | None = None
         if self.dist.is_main:
-            self._lock.acquire()
             try:
-                decision = self._prepare()
-            except BaseException:
-                self._lock.release()
-                raise
+                self._lock.acquire()
+                try:
+                    self._prepare()
+                except BaseException:
+                    self._lock.release()
+                    raise
+            except BaseException as e:  # other ranks must hear of it, not wait at a barrier
+                error = e
+        if not self.dist.all_true(error is None):  # also the barrier
+            if error is not None:
+                raise error
+            raise PipelineError(f"{self.dir}: the main process could not start this stage (see its error)")
         # Every rank learns the outcome from the files rank 0 left: _SUCCESS stays only when up to date.
-        self.dist.barrier()
         up_to_date = (self.dir / SUCCESS).exists()
         if up_to_date and self.dist.is_main:
             self._lock.release()
@@ -274,8 +280,11 @@ class StageWriter:
         return "work"
 
     def _has_finished_work(self) -> bool:
+        """Anything beyond a manifest, the lock and an empty record folder (shards, checkpoints, logs)."""
         records = self.dir / RECORDS
-        return (self.dir / SUCCESS).exists() or (records.is_dir() and any(records.iterdir()))
+        if records.is_dir() and any(records.iterdir()):
+            return True
+        return any(p.name not in {MANIFEST, LOCK, RECORDS} for p in self.dir.iterdir())
 
     def _wipe(self) -> None:
         if not self.dir.exists():

@@ -119,8 +119,8 @@ class _Builder:
         self.bytes_dir.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha1(data).hexdigest()[:16]
         path = self.bytes_dir / f"{digest}.img"
-        if not path.exists():
-            tmp = path.with_suffix(".tmp")
+        if not path.exists():  # content-addressed: concurrent writers write the same bytes
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_bytes(data)
             os.replace(tmp, path)
         if image_id in self.images:

@@ -146,7 +146,7 @@ class DistillBatches(torch.utils.data.IterableDataset):
         if missing:
             pixels = self.image_processor(images=[load_image(self.corpus.image_paths[r]) for r in missing],
                                           return_tensors="pt")["pixel_values"]
-            fresh = dict(zip(missing, pixels))
+            fresh = dict(zip(missing, pixels.clone().unbind(0)))  # own storage: a cached view would pin the batch
         out = torch.stack([self._cache[r] if r in self._cache else fresh[r] for r in rows])
         for r in rows:
             if r in self._cache:

@@ -75,6 +75,8 @@ class StudentTowers(torch.nn.Module):
         super().__init__()
         self.model = encoder.model
         self._encoder = [encoder]  # a list: not registered as a submodule
+        if isinstance(getattr(self.model, "logit_bias", None), torch.nn.Parameter):
+            self.model.logit_bias.requires_grad_(False)  # SigLIP's bias: unused by these losses (DDP needs all used)
 
     def forward(self, pixel_values, input_ids, attention_mask):
         enc = self._encoder[0]  # shares self.model; only its tokenizer-free feature helpers are used

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline import config as cfgmod
-from pipeline.artifacts import atomic_write_json
+from pipeline.artifacts import atomic_write_json, require_complete
 from pipeline.config import option, runtime
 from pipeline.corpus import FORMATS, Corpus, read_corpus
 from pipeline.dist import init, resolve_device
@@ -96,15 +96,17 @@ def run(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device, dist)
     if not cfg.data or not (cfg.run or (cfg.model and cfg.out)):
         raise PipelineError("evaluate needs --data and --run (or --model and --out)")
-    model = cfg.model or str(Path(cfg.run) / "distill" / "final")
-    if not Path(model).exists() and Path(cfg.run or ".", "distill").exists() and not cfg.model:
-        raise PipelineError(f"{model}: no trained student yet; finish `cprd-pipeline distill --run {cfg.run}` "
-                            "or pass --model")
+    model = cfg.model
+    if model is None:  # the run's distilled student, only once distill has finished
+        require_complete(Path(cfg.run) / "distill", "distill",
+                         f"finish `cprd-pipeline distill --run {cfg.run}` or pass --model")
+        model = str(Path(cfg.run) / "distill" / "final")
     if cfg.k_test < max(KS) and cfg.rerank_teacher:
         log(f"[eval] note: --k-test {cfg.k_test} < {max(KS)}: R@{max(KS)} mixes re-ranked and student order")
     log("[eval] resolved config:\n" + cfgmod.render(cfg))
+    out = Path(cfg.out) if cfg.out else Path(cfg.run) / "eval"
     corpus = read_corpus(cfg.data, cfg.format, cfg.image_root, cfg.split, cfg.image_column, cfg.caption_column,
-                         cfg.id_column, log=log)
+                         cfg.id_column, bytes_dir=Path(cfg.run or out) / "images", log=log)
     encoder = DualEncoder(model, device=device)
     img = encoder.encode_images(corpus.image_paths, cfg.batch_size, cfg.num_workers, progress=dist.is_main)
     txt = encoder.encode_texts(corpus.texts, 4 * cfg.batch_size, progress=dist.is_main)
@@ -120,7 +122,6 @@ def run(cfg: EvalConfig) -> dict:
         r_i2t, r_t2i = rerank(corpus, teacher, i2t_rows, t2i_rows, cfg.k_test, weight, dist.is_main)
         metrics["rerank"] = {**retrieval_metrics(r_i2t, r_t2i, image_texts, text_image),
                              "teacher": cfg.rerank_teacher, "k_test": cfg.k_test, "score": cfg.rerank_score}
-    out = Path(cfg.out) if cfg.out else Path(cfg.run) / "eval"
     if dist.is_main:
         atomic_write_json(out / "metrics.json", metrics)
         (out / "report.md").write_text(report(metrics))

@@ -133,7 +133,7 @@ def run(cfg: MineConfig) -> Path:
     out = run_dir / "mine"
 
     corpus = read_corpus(cfg.data, cfg.format, cfg.image_root, cfg.split, cfg.image_column,
-                         cfg.caption_column, cfg.id_column, bytes_dir=out / "corpus" / "images", log=log)
+                         cfg.caption_column, cfg.id_column, bytes_dir=run_dir / "images", log=log)
     _check_k(cfg, corpus, dirs)
     corpus_hash = corpus.content_hash()
     student_id = model_identity(cfg.student, cfg.revision)

@@ -109,10 +109,11 @@ def train_teacher(model_dir: Path, ann: Path, itc_steps: int, itm_steps: int, se
                   batch: int = 96, lr: float = 1e-3, temperature: float = 0.07) -> None:
     """Two stages (only this made a from-scratch ITM head learn): ITC alone, then ITC + ITM + ranking.
 
-    Stage two pairs each image with its caption and with one hard negative caption, and each caption with
-    one hard negative image, the negatives drawn from the ITC similarities (never the same combination).
-    ITM is trained as binary match/no-match; the ranking term asks each positive's log-odds to beat its
-    negative's (softmax over the two).
+    Stage two pairs each image with its caption, one hard negative caption (drawn from the ITC similarities)
+    and one random negative caption, and each caption likewise with a hard and a random negative image;
+    negatives never share the combination. A head trained from scratch on hard negatives alone barely leaves
+    chance; the random ones give it an easy signal to start from. ITM is trained as binary match/no-match;
+    the ranking term asks each positive's log-odds to beat its negatives'.
     """
     from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval
 
@@ -122,7 +123,7 @@ def train_teacher(model_dir: Path, ann: Path, itc_steps: int, itm_steps: int, se
                                      AutoTokenizer.from_pretrained(model_dir))
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
-    for stage, steps, stage_lr in (("itc", itc_steps, lr), ("itc+itm", itm_steps, lr / 2)):
+    for stage, steps, stage_lr in (("itc", itc_steps, lr), ("itc+itm", itm_steps, lr)):
         opt = torch.optim.AdamW(model.parameters(), lr=stage_lr, weight_decay=0.05)
         for step, idx in enumerate(_batches(len(px), batch, steps, gen)):
             _cosine_lr(opt, stage_lr, step, steps, 50)
@@ -139,13 +140,16 @@ def train_teacher(model_dir: Path, ann: Path, itc_steps: int, itm_steps: int, se
                     neg_txt = torch.multinomial(w, 1, generator=gen).squeeze(1)
                     w = torch.softmax(sims.T / temperature, dim=1).masked_fill(same.T, 0) + 1e-9
                     neg_img = torch.multinomial(w, 1, generator=gen).squeeze(1)
+                    other = (~same).float()
+                    rnd_txt = torch.multinomial(other, 1, generator=gen).squeeze(1)
+                    rnd_img = torch.multinomial(other.T, 1, generator=gen).squeeze(1)
                 pos = _itm(model, vis, b_ids, b_att)
-                neg_t = _itm(model, vis, b_ids[neg_txt], b_att[neg_txt])
-                neg_i = _itm(model, vis[neg_img], b_ids, b_att)
-                scores = torch.cat([pos, neg_t, neg_i])
-                labels = torch.cat([torch.ones_like(pos), torch.zeros_like(neg_t), torch.zeros_like(neg_i)])
+                negs = [_itm(model, vis, b_ids[neg_txt], b_att[neg_txt]), _itm(model, vis[neg_img], b_ids, b_att),
+                        _itm(model, vis, b_ids[rnd_txt], b_att[rnd_txt]), _itm(model, vis[rnd_img], b_ids, b_att)]
+                scores = torch.cat([pos, *negs])
+                labels = torch.cat([torch.ones_like(pos)] + [torch.zeros_like(n) for n in negs])
                 itm = F.binary_cross_entropy_with_logits(scores, labels)
-                rank = (F.softplus(neg_t - pos) + F.softplus(neg_i - pos)).mean() / 2
+                rank = sum(F.softplus(n - pos).mean() for n in negs[:2]) / 2  # order against the hard ones
                 loss = loss + itm + rank
                 terms.update(itm=itm.item(), rank=rank.item())
             opt.zero_grad()
@@ -222,8 +226,8 @@ def unpack(asset: Path, out: Path) -> dict:
 ITC_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
-def build_assets(out: Path, work: Path, seed: int = 0, student_steps: int = 800, itc_steps: int = 600,
-                 itm_steps: int = 1000, log: Callable = print) -> dict:
+def build_assets(out: Path, work: Path, seed: int = 0, student_steps: int = 1200, itc_steps: int = 600,
+                 itm_steps: int = 2000, log: Callable = print) -> dict:
     """Generate the pretrain/val splits, train student and teacher, pick the ITC weight on val, pack both."""
     from ..config import resolve
     from .corpus import DemoCorpusSpec, combinations, captions, generate

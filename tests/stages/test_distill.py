@@ -131,3 +131,12 @@ def test_teacher_from_a_different_corpus(run, tiny_clip, tmp_path):
 def test_teacher_missing(run):
     shutil.rmtree(run / "teacher")
     assert "no score-teacher output here" in _error(distill(run, expect=None))
+
+
+def test_changed_settings_never_discard_checkpoints(run):
+    proc = cli_subprocess("distill", "--run", run, *FAST, "--max-steps", "4", "--save-every", "2",
+                          env={"CPRD_KILL_AT_STEP": "3"})
+    assert proc.returncode == -signal.SIGKILL
+    line = _error(distill(run, "--max-steps", "4", "--lr", "1e-4", expect=None))
+    assert "made with different settings" in line and "lr" in line
+    assert (run / "distill" / "checkpoints" / "latest.json").exists()

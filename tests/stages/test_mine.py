@@ -212,3 +212,26 @@ def test_model_folder_without_processor(tmp_path, corpus_file, tiny_clip, drop, 
         (model / name).unlink(missing_ok=True)
     run = tmp_path / "run"
     _assert_clean_error(mine(run, corpus_file, model, expect=None), pattern, run)
+
+
+def test_hf_dataset_with_embedded_image_bytes(tmp_path, tiny_clip):
+    """Images stored inside the dataset are extracted once, outside the stage, and survive --force."""
+    import datasets
+    from conftest import captions, write_images
+
+    names = write_images(tmp_path / "src", 12)
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": (tmp_path / "src" / n).read_bytes(), "path": None}
+                                               for n in names],
+                                     "text": [captions(i, 2) for i in range(12)]}).cast_column("image", datasets.Image())
+    (tmp_path / "hf").mkdir()
+    ds.to_parquet(str(tmp_path / "hf" / "train.parquet"))
+    import shutil
+    shutil.rmtree(tmp_path / "src")  # only the bytes inside the dataset remain
+    run = tmp_path / "run"
+    argv = ("mine", "--run", run, "--data", tmp_path / "hf", "--student", tiny_clip, "--k", "4")
+    cli(*argv)
+    images = pq.read_table(run / "mine" / "corpus" / "images.parquet").to_pydict()
+    assert len(images["path"]) == 12 and all(Path(p).is_file() and str(run / "images") in p for p in images["path"])
+    assert "up to date" in cli(*argv).output
+    cli("mine", "--run", run, "--data", tmp_path / "hf", "--student", tiny_clip, "--k", "3", "--force")
+    assert all(len(r["candidate_ids"]) == 3 for r in candidates(run))
