@@ -240,7 +240,7 @@ class StageWriter:
             self._lock.release()
         return not up_to_date
 
-    def _prepare(self) -> str:
+    def _prepare(self) -> None:
         old = read_json(self.dir / MANIFEST)
         if old is None:
             leftovers = [p.name for p in self.dir.iterdir() if p.name not in self.keep] if self.dir.exists() else []
@@ -270,14 +270,13 @@ class StageWriter:
                 bad = [rel for rel in expected if not _record_ok(self.dir, rel)]
                 if not bad:
                     self.log(f"[{self.dir.name}] up to date (fingerprint {self.fingerprint[:12]}); nothing to do")
-                    return "up-to-date"
+                    return
                 self.log(f"[{self.dir.name}] {len(bad)} shard(s) missing or failing their checksum; redoing them")
                 (self.dir / SUCCESS).unlink()
             else:
                 self.log(f"[{self.dir.name}] resuming an incomplete run (fingerprint {self.fingerprint[:12]})")
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_manifest(status="running", shards=None)
-        return "work"
 
     def _has_finished_work(self) -> bool:
         """Anything beyond a manifest, the lock and an empty record folder (shards, checkpoints, logs)."""

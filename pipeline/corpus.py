@@ -10,12 +10,11 @@ lists), `karpathy` (dataset_flickr30k.json / dataset_coco.json, filtered by spli
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa

@@ -17,7 +17,6 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import yaml
@@ -72,13 +71,12 @@ def _prepare_models(assets: Path, out: Path, log) -> tuple[Path, Path, dict]:
     if not (assets / "student.safetensors").exists():
         raise PipelineError(f"{assets}: no demo models (student.safetensors, teacher.safetensors); "
                             "build them with `make demo-assets`")
-    meta = {}
     for kind in ("student", "teacher"):
         asset, folder = assets / f"{kind}.safetensors", out / "models" / kind
         marker = folder / "asset.sha256"
         if not marker.exists() or marker.read_text() != _digest(asset):
             log(f"[demo] unpacking {asset}")
-            meta = unpack(asset, folder)
+            unpack(asset, folder)
             marker.write_text(_digest(asset))
     return out / "models" / "student", out / "models" / "teacher", json.loads((assets / "assets.json").read_text())
 

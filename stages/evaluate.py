@@ -9,7 +9,6 @@ RUN/eval/ (or --out): metrics.json  {"i2t": {"R@1", "R@5", "R@10"}, "t2i": {...}
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional

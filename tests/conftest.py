@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
-from pipeline.tiny_models import bert_tokenizer_dir, save_tiny_blip, save_tiny_clip, save_tiny_vilt  # noqa: E402
+from pipeline.tiny_models import save_tiny_blip, save_tiny_clip, save_tiny_vilt  # noqa: E402
 
 
 @pytest.fixture(scope="session")

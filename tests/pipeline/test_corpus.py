@@ -2,7 +2,6 @@ import json
 import os
 
 import pytest
-from PIL import Image
 
 from conftest import write_albef_corpus, write_images
 from pipeline.corpus import detect_format, read_corpus

@@ -24,7 +24,7 @@ def brute_recall(img, txt, image_of_text):
 
 def test_recall_equals_brute_force(tmp_path, tiny_clip):
     ann = write_albef_corpus(tmp_path / "test", n_images=30)
-    r = cli("evaluate", "--data", ann, "--model", tiny_clip, "--out", tmp_path / "eval")
+    cli("evaluate", "--data", ann, "--model", tiny_clip, "--out", tmp_path / "eval")
     got = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     enc = DualEncoder(str(tiny_clip))
     records = json.loads(ann.read_text())
@@ -43,7 +43,6 @@ def test_recall_equals_brute_force(tmp_path, tiny_clip):
 
 def test_rerank_reorders_only_the_top_k_by_teacher_score(tmp_path, tiny_clip, tiny_blip, monkeypatch):
     """With a teacher that knows the answer, re-ranking the top k puts every positive found there first."""
-    from pipeline import teachers
     ann = write_albef_corpus(tmp_path / "test", n_images=30)
 
     def scoring(teacher, corpus, img_rows, txt_rows, *a, **kw):

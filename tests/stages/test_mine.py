@@ -1,6 +1,5 @@
 """The mine stage through its CLI: equivalence with brute force, the artifact contract, bad input."""
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -8,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
-from conftest import cli, cli_subprocess, write_albef_corpus
+from conftest import cli, cli_subprocess
 from pipeline.artifacts import SUCCESS, StageLock
 
 ARGS = ("--k", "6", "--shard-size", "7")

@@ -1,5 +1,4 @@
 """Plain-loop references, written from the formulas in DESIGN.md, independent of the vectorised code."""
-import math
 
 import torch
 
