@@ -22,7 +22,7 @@ test: install
 demo: install
 	$(VENV)/bin/cprd-pipeline demo --out runs/demo
 
-# Rebuild the demo's packed student and teacher (data/demo/) from scratch: about 15 minutes on 2 cores.
+# Rebuild the demo's packed student and teacher (data/demo/) from scratch: about 35 minutes on 2 cores.
 demo-assets: install
 	$(VENV)/bin/cprd-pipeline demo-assets --out data/demo --work runs/demo-assets
 

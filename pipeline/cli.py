@@ -112,7 +112,7 @@ _stage_command("demo", "stages.demo", "DemoConfig",
               help="scratch folder (corpus, full models, validation results)")
 @click.option("--seed", default=0, show_default=True, type=int)
 def demo_assets(out: str, work: str, seed: int) -> None:
-    """Train the demo's student and teacher from scratch and pack them (about 15 minutes on 2 CPU cores)."""
+    """Train the demo's student and teacher from scratch and pack them (about 35 minutes on 2 CPU cores)."""
     from .demo.models import build_assets
 
     build_assets(Path(out), Path(work), seed=seed)

@@ -147,12 +147,19 @@ def run(cfg: DemoConfig) -> dict:
             ("teacher re-rank, ITM + ITC (top 16)", [base["rerank"]], "-"),
             ("teacher re-rank, ITM only (top 16)", [itm_rerank], "-")]
     rows += [(label, ms, str(len(ms))) for label, ms in results.items()]
+    meta = {**meta, "student": _describe(student), "teacher": _describe(teacher)}
     report = _report(rows, meta, recipe, cfg, time.time() - t_start)
     (out / "report.md").write_text(report)
     atomic_write_json(out / "report.json", {label: ms for label, ms, _ in rows})
     _plot(out, run_main, rows)
     log("\n" + report)
     return {label: ms for label, ms, _ in rows}
+
+
+def _describe(model: Path) -> str:
+    """'2 layers, width 64' from a saved model's config (its text tower; the vision tower matches)."""
+    text = json.loads((model / "config.json").read_text())["text_config"]
+    return f"{text['num_hidden_layers']} layers, width {text['hidden_size']}"
 
 
 def _cell(values: list[float]) -> str:
@@ -173,9 +180,10 @@ def _report(rows, meta: dict, recipe: dict, cfg: DemoConfig, seconds: float) -> 
         f"{'**Quick mode**: a small corpus and a few steps; the numbers only show that every path runs.' if cfg.quick else ''}\n\n"
         f"{'**The teacher does not beat the student here** (--allow-weak-teacher): distilling it is not expected to help.' if rows[1][1][0]['rsum'] <= rows[0][1][0]['rsum'] else ''}\n\n"
         "Test split: one image of each of the 264 shape combinations (40 never seen in training), 5 captions "
-        "each; Recall@K in percent, mean ± standard deviation over seeds. The student is the demo's tiny CLIP, "
-        f"the teacher its tiny BLIP, scored as ITM log-odds + {meta['itc_weight']:g} x ITC cosine (the weight "
-        "chosen on a separate validation split). Distilled students start from the same student and train "
+        "each; Recall@K in percent, mean ± standard deviation over seeds. The student is the demo's tiny CLIP "
+        f"({meta['student']}, pre-trained on {meta['student_images']:,} images), the teacher its tiny BLIP "
+        f"({meta['teacher']} per tower, on {meta['teacher_images']:,} images), scored as ITM log-odds + "
+        f"{meta['itc_weight']:g} x ITC cosine (the weight chosen on a separate validation split). Distilled students start from the same student and train "
         f"{recipe['distill'].get('epochs', 1)} epoch(s) on the teacher cache with itc + "
         f"{recipe['distill']['distill_weight']} x the distillation loss.\n\n"
         + head + body +

@@ -37,7 +37,8 @@ SIZE = 32
 class DemoCorpusSpec:
     seed: int = 0
     held_out: int = 40          # combinations kept out of training
-    pretrain_images: int = 6000  # for training the demo's own student and teacher (make demo-assets)
+    pretrain_images: int = 30000  # for training the demo's own teacher (make demo-assets)
+    student_images: int = 6000    # the first ones of them train the demo's own student
     train_images: int = 2000    # the pipeline's training split (mine -> score-teacher -> distill)
     noise: float = 6.0
 
@@ -50,6 +51,19 @@ def split_combinations(spec: DemoCorpusSpec) -> tuple[list[int], list[int]]:
     """(seen, held_out) indices into combinations()."""
     order = np.random.default_rng(spec.seed).permutation(len(combinations()))
     return sorted(order[spec.held_out:].tolist()), sorted(order[: spec.held_out].tolist())
+
+
+def confusable(c: int) -> list[int]:
+    """Combinations one minimal edit away from combination `c`: its two objects swapped, its axis flipped, or
+    their colours or their shapes exchanged. Captions of these differ from c's only in what binds to what."""
+    combos = combinations()
+    index = {combo: i for i, combo in enumerate(combos)}
+    a, b, axis = combos[c]
+    (ca, sa), (cb, sb) = TYPES[a], TYPES[b]
+    t = {ty: i for i, ty in enumerate(TYPES)}
+    edits = [(b, a, axis), (a, b, AXES[1 - AXES.index(axis)]),
+             (t[(cb, sa)], t[(ca, sb)], axis), (t[(ca, sb)], t[(cb, sa)], axis)]
+    return sorted({index[e] for e in edits if e[0] != e[1] and index[e] != c})
 
 
 def _name(t: int) -> str:

@@ -29,3 +29,28 @@ def test_quick_demo_runs_every_path_and_enforces_the_teacher_check(tmp_path):
     else:
         assert again.exit_code == 0
     assert again.output.count("up to date") >= 3  # mine and both teacher caches are re-used
+
+
+def test_demo_stops_before_distilling_when_the_teacher_loses(tmp_path, tiny_blip):
+    """An untrained teacher re-ranks the student's candidates at random: the demo must stop, distilling nothing."""
+    import shutil
+
+    import yaml
+
+    from pipeline.demo.corpus import captions, combinations
+    from pipeline.demo.models import demo_token_ids, pack
+
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    for name in ("student.safetensors", "assets.json"):
+        shutil.copy(ASSETS / name, assets / name)
+    tokens = demo_token_ids([c for combo in combinations() for c in captions(combo)])
+    pack(tiny_blip, assets / "teacher.safetensors", "teacher", tokens, {})
+    recipe = yaml.safe_load((ASSETS.parent / "demo.yaml").read_text())
+    recipe["assets"] = str(assets)
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "demo"
+    result = cli("demo", "--quick", "--recipe", tmp_path / "demo.yaml", "--out", out, "--device", "cpu", expect=None)
+    assert result.exit_code == 2
+    assert "does not beat the student" in result.output.strip().splitlines()[-1]
+    assert not (out / "students").exists() and not (out / "report.md").exists()

@@ -1,6 +1,7 @@
 import json
 
-from pipeline.demo.corpus import (DemoCorpusSpec, captions, combinations, generate, split_combinations)
+from pipeline.demo.corpus import (TYPES, DemoCorpusSpec, captions, combinations, confusable, generate,
+                                  split_combinations)
 
 
 def test_generation_is_deterministic(tmp_path):
@@ -40,3 +41,23 @@ def test_captions_bind_attributes_and_relations():
     swapped = captions((4, 0, "horizontal"))
     assert swapped[0] == "a green square left of a red circle"  # same words, other binding: a hard negative
     assert all(len(captions(c)) == 5 for c in combos)
+
+
+def test_confusable_are_the_one_edit_neighbours():
+    combos = combinations()
+
+    def parts(c):  # sorted colours and shapes of a combination's two objects
+        a, b, _ = combos[c]
+        return sorted([TYPES[a][0], TYPES[b][0]]), sorted([TYPES[a][1], TYPES[b][1]])
+
+    for c in range(len(combos)):
+        a, b, axis = combos[c]
+        # brute force: same colours and shapes, and either the same axis or the same ordered objects
+        expected = sorted(d for d in range(len(combos)) if d != c and parts(d) == parts(c)
+                          and (combos[d][2] == axis or combos[d][:2] == (a, b)))
+        assert confusable(c) == expected
+    red_circle, red_square, green_square = TYPES.index(("red", "circle")), TYPES.index(("red", "square")), \
+        TYPES.index(("green", "square"))
+    assert len(confusable(combos.index((red_circle, green_square, "horizontal")))) == 4
+    # one colour for both objects: exchanging colours changes nothing and exchanging shapes swaps the objects
+    assert len(confusable(combos.index((red_circle, red_square, "vertical")))) == 2
