@@ -169,23 +169,31 @@ def _cell(values: list[float]) -> str:
 
 
 def _report(rows, meta: dict, recipe: dict, cfg: DemoConfig, seconds: float) -> str:
+    train_images = recipe["quick" if cfg.quick else "corpus"]["train_images"]
+    length = (f"{recipe['quick']['max_steps']} steps" if cfg.quick
+              else f"{recipe['distill'].get('epochs', 1)} epoch(s)")
     head = ("| method | seeds | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | RSUM |\n"
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     body = ""
     for label, ms, n in rows:
         cells = [_cell([m[d][f"R@{k}"] for m in ms]) for d in ("i2t", "t2i") for k in KS]
         body += f"| {label} | {n} | " + " | ".join(cells) + f" | {_cell([m['rsum'] for m in ms])} |\n"
+    notes = []
+    if cfg.quick:
+        notes.append("**Quick mode**: a small corpus and a few steps; the numbers only show that every path runs.")
+    if rows[1][1][0]["rsum"] <= rows[0][1][0]["rsum"]:
+        notes.append("**The teacher does not beat the student here** (--allow-weak-teacher): distilling it is not "
+                     "expected to help.")
     return (
-        "# cprd-pipeline demo\n\n"
-        f"{'**Quick mode**: a small corpus and a few steps; the numbers only show that every path runs.' if cfg.quick else ''}\n\n"
-        f"{'**The teacher does not beat the student here** (--allow-weak-teacher): distilling it is not expected to help.' if rows[1][1][0]['rsum'] <= rows[0][1][0]['rsum'] else ''}\n\n"
+        "# cprd-pipeline demo\n\n" + "".join(n + "\n\n" for n in notes) +
         "Test split: one image of each of the 264 shape combinations (40 never seen in training), 5 captions "
         "each; Recall@K in percent, mean ± standard deviation over seeds. The student is the demo's tiny CLIP "
         f"({meta['student']}, pre-trained on {meta['student_images']:,} images), the teacher its tiny BLIP "
         f"({meta['teacher']} per tower, on {meta['teacher_images']:,} images), scored as ITM log-odds + "
-        f"{meta['itc_weight']:g} x ITC cosine (the weight chosen on a separate validation split). Distilled students start from the same student and train "
-        f"{recipe['distill'].get('epochs', 1)} epoch(s) on the teacher cache with itc + "
-        f"{recipe['distill']['distill_weight']} x the distillation loss.\n\n"
+        f"{meta['itc_weight']:g} x ITC cosine (the weight chosen on a separate validation split). Distilled "
+        f"students start from the same student and train {length} on the "
+        f"teacher cache of the train split ({train_images:,} images, top-{recipe['mine']['k']} mined negatives per "
+        f"query) with itc + {recipe['distill']['distill_weight']} x the distillation loss.\n\n"
         + head + body +
         f"\nTotal time {seconds / 60:.1f} min. Plot: report.png. Raw numbers: report.json and eval/*/metrics.json.\n"
     )
