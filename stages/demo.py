@@ -38,6 +38,8 @@ class DemoConfig:
     allow_weak_teacher: bool = option(False, "distil even if the teacher does not beat the student (reported "
                                              "in the table; for studying a teacher, not for results)")
     recipe: str = runtime(str(REPO / "data" / "demo.yaml"), "the demo recipe")
+    force: bool = runtime(False, "replace outputs of an earlier demo made with other settings (after editing the "
+                                 "recipe); what is up to date is still re-used")
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
 
 
@@ -99,7 +101,7 @@ def run(cfg: DemoConfig) -> dict:
     data = _prepare_data(recipe, cfg.quick, out, log)
     student, teacher, meta = _prepare_models(assets, out, log)
     w = float(meta["itc_weight"])
-    dev = dict(device=cfg.device)
+    dev = dict(device=cfg.device, force=cfg.force)
 
     # stage one: mine and score (two teacher caches: the combined score, and ITM alone)
     run_main, run_itm = out / "run", out / "run-itm"
@@ -111,7 +113,7 @@ def run(cfg: DemoConfig) -> dict:
 
     def evaluate_model(model: Path, name: str, **kw) -> dict:
         return _stage(evaluate, "EvalConfig", data=str(data["test"]), model=str(model), out=str(out / "eval" / name),
-                      **dev, **kw)
+                      device=cfg.device, **kw)
 
     # the teacher must beat the student before distilling means anything
     base = evaluate_model(student, "student", rerank_teacher=str(teacher), rerank_score="itm+itc", itc_weight=w)

@@ -30,6 +30,22 @@ def test_quick_demo_runs_every_path_and_enforces_the_teacher_check(tmp_path):
         assert again.exit_code == 0
     assert again.output.count("up to date") >= 3  # mine and both teacher caches are re-used
 
+    # an edited recipe makes the distilled students stale: refused with the change named, replaced with --force
+    import yaml
+
+    recipe = yaml.safe_load((ASSETS.parent / "demo.yaml").read_text())
+    recipe["assets"] = str(ASSETS)
+    recipe["distill"]["teacher_temperature"] = 7.0
+    (tmp_path / "edited.yaml").write_text(yaml.safe_dump(recipe))
+    args = ("demo", "--quick", "--allow-weak-teacher", "--recipe", tmp_path / "edited.yaml", "--out", out,
+            "--device", "cpu")
+    refused = cli(*args, expect=2)
+    assert "teacher_temperature" in refused.output.strip().splitlines()[-1]
+    forced = cli(*args, "--force")
+    assert forced.output.count("up to date") >= 3  # stage one is still re-used
+    manifest = json.loads((out / "students" / "kl-s0" / "manifest.json").read_text())
+    assert manifest["config"]["teacher_temperature"] == 7.0
+
 
 def test_demo_stops_before_distilling_when_the_teacher_loses(tmp_path, tiny_blip):
     """An untrained teacher re-ranks the student's candidates at random: the demo must stop, distilling nothing."""
