@@ -32,7 +32,7 @@ def save_tiny_clip(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2,
 
 
 def save_tiny_blip(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, image_size: int = 32,
-                   vocab_size: int = 30524, heads: int = 2, projection_dim: int = 16, patch_size: int = 8) -> Path:
+                   vocab_size: int = 30524, heads: int = 2, projection_dim: int = 16) -> Path:
     import torch
     from transformers import BertTokenizerFast, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor
 
@@ -43,7 +43,7 @@ def save_tiny_blip(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2,
                          num_attention_heads=heads, max_position_embeddings=64, is_decoder=True,
                          encoder_hidden_size=hidden),
         vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=heads, image_size=image_size, patch_size=patch_size, initializer_range=0.02),
+                           num_attention_heads=heads, image_size=image_size, patch_size=8, initializer_range=0.02),
         image_text_hidden_size=projection_dim,
     )
     BlipForImageTextRetrieval(cfg).save_pretrained(path)
