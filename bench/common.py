@@ -39,3 +39,20 @@ def write(name: str, result: dict) -> Path:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return path
+
+
+def synthetic_corpus(root: Path, n_images: int, per_image: int) -> Path:
+    """An ALBEF annotation file of `n_images` random 64x64 images with `per_image` distinct captions each."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    records = []
+    for i in range(n_images):
+        arr = rng.integers(0, 255, size=(16, 16, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
+        Image.fromarray(arr).save(root / "images" / f"{i}.png")
+        records.append({"image": f"images/{i}.png",
+                        "caption": [f"picture {i} caption {j} with a few words of text" for j in range(per_image)]})
+    (root / "ann.json").write_text(json.dumps(records))
+    return root / "ann.json"

@@ -18,31 +18,30 @@ N_IMAGES, BATCH, STEPS, WARMUP, WORKERS = 600, 64, 30, 3, 2
 
 
 def _setup(tmp: Path) -> Path:
-    from bench.teacher_bench import _corpus
-    from pipeline.config import resolve
+    from bench.common import synthetic_corpus
     from pipeline.tiny_models import save_tiny_blip, save_tiny_clip
-    from stages import mine, score_teacher
-    import bench.teacher_bench as tb
+    from stages import stage
 
-    tb.N_IMAGES = N_IMAGES
-    ann = _corpus(tmp / "data")
+    ann = synthetic_corpus(tmp / "data", N_IMAGES, 5)
     clip = save_tiny_clip(tmp / "clip", hidden=128, layers=4)
     blip = save_tiny_blip(tmp / "blip")
     run = tmp / "run"
-    mine.run(resolve(mine.MineConfig, None, dict(run=str(run), data=str(ann), student=str(clip), k=8, device="cpu")))
-    score_teacher.run(resolve(score_teacher.TeacherConfig, None, dict(run=str(run), teacher=str(blip), device="cpu")))
+    stage("mine").run(run=str(run), data=str(ann), student=str(clip), k=8, device="cpu")
+    stage("score-teacher").run(run=str(run), teacher=str(blip), device="cpu")
     return run
 
 
 def _batches(run: Path, workers: int, shards: list[Path] | None = None, steps: int = STEPS + WARMUP):
     from pipeline.corpus import load_tables
-    from pipeline.data import DistillBatches, loader
+    from pipeline.data import BatchSpec, DistillBatches, Processors, loader
     from pipeline.models import load_processors
 
     student = json.loads((run / "mine" / "manifest.json").read_text())["config"]["student"]
     proc, tok = load_processors(student)
     files = shards or sorted((run / "teacher").glob("part-*.parquet"))
-    data = DistillBatches(files, load_tables(run / "mine" / "corpus"), proc, tok, 32, BATCH, 8, steps, 0, 0, 10000)
+    spec = BatchSpec(batch_size=BATCH, num_negatives=8, seed=0, shuffle_buffer=10000)
+    data = DistillBatches(spec, files, load_tables(run / "mine" / "corpus"), Processors(proc, tok, 32), epoch=0,
+                          batches=steps)
     return loader(data, workers)
 
 
@@ -50,18 +49,20 @@ def _time_steps(run: Path, source) -> float:
     import torch
 
     from pipeline.models import DualEncoder
-    from stages.distill import DistillConfig, StudentTowers, compute_loss
+    from pipeline.losses import registry
+    from stages.distill import StudentTowers, compute_loss
 
     torch.manual_seed(0)
     student = json.loads((run / "mine" / "manifest.json").read_text())["config"]["student"]
     towers = StudentTowers(DualEncoder(student)).train()
     opt = torch.optim.AdamW(towers.parameters(), lr=1e-4)
-    cfg = DistillConfig(run=str(run), num_negatives=8)
+    cprd = registry.get("cprd")
     times = []
     t = time.perf_counter()
     for i, batch in enumerate(source):
         img, txt, scale = towers(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-        compute_loss(cfg, img, txt, scale, batch)["loss"].backward()
+        batch = {k: v for k, v in batch.items() if k not in ("false_negatives", "dropped_by_margin")}
+        compute_loss(cprd, cprd.options(), 1.0, img, txt, scale, batch)["loss"].backward()
         opt.step()
         opt.zero_grad()
         now = time.perf_counter()

@@ -21,37 +21,23 @@ N_IMAGES, PER_IMAGE, K = 120, 5, 16
 NAIVE_PAIRS = 600  # the naive loop is timed on a prefix; its rate does not depend on which pairs
 
 
-def _corpus(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    records = []
-    for i in range(N_IMAGES):
-        arr = rng.integers(0, 255, size=(16, 16, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
-        Image.fromarray(arr).save(root / "images" / f"{i}.png")
-        records.append({"image": f"images/{i}.png",
-                        "caption": [f"picture {i} caption {j} with a few words of text" for j in range(PER_IMAGE)]})
-    (root / "ann.json").write_text(json.dumps(records))
-    return root / "ann.json"
-
-
 def main() -> dict:
-    from pipeline.config import resolve
+    from bench.common import synthetic_corpus
     from pipeline.tiny_models import save_tiny_blip, save_tiny_clip
-    from stages import mine, score_teacher
+    from stages import stage
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ann = _corpus(tmp / "data")
+        ann = synthetic_corpus(tmp / "data", N_IMAGES, PER_IMAGE)
         clip = save_tiny_clip(tmp / "clip")
         blip = save_tiny_blip(tmp / "blip", hidden=128, layers=4, image_size=64)
         run = tmp / "run"
         quiet = dict(run=str(run), data=str(ann), student=str(clip), k=K, directions="t2i", device="cpu")
-        mine.run(resolve(mine.MineConfig, None, quiet))
+        stage("mine").run(**quiet)
 
         t0 = time.perf_counter()
-        score_teacher.run(resolve(score_teacher.TeacherConfig, None,
-                                  dict(run=str(run), teacher=str(blip), device="cpu", batch_size=256)))
+        stage("score-teacher").run(run=str(run), teacher=str(blip), device="cpu", batch_size=256)
         ours_s = time.perf_counter() - t0
         manifest = json.loads((run / "teacher" / "manifest.json").read_text())
         pairs = manifest["num_pairs"]

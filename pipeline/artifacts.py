@@ -27,14 +27,17 @@ import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .dist import Dist
+from . import faults
 from .errors import PipelineError
+
+if TYPE_CHECKING:  # only a type here: importing it would pull in torch for `status`
+    from .dist import Dist
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -58,10 +61,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def shard_name(index: int, prefix: str = "part", ext: str = "parquet") -> str:
-    return f"{prefix}-{index:05d}.{ext}"
 
 
 def diff(old: Any, new: Any, path: str = "") -> list[str]:
@@ -320,7 +319,7 @@ class StageWriter:
         atomic_write_json(
             _record_path(self.dir, rel), {"rows": rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
         )
-        _maybe_die_for_tests()
+        faults.count("shard")
 
     def record_file(self, rel: str, rows: int = 0) -> None:
         """Record a file that was written by other means (e.g. save_pretrained), once it is complete."""
@@ -363,17 +362,3 @@ class StageWriter:
     def abort(self) -> None:
         if self.dist.is_main:
             self._lock.release()
-
-
-def _maybe_die_for_tests() -> None:
-    """CPRD_KILL_AFTER_SHARDS=N: SIGKILL this process after its N-th shard (how tests interrupt a stage)."""
-    limit = os.environ.get("CPRD_KILL_AFTER_SHARDS")
-    if not limit:
-        return
-    global _shards_written
-    _shards_written += 1
-    if _shards_written >= int(limit):
-        os.kill(os.getpid(), 9)
-
-
-_shards_written = 0

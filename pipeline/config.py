@@ -2,13 +2,17 @@
 
 Fields marked `runtime=True` (batch size, device, workers ...) change how a stage runs but not what it
 produces, so they are kept out of the fingerprint. Everything else is part of the stage's identity.
+
+A `choice_options` field holds the options of whichever plug-in another field chooses (distill's `--loss`):
+each plug-in declares its own options dataclass, every plug-in's options are flags and YAML keys, and the
+resolved config keeps only the chosen plug-in's, so only those enter the fingerprint.
 """
 from __future__ import annotations
 
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -25,6 +29,50 @@ def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple[st
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
+def choice_options(selector: str, provider: Callable[[], Mapping[str, type]], help: str = "") -> Any:
+    """A field holding the options dataclass of the plug-in that field `selector` names.
+
+    provider() maps each choice to its options dataclass (fields made with `option`).
+    """
+    return dataclasses.field(default=None, metadata={"choice_options": (selector, provider), "help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One command-line option / YAML key of a config class."""
+    name: str
+    type: Any
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+    owners: tuple[str, ...] = ()   # for plug-in options: the choices that own it
+
+
+def flags(cls: type) -> list[Flag]:
+    """Every option of a config class, plug-in options included (each listed once, with its owners)."""
+    hints = typing.get_type_hints(cls)
+    out: list[Flag] = []
+    for f in dataclasses.fields(cls):
+        if "choice_options" in f.metadata:
+            _, provider = f.metadata["choice_options"]
+            merged: dict[str, Flag] = {}
+            for owner, opts in provider().items():
+                ohints = typing.get_type_hints(opts)
+                for of in dataclasses.fields(opts):
+                    default = of.default if of.default is not dataclasses.MISSING else None
+                    prev = merged.get(of.name)
+                    if prev and (prev.type != ohints[of.name] or prev.default != default):
+                        raise TypeError(f"{cls.__name__}: option '{of.name}' is declared differently by "
+                                        f"{prev.owners[0]} and {owner}")
+                    merged[of.name] = Flag(of.name, ohints[of.name], default, of.metadata.get("help", ""),
+                                           of.metadata.get("choices"), (prev.owners if prev else ()) + (owner,))
+            out.extend(merged.values())
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else None
+            out.append(Flag(f.name, hints[f.name], default, f.metadata.get("help", ""), f.metadata.get("choices")))
+    return out
+
+
 def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
     """Check a YAML/CLI value against the field's type; ints are accepted where floats are expected."""
     if value is None:
@@ -36,6 +84,11 @@ def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
         tp = args[0] if len(args) == 1 else tp
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp in (int, float) and isinstance(value, str):  # YAML reads `1e-4` as a string
+        try:
+            return tp(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise PipelineError(f"{source}: option '{name}' expects {tp.__name__}, got {value!r}")
     return value
@@ -44,8 +97,9 @@ def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
 def resolve(cls: type, config_file: str | Path | None, cli: Mapping[str, Any]) -> Any:
     """Build `cls` from defaults, then the YAML file, then every CLI value that is not None."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    known = {fl.name: fl for fl in flags(cls)}
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     if config_file:
         path = Path(config_file)
         try:
@@ -58,12 +112,30 @@ def resolve(cls: type, config_file: str | Path | None, cli: Mapping[str, Any]) -
             raise PipelineError(f"--config {path}: expected a mapping of option: value")
         for key, value in loaded.items():
             name = str(key).replace("-", "_")
-            if name not in fields:
-                raise PipelineError(f"--config {path}: unknown option '{key}' (known: {', '.join(sorted(fields))})")
-            values[name] = _coerce(name, value, hints[name], f"--config {path}")
+            if name not in known:
+                raise PipelineError(f"--config {path}: unknown option '{key}' (known: {', '.join(sorted(known))})")
+            values[name] = _coerce(name, value, known[name].type, f"--config {path}")
+            sources[name] = f"--config {path}"
     for name, value in cli.items():
         if value is not None:
-            values[name] = _coerce(name, value, hints[name], "command line")
+            values[name] = _coerce(name, value, known[name].type, "command line")
+            sources[name] = "command line"
+    # plug-in options: keep the chosen plug-in's, refuse another plug-in's
+    for name, f in fields.items():
+        if "choice_options" not in f.metadata:
+            continue
+        selector, provider = f.metadata["choice_options"]
+        choice = values.get(selector, fields[selector].default)
+        owned = provider()
+        opts_cls = owned.get(choice)
+        own = {o.name for o in dataclasses.fields(opts_cls)} if opts_cls else set()
+        given = {n: values.pop(n) for n in list(values) if known[n].owners}
+        for n in given:
+            if n not in own:
+                raise PipelineError(f"{sources[n]}: --{n.replace('_', '-')} is an option of "
+                                    f"{' / '.join(known[n].owners)}, not of --{selector} {choice}")
+        if opts_cls is not None:
+            values[name] = opts_cls(**given)
     missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in values]
     if missing:
         raise PipelineError(f"missing required option(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
@@ -77,6 +149,8 @@ def check_choices(config: Any) -> None:
         choices, value = f.metadata.get("choices"), getattr(config, f.name)
         if choices and value is not None and value not in choices:
             raise PipelineError(f"--{f.name.replace('_', '-')}: '{value}' is not one of {', '.join(choices)}")
+        if dataclasses.is_dataclass(value):
+            check_choices(value)
 
 
 def as_dict(config: Any) -> dict[str, Any]:
@@ -85,7 +159,8 @@ def as_dict(config: Any) -> dict[str, Any]:
 
 def fingerprinted(config: Any) -> dict[str, Any]:
     """The part of a config that defines the stage's output."""
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if not f.metadata.get("runtime")}
+    return {f.name: as_dict(v) if dataclasses.is_dataclass(v := getattr(config, f.name)) else v
+            for f in dataclasses.fields(config) if not f.metadata.get("runtime")}
 
 
 def render(config: Any) -> str:

@@ -81,9 +81,10 @@ def load_tables(directory: Path) -> Corpus:
 class _Builder:
     """Collects images and captions from a reader, checking ids as they come."""
 
-    def __init__(self, source: str, image_root: Path | None, bytes_dir: Path | None):
+    def __init__(self, source: str, image_root: Path | None, bytes_dir: Path | None, root_given: bool = False):
         self.source = source
         self.image_root = image_root
+        self.root_given = root_given  # the user passed --image-root (else: the annotation file's folder)
         self.bytes_dir = bytes_dir
         self.images: dict[str, str] = {}
         self.text_ids: list[str] = []
@@ -147,7 +148,8 @@ class _Builder:
         if check_files:
             for iid, path in zip(ids, paths):
                 if not os.path.isfile(path):
-                    hint = "" if self.image_root else " (pass --image-root?)"
+                    hint = (f" (relative paths resolve against --image-root {self.image_root})" if self.root_given
+                            else " (relative paths resolve against the annotation file's folder; pass --image-root)")
                     raise PipelineError(f"{self.source}: image file not found: {path} (image id '{iid}'){hint}")
         return Corpus(ids, paths, self.text_ids, self.text_image_ids, self.texts)
 
@@ -292,7 +294,7 @@ def read_corpus(
         raise PipelineError(f"--data: file not found: {data}")
     if root is None and fmt != "hf":
         root = Path(data).resolve().parent  # relative paths are relative to the annotation file
-    b = _Builder(str(data), root, bytes_dir)
+    b = _Builder(str(data), root, bytes_dir, root_given=image_root is not None)
     if fmt == "albef":
         read_albef(Path(data), b, split)
     elif fmt == "karpathy":

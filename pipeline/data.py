@@ -6,7 +6,7 @@ batch b goes to rank b % W and, on that rank, to DataLoader worker (b // W) % wo
 gets the same number of batches (DDP needs that; splitting by shard does not guarantee it), the order does
 not depend on the number of workers, and a resume skips consumed batches without decoding their images.
 
-A batch encodes each unique image and caption once. For B queries with N hard negatives each:
+A batch encodes each unique image (by file) and caption (by text) once. For B queries with N hard negatives:
 
 | key                   | shape          | meaning                                                    |
 | --------------------- | -------------- | ---------------------------------------------------------- |
@@ -17,15 +17,24 @@ A batch encodes each unique image and caption once. For B queries with N hard ne
 | query_is_image        | [B]            | True for i2t rows (query image, candidate texts)           |
 | query, positive       | [B]            | index into images (i2t query) or texts (t2i query), etc.   |
 | candidates            | [B, N]         | index of each hard negative in the other modality          |
-| candidate_mask        | [B, N]         | True = real candidate                                      |
-| teacher, teacher_positive | [B, N], [B] | teacher log-odds of negatives and of the chosen positive  |
+| candidate_mask        | [B, N]         | True = a real negative (not padding, not a false negative) |
+| teacher, teacher_positive | [B, N], [B] | teacher scores of negatives and of the chosen positive    |
+| false_negatives       | []             | candidates dropped as identical to a positive              |
+| dropped_by_margin     | []             | candidates dropped because the teacher scores them above the positive by more than `max_teacher_margin` |
+
+False negatives: a mined candidate that is really a match is never a negative. An i2t candidate caption is
+one when its text is identical to one of the query image's own captions, or when it belongs to the same image
+file; a t2i candidate image is one when it is the query's image file, or when the query caption is
+identical to one of its captions. With `max_teacher_margin`, a candidate the teacher scores above the
+positive by more than that margin is dropped too.
 """
 from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -55,30 +64,58 @@ def pick(seed: int, epoch: int, query_id: str, n: int) -> int:
     return zlib.crc32(f"{seed}:{epoch}:{query_id}".encode()) % n
 
 
+@dataclass(frozen=True)
+class BatchSpec:
+    """What a training batch is made of, and this process's share of the stream."""
+    batch_size: int                        # queries per micro-batch
+    num_negatives: int                     # the first N mined candidates of each row
+    seed: int                              # shuffle and positive choice
+    shuffle_buffer: int = 10000            # rows in the streaming shuffle buffer
+    max_teacher_margin: Optional[float] = None  # drop candidates the teacher puts this far above the positive
+    image_cache_mb: float = 512            # processed images kept per worker (LRU)
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass(frozen=True)
+class Processors:
+    """The student's input side: how images and captions become tensors."""
+    image_processor: Any
+    tokenizer: Any
+    max_length: int
+
+
 class DistillBatches(torch.utils.data.IterableDataset):
-    def __init__(self, files: Sequence[Path], corpus: Any, image_processor: Any, tokenizer: Any, max_length: int,
-                 batch_size: int, num_negatives: int, batches: int, seed: int, epoch: int, shuffle_buffer: int,
-                 rank: int = 0, world_size: int = 1, skip: int = 0, image_cache_mb: float = 512):
-        self.files, self.corpus = list(files), corpus
-        self.image_processor, self.tokenizer, self.max_length = image_processor, tokenizer, max_length
-        self.batch_size, self.num_negatives, self.batches = batch_size, num_negatives, batches
-        self.seed, self.epoch, self.shuffle_buffer = seed, epoch, shuffle_buffer
-        self.rank, self.world_size, self.skip = rank, world_size, skip
+    """Epoch `epoch`'s batches for this rank: `batches` of them, the first `skip` passed over (resume)."""
+
+    def __init__(self, spec: BatchSpec, files: Sequence[Path], corpus: Any, processors: Processors, epoch: int,
+                 batches: int, skip: int = 0):
+        self.spec, self.files, self.corpus, self.processors = spec, list(files), corpus, processors
+        self.epoch, self.batches, self.skip = epoch, batches, skip
         # Hard-negative images recur many times per epoch: keep processed images, least recently used out,
         # up to `image_cache_mb` per worker (bounded, so host memory does not grow with the data).
-        self.cache_bytes, self._cache, self._cached = int(image_cache_mb * 2**20), OrderedDict(), 0
+        self.cache_bytes, self._cache, self._cached = int(spec.image_cache_mb * 2**20), OrderedDict(), 0
         self.image_row = {iid: i for i, iid in enumerate(corpus.image_ids)}
         self.text_row = {tid: i for i, tid in enumerate(corpus.text_ids)}
+        # for false negatives: each image's caption texts, each text's image row
+        self.text_image = corpus.text_image_rows()
+        self.row_of_path: dict[str, int] = {}
+        for i, path in enumerate(corpus.image_paths):
+            self.row_of_path.setdefault(path, i)
+        self.image_captions: list[set[str]] = [set() for _ in corpus.image_ids]
+        for text, img in zip(corpus.texts, self.text_image):
+            self.image_captions[img].add(text)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        stream = teacher_stream(self.files, self.seed, self.epoch, self.shuffle_buffer)
+        spec = self.spec
+        stream = teacher_stream(self.files, spec.seed, self.epoch, spec.shuffle_buffer)
         local = 0  # index among this rank's batches
         # The stream is read to its end even past `self.batches`: batches are skipped, never cut, so the
         # reader shuts down the same way every time.
-        for b, rows in enumerate(stream.iter(batch_size=self.batch_size)):
-            if b % self.world_size != self.rank or local >= self.batches:
+        for b, rows in enumerate(stream.iter(batch_size=spec.batch_size)):
+            if b % spec.world_size != spec.rank or local >= self.batches:
                 continue
             if local >= self.skip and (local - self.skip) % workers == worker:
                 try:
@@ -87,13 +124,24 @@ class DistillBatches(torch.utils.data.IterableDataset):
                     yield {"error": str(e)}
             local += 1
 
+    def _false_negative(self, i2t: bool, query: str, positive: str, candidate: str) -> bool:
+        c = self.corpus
+        if i2t:
+            img = self.image_row[query]
+            t = self.text_row[candidate]
+            return (c.texts[t] in self.image_captions[img]
+                    or c.image_paths[self.text_image[t]] == c.image_paths[img])
+        img = self.image_row[candidate]
+        return (c.image_paths[img] == c.image_paths[self.image_row[positive]]
+                or c.texts[self.text_row[query]] in self.image_captions[img])
+
     def build(self, rows: dict[str, list]) -> dict[str, Any]:
-        c, n_neg = self.corpus, self.num_negatives
-        images: dict[int, int] = {}   # corpus image row -> batch index
+        c, n_neg, margin = self.corpus, self.spec.num_negatives, self.spec.max_teacher_margin
+        images: dict[str, int] = {}   # image file -> batch index (two ids of one file are one image)
         texts: dict[str, int] = {}    # caption text -> batch index (identical captions are one text)
 
         def img(iid: str) -> int:
-            return images.setdefault(self.image_row[iid], len(images))
+            return images.setdefault(c.image_paths[self.image_row[iid]], len(images))
 
         def txt(tid: str) -> int:
             return texts.setdefault(c.texts[self.text_row[tid]], len(texts))
@@ -104,28 +152,38 @@ class DistillBatches(torch.utils.data.IterableDataset):
         cand = torch.zeros(B, n_neg, dtype=torch.long)
         cmask = torch.zeros(B, n_neg, dtype=torch.bool)
         teacher = torch.zeros(B, n_neg)
+        false_negatives = dropped = 0
         for r in range(B):
             qid, pos_ids = rows["query_id"][r], rows["positive_ids"][r]
-            p = pick(self.seed, self.epoch, qid, len(pos_ids))
-            negs = rows["candidate_ids"][r][:n_neg]
+            p = pick(self.spec.seed, self.epoch, qid, len(pos_ids))
             scores = rows["teacher_scores"][r][:n_neg]
+            tp = rows["positive_teacher_scores"][r][p]
             i2t = rows["direction"][r] == "i2t"
+            negs = []
+            for j, neg in enumerate(rows["candidate_ids"][r][:n_neg]):
+                if self._false_negative(i2t, qid, pos_ids[p], neg):
+                    false_negatives += 1
+                elif margin is not None and scores[j] > tp + margin:
+                    dropped += 1
+                else:
+                    negs.append((j, neg))
             if i2t:
                 q, pp = img(qid), txt(pos_ids[p])
-                idx = [txt(t) for t in negs]
+                idx = [txt(t) for _, t in negs]
                 pair_img.append(q), pair_txt.append(pp)
             else:
                 q, pp = txt(qid), img(pos_ids[p])
-                idx = [img(i) for i in negs]
+                idx = [img(i) for _, i in negs]
                 pair_img.append(pp), pair_txt.append(q)
             is_i2t.append(i2t), query.append(q), positive.append(pp)
-            t_pos.append(rows["positive_teacher_scores"][r][p])
+            t_pos.append(tp)
             cand[r, : len(idx)] = torch.tensor(idx, dtype=torch.long)
             cmask[r, : len(idx)] = True
-            teacher[r, : len(idx)] = torch.tensor(scores, dtype=torch.float32)
+            teacher[r, : len(idx)] = torch.tensor([scores[j] for j, _ in negs], dtype=torch.float32)
 
-        pixels = self.pixels(list(images))
-        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+        pixels = self.pixels([self.row_of_path[path] for path in images])
+        proc = self.processors
+        tokens = proc.tokenizer(list(texts), padding=True, truncation=True, max_length=proc.max_length,
                                 return_tensors="pt")
         pi, pt = torch.tensor(pair_img), torch.tensor(pair_txt)
         return {
@@ -136,15 +194,15 @@ class DistillBatches(torch.utils.data.IterableDataset):
             "query_is_image": torch.tensor(is_i2t), "query": torch.tensor(query), "positive": torch.tensor(positive),
             "candidates": cand, "candidate_mask": cmask, "teacher": teacher,
             "teacher_positive": torch.tensor(t_pos, dtype=torch.float32),
+            "false_negatives": torch.tensor(false_negatives), "dropped_by_margin": torch.tensor(dropped),
         }
-
 
     def pixels(self, rows: list[int]) -> torch.Tensor:
         """[len(rows), 3, H, W]: cached images reused, the rest decoded and processed in one call."""
         missing = [r for r in rows if r not in self._cache]
         fresh: dict[int, torch.Tensor] = {}
         if missing:
-            pixels = self.image_processor(images=[load_image(self.corpus.image_paths[r]) for r in missing],
+            pixels = self.processors.image_processor(images=[load_image(self.corpus.image_paths[r]) for r in missing],
                                           return_tensors="pt")["pixel_values"]
             fresh = dict(zip(missing, pixels.clone().unbind(0)))  # own storage: a cached view would pin the batch
         out = torch.stack([self._cache[r] if r in self._cache else fresh[r] for r in rows])

@@ -1,32 +1,43 @@
 """`cprd-pipeline status`: what each stage directory of a run holds."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import stage_state
 
-STAGES = ("mine", "teacher", "distill")
-UPSTREAM = {"teacher": "mine", "distill": "teacher"}
+
+@dataclass(frozen=True)
+class StageDir:
+    """What status needs of a stage: its name, directory, the names of its upstream stages, and (for a stage
+    without a manifest) the file whose presence means complete."""
+    name: str
+    directory: str
+    upstream: tuple[str, ...] = ()
+    done_file: str = ""
 
 
-def describe(run: Path) -> list[str]:
+def describe(run: Path, stages: list[StageDir]) -> list[str]:
     lines, fingerprints = [], {}
-    for stage in STAGES:
-        st = stage_state(run / stage)
+    width = max(len(s.name) for s in stages)
+    for s in stages:
+        if s.done_file:
+            text = "complete" if (run / s.directory / s.done_file).exists() else "absent"
+            lines.append(f"{s.name:<{width}} {text}")
+            continue
+        st = stage_state(run / s.directory)
         m = st["manifest"]
         if m:
-            fingerprints[stage] = m["fingerprint"]
+            fingerprints[s.name] = m["fingerprint"]
         if st["state"] == "absent":
             text = "absent"
         elif st["state"] == "partial":
             text = f"partial {st['done']}/{st['total']} shards"
         else:
             text = f"complete ({st['total']} shards, fingerprint {m['fingerprint'][:12]})"
-            up = UPSTREAM.get(stage)
             recorded = (m.get("identity") or {}).get("upstream")
-            if up and recorded and recorded != fingerprints.get(up):
-                text = f"stale: {up} changed since it was made (run it again, or with --force)"
-        lines.append(f"{stage:<8} {text}")
-    ev = run / "eval" / "metrics.json"
-    lines.append(f"{'eval':<8} {'complete' if ev.exists() else 'absent'}")
+            for up in s.upstream:
+                if recorded and up in fingerprints and recorded != fingerprints[up]:
+                    text = f"stale: {up} changed since it was made (run it again, or with --force)"
+        lines.append(f"{s.name:<{width}} {text}")
     return lines

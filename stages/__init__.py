@@ -1,0 +1,54 @@
+"""The stage table: the one place that lists the stages.
+
+Each row names a verb, the module that holds its config class and `run(config)` entry point, its directory
+under RUN/ and the stages it reads. The CLI, `status` and the demo read this table; adding a stage is one row
+(plus its module). A stage module is imported only when its verb runs, so `status` and `--help` stay light.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Stage:
+    verb: str                     # the CLI verb
+    module: str                   # holds `CONFIG` (a dataclass) and `run(config)`
+    config: str                   # name of the config class in that module
+    directory: str                # its output under RUN/
+    upstream: tuple[str, ...]     # verbs whose output it reads
+    help: str
+    contract: bool = True         # writes manifest.json/_SUCCESS (else: complete when `done_file` exists)
+    done_file: str = ""
+
+    def load(self) -> tuple[type, Callable[[Any], Any]]:
+        """(config class, entry point): imports the stage and its heavy dependencies."""
+        module = importlib.import_module(self.module)
+        return getattr(module, self.config), module.run
+
+    def run(self, config_file: str | None = None, **values: Any) -> Any:
+        """Resolve a config (defaults < YAML < values) and run the stage: the Python API the demo uses."""
+        from pipeline.config import resolve
+
+        cls, entry = self.load()
+        return entry(resolve(cls, config_file, values))
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("mine", "stages.mine", "MineConfig", "mine", (),
+          "Embed the corpus with the student and mine the top-k hard negatives of every query (RUN/mine)."),
+    Stage("score-teacher", "stages.score_teacher", "TeacherConfig", "teacher", ("mine",),
+          "Score every mined pair and every positive with the cross-encoder teacher (RUN/teacher)."),
+    Stage("distill", "stages.distill", "DistillConfig", "distill", ("score-teacher",),
+          "Train the student: contrastive loss + distillation over the teacher-ranked hard negatives (RUN/distill)."),
+    Stage("evaluate", "stages.evaluate", "EvalConfig", "eval", ("distill",),
+          "Recall@1/5/10 in both directions and RSUM of a dual encoder, optionally re-ranked by the teacher, with "
+          "student-teacher rank agreement (RUN/eval).", contract=False, done_file="metrics.json"),
+)
+
+BY_VERB = {s.verb: s for s in STAGES}
+
+
+def stage(verb: str) -> Stage:
+    return BY_VERB[verb]

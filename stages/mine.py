@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import config as cfgmod
-from pipeline.artifacts import StageWriter, shard_name
+from pipeline import layout
+from pipeline.artifacts import StageWriter
 from pipeline.config import option, runtime
 from pipeline.corpus import FORMATS, Corpus, read_corpus
 from pipeline.dist import Dist, init, resolve_device
@@ -28,13 +29,6 @@ from pipeline.models import DualEncoder, model_identity
 DIRECTIONS = ("i2t", "t2i")
 EMBED_SHARD = 8192  # rows per embedding shard: the unit of encoding work split across ranks
 
-CANDIDATE_SCHEMA = pa.schema([
-    ("direction", pa.string()),
-    ("query_id", pa.string()),
-    ("positive_ids", pa.list_(pa.string())),
-    ("candidate_ids", pa.list_(pa.string())),
-    ("student_scores", pa.list_(pa.float32())),
-])
 
 
 @dataclass
@@ -91,15 +85,15 @@ def _embed(cfg: MineConfig, corpus: Corpus, student_id: dict, corpus_hash: str, 
     identity = {"stage": "mine/embeddings", "student": student_id, "revision": cfg.revision,
                 "corpus": corpus_hash, "shard_rows": EMBED_SHARD}
     # The cache is owned by the mine stage, which already refused or accepted --force: replace if stale.
-    writer = StageWriter(run / "mine" / "embeddings", identity, force=True, dist=dist, log=log)
+    writer = StageWriter(layout.Run(run).mine / "embeddings", identity, force=True, dist=dist, log=log)
     plan = [(kind, s, min(n, s + EMBED_SHARD))
             for kind, n in (("images", corpus.num_images), ("texts", corpus.num_texts))
             for s in range(0, n, EMBED_SHARD)]
     files = [f"{kind}-{s // EMBED_SHARD:05d}.npy" for kind, s, _ in plan]
     if writer.begin():
         writer.plan(files)
-        mine_ = [(f, p) for i, (f, p) in enumerate(zip(files, plan)) if i % dist.world_size == dist.rank]
-        todo = [(f, p) for f, p in mine_ if not writer.is_done(f)]
+        todo = [(f, p) for f, p in layout.rank_share(list(zip(files, plan)), dist.rank, dist.world_size)
+                if not writer.is_done(f)]
         if todo:
             encoder = DualEncoder(cfg.student, device=device, revision=cfg.revision,
                                   trust_remote_code=cfg.trust_remote_code)
@@ -130,10 +124,11 @@ def run(cfg: MineConfig) -> Path:
     if cfg.shard_size < 1:
         raise PipelineError(f"--shard-size must be at least 1, got {cfg.shard_size}")
     run_dir = Path(cfg.run)
-    out = run_dir / "mine"
+    paths = layout.Run(run_dir)
+    out = paths.mine
 
     corpus = read_corpus(cfg.data, cfg.format, cfg.image_root, cfg.split, cfg.image_column,
-                         cfg.caption_column, cfg.id_column, bytes_dir=run_dir / "images", log=log)
+                         cfg.caption_column, cfg.id_column, bytes_dir=paths.images, log=log)
     _check_k(cfg, corpus, dirs)
     corpus_hash = corpus.content_hash()
     student_id = model_identity(cfg.student, cfg.revision)
@@ -144,8 +139,8 @@ def run(cfg: MineConfig) -> Path:
     for d in dirs:
         n = corpus.num_images if d == "i2t" else corpus.num_texts
         plan += [(d, s, min(n, s + cfg.shard_size)) for s in range(0, n, cfg.shard_size)]
-    shard_files = [f"candidates/{shard_name(i)}" for i in range(len(plan))]
-    expected = ["corpus/images.parquet", "corpus/texts.parquet"] + shard_files
+    shard_files = [layout.candidate_shard(i) for i in range(len(plan))]
+    expected = list(layout.CORPUS_FILES) + shard_files
 
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, keep=["embeddings"],
                          config=cfgmod.as_dict(cfg), log=log)
@@ -154,15 +149,14 @@ def run(cfg: MineConfig) -> Path:
     try:
         writer.plan(expected)
         if dist.is_main:
-            if not writer.is_done("corpus/images.parquet"):
-                writer.write_table("corpus/images.parquet", corpus.images_table())
-            if not writer.is_done("corpus/texts.parquet"):
-                writer.write_table("corpus/texts.parquet", corpus.texts_table())
+            for rel, table in zip(layout.CORPUS_FILES, (corpus.images_table(), corpus.texts_table())):
+                if not writer.is_done(rel):
+                    writer.write_table(rel, table)
 
         img_emb, txt_emb = _embed(cfg, corpus, student_id, corpus_hash, run_dir, dist, device, log)
 
-        todo = [(f, p) for i, (f, p) in enumerate(zip(shard_files, plan))
-                if i % dist.world_size == dist.rank and not writer.is_done(f)]
+        todo = [(f, p) for f, p in layout.rank_share(list(zip(shard_files, plan)), dist.rank, dist.world_size)
+                if not writer.is_done(f)]
         log(f"[mine] {len(plan)} candidate shard(s); {len(todo)} to write on this rank")
         text_pos_of_image = corpus.image_text_rows()          # i2t positives: rows in the text table
         image_of_text = corpus.text_image_rows()               # t2i positive: one row in the image table
@@ -190,7 +184,7 @@ def run(cfg: MineConfig) -> Path:
                     "positive_ids": pos_ids,
                     "candidate_ids": [list(r) for r in cand_ids[rows]],
                     "student_scores": list(scores),
-                }, schema=CANDIDATE_SCHEMA)
+                }, schema=layout.CANDIDATE_SCHEMA)
                 writer.write_table(f, table)
                 log(f"[mine] wrote {f} ({d} queries {s}:{e})")
         writer.finish(expected, extra={"directions": dirs, "k": cfg.k, "num_images": corpus.num_images,

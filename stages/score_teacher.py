@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline import config as cfgmod
-from pipeline.artifacts import StageWriter, require_complete, shard_name
+from pipeline import layout
+from pipeline.artifacts import StageWriter, require_complete
 from pipeline.config import option, runtime
 from pipeline.corpus import load_tables
 from pipeline.dist import init, resolve_device
@@ -54,8 +55,6 @@ class TeacherConfig:
     force: bool = runtime(False, "replace an output made with other settings")
 
 
-TEACHER_SCHEMA_EXTRA = [("teacher_scores", pa.list_(pa.float32())), ("positive_teacher_scores", pa.list_(pa.float32()))]
-PAIR_SCHEMA = pa.schema([("image_id", pa.string()), ("text_id", pa.string()), ("score", pa.float32())])
 
 
 def _rows(ids: pa.Array, table_ids: pa.Array, what: str, shard: str) -> np.ndarray:
@@ -97,9 +96,10 @@ def run(cfg: TeacherConfig) -> Path:
         raise PipelineError(f"--images-per-shard must be at least 1, got {cfg.images_per_shard}")
     log("[teacher] resolved config:\n" + cfgmod.render(cfg))
     run_dir = Path(cfg.run)
-    mine_dir, out = run_dir / "mine", run_dir / "teacher"
+    paths = layout.Run(run_dir)
+    mine_dir, out = paths.mine, paths.teacher
     mine = require_complete(mine_dir, "mine", f"run `cprd-pipeline mine --run {run_dir} ...` first")
-    corpus = load_tables(mine_dir / "corpus")
+    corpus = load_tables(paths.corpus)
     identity = {"stage": "teacher", "config": cfgmod.fingerprinted(cfg), "upstream": mine["fingerprint"],
                 "teacher": model_identity(cfg.teacher, cfg.revision), "dtype": str(dtype)}
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log)
@@ -119,46 +119,45 @@ def _run(cfg, writer, mine, mine_dir, corpus, dist, device, dtype, log) -> None:
     corpus_ids = (pa.array(corpus.image_ids), pa.array(corpus.text_ids))
     n_texts = corpus.num_texts
 
-    # The work plan: unique pairs, keyed image_row * n_texts + text_row, so sorted keys group by image.
-    parts = []
-    for f in cand_files:
-        img, txt = _pairs_of_shard(pq.read_table(mine_dir / f), corpus_ids, f)
-        parts.append(img * n_texts + txt)
+    # The work plan: unique pairs as pair keys, so sorted keys group by image.
+    parts = [layout.pair_key(*_pairs_of_shard(pq.read_table(mine_dir / f), corpus_ids, f), n_texts)
+             for f in cand_files]
     keys = np.unique(np.concatenate(parts))
-    image_of_key = keys // n_texts
+    image_of_key, _ = layout.split_key(keys, n_texts)
     bounds = np.searchsorted(image_of_key, np.arange(0, corpus.num_images + cfg.images_per_shard,
                                                      cfg.images_per_shard))
     pair_plan = [(i, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1) if bounds[i + 1] > bounds[i]]
-    pair_files = [f"pairs/{shard_name(n)}" for n in range(len(pair_plan))]
+    pair_files = [layout.pair_shard(n) for n in range(len(pair_plan))]
     out_files = [Path(f).name for f in cand_files]
     writer.plan(pair_files + out_files)
     log(f"[teacher] {len(keys)} unique pairs over {len(np.unique(image_of_key))} images "
         f"in {len(pair_files)} pair shard(s)")
 
-    todo = [(f, lo, hi) for n, (f, (_, lo, hi)) in enumerate(zip(pair_files, pair_plan))
-            if n % dist.world_size == dist.rank and not writer.is_done(f)]
+    todo = [(f, lo, hi) for f, (_, lo, hi) in layout.rank_share(list(zip(pair_files, pair_plan)), dist.rank,
+                                                                dist.world_size)
+            if not writer.is_done(f)]
     if todo:
         teacher = load_teacher(cfg.teacher, device, dtype, cfg.revision, cfg.trust_remote_code)
         log(f"[teacher] {type(teacher.model).__name__} on {device} in {dtype}")
         with tqdm(total=sum(hi - lo for _, lo, hi in todo), desc="score pairs", unit="pair",
                   disable=not dist.is_main, smoothing=0.1) as bar:
             for f, lo, hi in todo:
-                img_rows, txt_rows = keys[lo:hi] // n_texts, keys[lo:hi] % n_texts
+                img_rows, txt_rows = layout.split_key(keys[lo:hi], n_texts)
                 scores = score_pairs(teacher, corpus, img_rows, txt_rows, cfg.batch_size, cfg.image_batch_size,
                                      cfg.num_workers, itc_weight=cfg.itc_weight if cfg.score == "itm+itc" else 0.0,
                                      bar=bar)
                 writer.write_table(f, pa.table({
                     "image_id": pa.array(corpus_ids[0].take(pa.array(img_rows))),
                     "text_id": pa.array(corpus_ids[1].take(pa.array(txt_rows))),
-                    "score": scores}, schema=PAIR_SCHEMA))
+                    "score": scores}, schema=layout.PAIR_SCHEMA))
     dist.barrier()  # every pair shard exists before the join
 
-    join = [(c, o) for n, (c, o) in enumerate(zip(cand_files, out_files))
-            if n % dist.world_size == dist.rank and not writer.is_done(o)]
+    join = [(c, o) for c, o in layout.rank_share(list(zip(cand_files, out_files)), dist.rank, dist.world_size)
+            if not writer.is_done(o)]
     if join:
         pairs = pa.concat_tables([pq.read_table(writer.dir / f) for f in pair_files])
-        pkeys = (_rows(pairs["image_id"], corpus_ids[0], "image", "pairs") * n_texts
-                 + _rows(pairs["text_id"], corpus_ids[1], "text", "pairs"))
+        pkeys = layout.pair_key(_rows(pairs["image_id"], corpus_ids[0], "image", "pairs"),
+                                _rows(pairs["text_id"], corpus_ids[1], "text", "pairs"), n_texts)
         order = np.argsort(pkeys)
         pkeys, pscores = pkeys[order], pairs["score"].to_numpy()[order]
         for cand_file, out_file in join:
@@ -183,12 +182,12 @@ def _attach_scores(table: pa.Table, corpus_ids, n_texts: int, pkeys: np.ndarray,
         q_rep = pc.take(query, pa.array(np.repeat(np.arange(len(query)), lengths)))
         img = _rows(pc.if_else(pa.array(q_i2t), q_rep, flat), image_ids, "image", shard)
         txt = _rows(pc.if_else(pa.array(q_i2t), flat, q_rep), text_ids, "text", shard)
-        want = img * n_texts + txt
+        want = layout.pair_key(img, txt, n_texts)
         at = np.searchsorted(pkeys, want)
         if (at >= len(pkeys)).any() or (pkeys[np.minimum(at, len(pkeys) - 1)] != want).any():
             raise PipelineError(f"{shard}: a pair has no teacher score; rerun score-teacher with --force")
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         columns[dst] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(pscores[at], pa.float32()))
-    for name, typ in TEACHER_SCHEMA_EXTRA:
-        table = table.append_column(pa.field(name, typ), columns[name])
-    return table
+    for name in ("teacher_scores", "positive_teacher_scores"):
+        table = table.append_column(layout.TEACHER_SCHEMA.field(name), columns[name])
+    return table.cast(layout.TEACHER_SCHEMA)

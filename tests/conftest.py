@@ -70,7 +70,7 @@ def corpus_file(tmp_path) -> Path:
 
 def cli(*args: str, expect: int | None = 0):
     """Run the CLI in-process; check the exit code unless expect is None."""
-    from pipeline.cli import main
+    from cprd_pipeline.cli import main
 
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     if expect is not None:
@@ -81,12 +81,40 @@ def cli(*args: str, expect: int | None = 0):
 def cli_subprocess(*args: str, env: dict | None = None, check: bool = False, launcher: list[str] | None = None,
                    timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the CLI as a real process (for kill/resume and multi-process tests)."""
-    cmd = (launcher or [sys.executable, "-m", "pipeline.cli"]) + [str(a) for a in args]
+    cmd = (launcher or [sys.executable, "-m", "cprd_pipeline"]) + [str(a) for a in args]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for torchrun's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """The launcher prefix for a CLI run under torchrun with `nproc` processes on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), "-m", "cprd_pipeline"]
+
+
+def assert_rows_match(got: list[dict], want: list[dict], float_columns: tuple[str, ...], atol: float = 1e-5) -> None:
+    """Rows from different processes or batch sizes: every id column equal exactly, float columns within atol
+    (float rounding depends on batch composition and thread count)."""
+    import numpy as np
+
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert {k: v for k, v in g.items() if k not in float_columns} == \
+               {k: v for k, v in w.items() if k not in float_columns}
+        for c in float_columns:
+            np.testing.assert_allclose(g[c], w[c], atol=atol, rtol=0, err_msg=c)
 
 
 @pytest.fixture(scope="session")

@@ -114,13 +114,17 @@ def render(combo: tuple[int, int, str], rng: np.random.Generator, noise: float) 
 def generate_split(spec: DemoCorpusSpec, split: str, out: Path) -> Path:
     """Write images and an ALBEF-style annotation file (one record per image, caption list) for a split.
 
+    `test` and `val` are galleries of one image per combination; `test-2`, `val-1`, ... are further galleries
+    built the same way from other draws (the combinations' captions are shared by all their images, so a larger
+    evaluation is several galleries, each scored alone, not one gallery with several images per combination).
     Records also carry `combination`, the index into combinations() (the pipeline ignores it).
     """
     combos = combinations()
     seen, _ = split_combinations(spec)
-    salt = {"pretrain": 1, "train": 2, "test": 3, "val": 4}[split]
-    rng = np.random.default_rng([spec.seed, salt])
-    if split in ("test", "val"):  # one image of every combination
+    base, _, gallery = split.partition("-")
+    salt = {"pretrain": 1, "train": 2, "test": 3, "val": 4}[base]
+    rng = np.random.default_rng([spec.seed, salt] + ([int(gallery)] if gallery else []))
+    if base in ("test", "val"):  # one image of every combination
         chosen = list(range(len(combos)))
     else:
         n = spec.pretrain_images if split == "pretrain" else spec.train_images

@@ -1,11 +1,16 @@
-"""Losses: pure tensor functions, each a mean over rows (queries). See each module's docstring."""
+"""Losses: pure tensor functions, each a mean over rows (queries), one file each.
+
+The distillation losses also register themselves by name (`registry`); `distill --loss NAME` looks them up.
+"""
+from . import registry
 from .cprd import cprd_loss
+from .hard_negatives import hard_negative_loss
 from .itc import itc_loss
 from .kl import kl_loss
 from .listmle import listmle_loss
 from .margin_mse import margin_mse_loss
 from .ranknet import ranknet_loss
+from .registry import DistillInputs, DistillLoss
 
-DISTILL_LOSSES = ("cprd", "listmle", "kl", "margin-mse", "ranknet", "none")
-
-__all__ = ["itc_loss", "cprd_loss", "listmle_loss", "kl_loss", "margin_mse_loss", "ranknet_loss", "DISTILL_LOSSES"]
+__all__ = ["itc_loss", "cprd_loss", "listmle_loss", "kl_loss", "margin_mse_loss", "ranknet_loss",
+           "hard_negative_loss", "registry", "DistillInputs", "DistillLoss"]

@@ -1,9 +1,14 @@
 """Contrastive Partial Ranking Distillation (Chen et al., CVPR 2024)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
+from ..config import option
 from ._common import NEG, check_pair, mean_over_rows
+from .registry import DistillInputs, register
 
 
 def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: torch.Tensor | None = None,
@@ -48,3 +53,17 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
     m = valid.sum(1)
     row_loss = terms.sum(1) / m.clamp(min=1)
     return mean_over_rows(row_loss, m > 0, student_logits)
+
+
+@dataclass
+class CPRDOptions:
+    num_valid: Optional[int] = option(4, "at most this many of the teacher's top candidates have their order taught")
+    min_teacher_score: Optional[float] = option(None, "a candidate is valid only if its teacher score >= this")
+    include_positive: bool = option(False, "the positive joins the list with its teacher score (LoopITR's list)")
+
+
+@register("cprd", CPRDOptions, "the teacher's order among its top hard negatives only")
+def cprd(x: DistillInputs, o: CPRDOptions) -> torch.Tensor:
+    if o.include_positive:
+        x = x.with_positive()
+    return cprd_loss(x.student, x.teacher, x.mask, o.num_valid, o.min_teacher_score)

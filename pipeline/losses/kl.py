@@ -1,9 +1,13 @@
 """Vanilla logit distillation."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..config import option
 from ._common import NEG, check_pair, mean_over_rows
+from .registry import DistillInputs, register
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: torch.Tensor | None = None,
@@ -30,3 +34,16 @@ def kl_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: to
     log_q, log_p = torch.log_softmax(s, dim=1), torch.log_softmax(t, dim=1)
     terms = torch.where(mask, log_p.exp() * (log_p - log_q), torch.zeros_like(s))
     return mean_over_rows(terms.sum(1), mask.sum(1) >= 2, student_logits)
+
+
+@dataclass
+class KLOptions:
+    teacher_temperature: float = option(1.0, "teacher scores are divided by this")
+    include_positive: bool = option(False, "the positive joins the list with its teacher score (LoopITR's list)")
+
+
+@register("kl", KLOptions, "the teacher's softmax distribution over the list")
+def kl(x: DistillInputs, o: KLOptions) -> torch.Tensor:
+    if o.include_positive:
+        x = x.with_positive()
+    return kl_loss(x.student, x.teacher, x.mask, o.teacher_temperature)

@@ -1,9 +1,13 @@
 """ListMLE: the full-ranking special case of CPRD."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..config import option
 from .cprd import cprd_loss
+from .registry import DistillInputs, register
 
 
 def listmle_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor,
@@ -22,3 +26,15 @@ def listmle_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor,
     | mask           | [B, N] | optional bool, True = real candidate     |
     """
     return cprd_loss(student_logits, teacher_scores, mask)
+
+
+@dataclass
+class ListMLEOptions:
+    include_positive: bool = option(False, "the positive joins the list with its teacher score (LoopITR's list)")
+
+
+@register("listmle", ListMLEOptions, "the teacher's full order (CPRD with every position valid)")
+def listmle(x: DistillInputs, o: ListMLEOptions) -> torch.Tensor:
+    if o.include_positive:
+        x = x.with_positive()
+    return listmle_loss(x.student, x.teacher, x.mask)

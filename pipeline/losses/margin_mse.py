@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._common import check_pair, mean_over_rows
+from .registry import DistillInputs, NoOptions, register
 
 
 def margin_mse_loss(student_pos: torch.Tensor, student_neg: torch.Tensor, teacher_pos: torch.Tensor,
@@ -31,3 +32,8 @@ def margin_mse_loss(student_pos: torch.Tensor, student_neg: torch.Tensor, teache
     sq = torch.where(mask, diff.square(), torch.zeros_like(diff))
     n = mask.sum(1)
     return mean_over_rows(sq.sum(1) / n.clamp(min=1), n > 0, student_neg)
+
+
+@register("margin-mse", NoOptions, "the teacher's positive-negative margins")
+def margin_mse(x: DistillInputs, o: NoOptions) -> torch.Tensor:
+    return margin_mse_loss(x.student_positive, x.student, x.teacher_positive, x.teacher, x.mask)

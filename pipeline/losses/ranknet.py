@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import check_pair, mean_over_rows
+from .registry import DistillInputs, NoOptions, register
 
 
 def ranknet_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor,
@@ -28,3 +29,8 @@ def ranknet_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor,
     count = prefer.sum((1, 2))
     row = torch.where(prefer, pair_loss, torch.zeros_like(pair_loss)).sum((1, 2)) / count.clamp(min=1)
     return mean_over_rows(row, count > 0, student_logits)
+
+
+@register("ranknet", NoOptions, "the teacher's pairwise preferences")
+def ranknet(x: DistillInputs, o: NoOptions) -> torch.Tensor:
+    return ranknet_loss(x.student, x.teacher, x.mask)

@@ -136,5 +136,10 @@ def test_unknown_format(tmp_path):
 
 def test_image_without_file_reports_image_root_hint(tmp_path):
     path = _records(tmp_path, [{"image": "elsewhere/img0000.png", "caption": ["a"]}])
-    with pytest.raises(PipelineError, match="image id"):
+    with pytest.raises(PipelineError, match=r"image file not found: .*elsewhere/img0000.png \(image id '.*'\) "
+                                            r"\(relative paths resolve against the annotation file's folder; "
+                                            r"pass --image-root\)"):
         read_corpus(path, **quiet)
+    (tmp_path / "root").mkdir()
+    with pytest.raises(PipelineError, match=r"resolve against --image-root .*root\)"):
+        read_corpus(path, image_root=str(tmp_path / "root"), **quiet)

@@ -6,17 +6,17 @@ import pytest
 import torch
 
 from pipeline.corpus import load_tables
-from pipeline.data import DistillBatches, pick
+from pipeline.data import BatchSpec, DistillBatches, Processors, pick
 from pipeline.models import load_image, load_processors
 
 
-def _dataset(run, **kw):
+def _dataset(run, corpus=None, batches=100, **kw):
     student = json.loads((run / "mine" / "manifest.json").read_text())["config"]["student"]
     proc, tok = load_processors(student)
     files = sorted((run / "teacher").glob("part-*.parquet"))
-    args = dict(batch_size=12, num_negatives=4, batches=100, seed=3, epoch=1, shuffle_buffer=0)
-    args.update(kw)
-    return DistillBatches(files, load_tables(run / "mine" / "corpus"), proc, tok, 32, **args), proc, tok
+    spec = BatchSpec(**{**dict(batch_size=12, num_negatives=4, seed=3, shuffle_buffer=0), **kw})
+    corpus = corpus or load_tables(run / "mine" / "corpus")
+    return DistillBatches(spec, files, corpus, Processors(proc, tok, 32), epoch=1, batches=batches), proc, tok
 
 
 def test_batch_indices_decode_to_the_rows(scored_run):
@@ -76,3 +76,70 @@ def test_rank_and_worker_dealing_covers_every_batch_once(scored_run):
     a, b = ids(ranks[0]), ids(ranks[1])
     assert len(a) == len(b) == 3
     assert sorted(a + b) == sorted(ids(whole))
+
+
+def _rows(run, n=12):
+    import pyarrow as pa
+    shards = sorted((run / "teacher").glob("part-*.parquet"))[3:6]  # the i2t/t2i boundary: both directions
+    return pa.concat_tables([pq.read_table(f) for f in shards]).slice(0, n).to_pydict()
+
+
+def test_false_negatives_are_never_negatives(scored_run):
+    """Captions identical to a positive's, and images that are the same file, are masked out of the lists."""
+    import copy
+    corpus = copy.deepcopy(load_tables(scored_run / "mine" / "corpus"))
+    rows = _rows(scored_run)
+    text_row = {t: i for i, t in enumerate(corpus.text_ids)}
+    image_row = {t: i for i, t in enumerate(corpus.image_ids)}
+    planted = 0
+    for r in range(12):
+        cands = rows["candidate_ids"][r][:4]
+        if rows["direction"][r] == "i2t":   # candidate caption 1 := one of the query image's own captions
+            own = [corpus.texts[text_row[p]] for p in rows["positive_ids"][r]]
+            corpus.texts[text_row[cands[1]]] = own[0]
+        else:                               # candidate image 2 := the positive image's file
+            corpus.image_paths[image_row[cands[2]]] = corpus.image_paths[image_row[rows["positive_ids"][r][0]]]
+        planted += 1
+    data, _, _ = _dataset(scored_run, corpus=corpus)
+    batch = data.build(rows)
+
+    # brute force, from the definition, over the edited corpus
+    captions_of = {}
+    for tid, iid, text in zip(corpus.text_ids, corpus.text_image_ids, corpus.texts):
+        captions_of.setdefault(iid, set()).add(text)
+    path = dict(zip(corpus.image_ids, corpus.image_paths))
+    text = dict(zip(corpus.text_ids, corpus.texts))
+    image_of_text = dict(zip(corpus.text_ids, corpus.text_image_ids))
+    expected_false = 0
+    for r in range(12):
+        q, pos = rows["query_id"][r], rows["positive_ids"][r][pick(3, 1, rows["query_id"][r], len(rows["positive_ids"][r]))]
+        keep = []
+        for c in rows["candidate_ids"][r][:4]:
+            if rows["direction"][r] == "i2t":
+                false = text[c] in captions_of[q] or path[image_of_text[c]] == path[q]
+            else:
+                false = path[c] == path[pos] or text[q] in captions_of[c]
+            expected_false += false
+            keep.append(not false)
+        n = sum(keep)
+        assert batch["candidate_mask"][r].tolist() == [True] * n + [False] * (4 - n), r
+        kept_scores = [s for s, k in zip(rows["teacher_scores"][r][:4], keep) if k]
+        assert batch["teacher"][r, :n].tolist() == pytest.approx(kept_scores)
+    assert expected_false >= planted and int(batch["false_negatives"]) == expected_false
+    # the contrastive term: two ids of one image file are one image of the batch
+    assert len(set(corpus.image_paths)) < len(corpus.image_paths)
+
+
+def test_max_teacher_margin_drops_candidates_far_above_the_positive(scored_run):
+    rows = _rows(scored_run)
+    data, _, _ = _dataset(scored_run, max_teacher_margin=0.0)
+    batch = data.build(rows)
+    dropped = 0
+    for r in range(12):
+        p = pick(3, 1, rows["query_id"][r], len(rows["positive_ids"][r]))
+        tp = rows["positive_teacher_scores"][r][p]
+        keep = [s <= tp for s in rows["teacher_scores"][r][:4]]
+        dropped += keep.count(False)
+        assert int(batch["candidate_mask"][r].sum()) == sum(keep)
+    assert int(batch["dropped_by_margin"]) == dropped
+    assert 0 < dropped < 48  # the tiny teacher is random: some candidates score above the positive, not all

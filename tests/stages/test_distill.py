@@ -46,14 +46,82 @@ def test_first_losses_are_deterministic_and_named(run, tmp_path):
     assert metrics(other)[0]["loss"] != a[0]["loss"]  # the seed matters (positive choice, shuffling)
 
 
-@pytest.mark.parametrize("loss", ["cprd", "kl", "listmle", "ranknet", "margin-mse", "none"])
-def test_every_loss_runs_through_the_loop(run, loss):
-    distill(run, "--loss", loss, "--max-steps", "2")
+LOSS_FLAGS = {"cprd": ("--num-valid", "3"), "kl": ("--teacher-temperature", "2")}
+
+
+def _first_batch_reference(run, loss, include_positive=False):
+    """The first step's distillation term recomputed outside the loop: the first batch (shuffle off) through the
+    untouched student, then the plain-loop reference of the named loss."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline" / "losses"))
+    import reference as ref
+
+    from pipeline.corpus import load_tables
+    from pipeline.data import BatchSpec, DistillBatches, Processors
+    from pipeline.models import DualEncoder
+
+    student = json.loads((run / "mine" / "manifest.json").read_text())["config"]["student"]
+    enc = DualEncoder(student)
+    files = sorted((run / "teacher").glob("part-*.parquet"))
+    spec = BatchSpec(batch_size=16, num_negatives=5, seed=0, shuffle_buffer=0)
+    batch = next(iter(DistillBatches(spec, files, load_tables(run / "mine" / "corpus"),
+                                     Processors(enc.image_processor, enc.tokenizer, enc.max_length), 0, 1)))
+    with torch.no_grad():
+        img = enc.image_features(batch["pixel_values"]).double()
+        txt = enc.text_features({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).double()
+        scale = float(enc.model.logit_scale.exp())
+    s, s_pos = [], []
+    for r in range(len(batch["query"])):
+        i2t = bool(batch["query_is_image"][r])
+        q = img[batch["query"][r]] if i2t else txt[batch["query"][r]]
+        pool = txt if i2t else img
+        s.append([scale * float(q @ pool[c]) for c in batch["candidates"][r]])
+        s_pos.append(scale * float(q @ pool[batch["positive"][r]]))
+    s, s_pos = torch.tensor(s, dtype=torch.float64), torch.tensor(s_pos, dtype=torch.float64)
+    t, t_pos, m = batch["teacher"].double(), batch["teacher_positive"].double(), batch["candidate_mask"]
+    if include_positive:
+        s, t = torch.cat([s_pos[:, None], s], 1), torch.cat([t_pos[:, None], t], 1)
+        m = torch.cat([torch.ones(len(m), 1, dtype=torch.bool), m], 1)
+    return {"cprd": lambda: ref.cprd_ref(s, t, m, num_valid=3), "listmle": lambda: ref.cprd_ref(s, t, m),
+            "kl": lambda: ref.kl_ref(s, t, m, T=2.0), "ranknet": lambda: ref.ranknet_ref(s, t, m),
+            "margin-mse": lambda: ref.margin_mse_ref(s_pos, s, t_pos, t, m),
+            "hard-negatives": lambda: ref.hard_negatives_ref(s_pos, s, m)}[loss]()
+
+
+@pytest.mark.parametrize("loss", ["cprd", "kl", "listmle", "ranknet", "margin-mse", "hard-negatives", "none"])
+def test_every_loss_runs_through_the_loop_as_itself(run, loss):
+    distill(run, "--loss", loss, *LOSS_FLAGS.get(loss, ()), "--max-steps", "2", "--shuffle-buffer", "0")
     m = metrics(run)
     assert len(m) == 2 and all(torch.isfinite(torch.tensor(x["loss"])) for x in m)
     assert ("distill" in m[0]) == (loss != "none")
-    if loss != "none":
-        assert m[0]["distill"] > 0
+    if loss != "none":  # the logged term is the named loss on the first batch, not some other one
+        assert m[0]["distill"] == pytest.approx(float(_first_batch_reference(run, loss)), rel=1e-4)
+
+
+def test_include_positive_reaches_the_loss(run):
+    distill(run, "--loss", "cprd", "--num-valid", "3", "--include-positive", "--max-steps", "1",
+            "--shuffle-buffer", "0")
+    want = float(_first_batch_reference(run, "cprd", include_positive=True))
+    assert metrics(run)[0]["distill"] == pytest.approx(want, rel=1e-4)
+    assert want != pytest.approx(float(_first_batch_reference(run, "cprd")), rel=1e-3)
+
+
+def test_only_the_chosen_losses_options_enter_the_fingerprint(run, tmp_path):
+    distill(run, "--loss", "cprd", "--max-steps", "1")
+    manifest = json.loads((run / "distill" / "manifest.json").read_text())
+    assert manifest["identity"]["config"]["loss_options"] == {"num_valid": 4, "min_teacher_score": None,
+                                                              "include_positive": False}
+    line = _error(distill(run, "--loss", "cprd", "--teacher-temperature", "3", "--max-steps", "1", expect=None))
+    assert "--teacher-temperature is an option of kl, not of --loss cprd" in line
+
+
+def test_false_negative_counts_are_logged(run):
+    distill(run, "--max-steps", "2", "--max-teacher-margin", "0")
+    m = metrics(run)
+    assert all(x["false_negatives"] == 0 for x in m)  # the test corpus has unique captions and files
+    assert sum(x["dropped_by_margin"] for x in m) > 0
 
 
 def test_loss_decreases(run):
@@ -70,7 +138,7 @@ def test_killed_run_resumes_to_the_same_weights(run, tmp_path):
     shutil.copytree(run, ref)
     args = ("--max-steps", "10", "--save-every", "4", "--grad-accum", "2")
     distill(ref, *args)
-    proc = cli_subprocess("distill", "--run", run, *FAST, *args, env={"CPRD_KILL_AT_STEP": "6"})
+    proc = cli_subprocess("distill", "--run", run, *FAST, *args, env={"CPRD_FAULT": "step:6"})
     assert proc.returncode == -signal.SIGKILL and not (run / "distill" / SUCCESS).exists()
     assert json.loads((run / "distill" / "checkpoints" / "latest.json").read_text())["step"] == 4
     out = distill(run, *args).output
@@ -114,6 +182,17 @@ def test_unknown_loss(run):
     assert "'hinge' is not one of" in distill(run, "--loss", "hinge", expect=None).output
 
 
+@pytest.mark.parametrize("flags,message", [(("--max-steps", "0"), "--max-steps must be at least 1, got 0"),
+                                           (("--epochs", "0"), "--epochs must be at least 1, got 0"),
+                                           (("--max-steps", "-5"), "--max-steps must be at least 1, got -5"),
+                                           (("--lr", "-1"), "--lr must be positive, got -1.0"),
+                                           (("--batch-size", "0"), "--batch-size must be at least 1, got 0"),
+                                           (("--num-valid", "-1"), "--num-valid must be at least 1")])
+def test_out_of_range_values_are_refused_before_anything_is_written(run, flags, message):
+    assert message in _error(distill(run, *flags, expect=None))
+    assert not (run / "distill").exists()
+
+
 def test_too_many_negatives(run):
     line = _error(distill(run, "--num-negatives", "7", expect=None))
     assert "--num-negatives 7 is more than the 6 hard negatives per query" in line
@@ -135,7 +214,7 @@ def test_teacher_missing(run):
 
 def test_changed_settings_never_discard_checkpoints(run):
     proc = cli_subprocess("distill", "--run", run, *FAST, "--max-steps", "4", "--save-every", "2",
-                          env={"CPRD_KILL_AT_STEP": "3"})
+                          env={"CPRD_FAULT": "step:3"})
     assert proc.returncode == -signal.SIGKILL
     line = _error(distill(run, "--max-steps", "4", "--lr", "1e-4", expect=None))
     assert "made with different settings" in line and "lr" in line

@@ -49,7 +49,7 @@ def test_rerank_reorders_only_the_top_k_by_teacher_score(tmp_path, tiny_clip, ti
         truth = np.array([corpus.text_image_ids[t] == corpus.image_ids[i] for i, t in zip(img_rows, txt_rows)])
         return truth.astype(np.float32)
 
-    monkeypatch.setattr("stages.evaluate.score_pairs", scoring)
+    monkeypatch.setattr("pipeline.retrieval.score_pairs", scoring)
     cli("evaluate", "--data", ann, "--model", tiny_clip, "--out", tmp_path / "eval", "--rerank-teacher", tiny_blip,
         "--k-test", "12")
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -59,8 +59,34 @@ def test_rerank_reorders_only_the_top_k_by_teacher_score(tmp_path, tiny_clip, ti
         assert rr[d]["R@1"] == rr[d]["R@5"] == rr[d]["R@10"] >= m[d]["R@10"] > m[d]["R@1"]
     assert rr["k_test"] == 12 and "teacher re-rank" in (tmp_path / "eval" / "report.md").read_text()
 
+    # rank agreement, recomputed with scipy over the brute-force student top 12 and the oracle's scores
+    from scipy import stats
+
+    enc = DualEncoder(str(tiny_clip))
+    records = json.loads(ann.read_text())
+    img = enc.encode_images([str(ann.parent / r["image"]) for r in records], progress=False)
+    txt = enc.encode_texts([c for r in records for c in r["caption"]], progress=False)
+    image_of_text = np.repeat(np.arange(len(records)), 5)
+    sims = img @ txt.T
+    for d, s, truth in (("i2t", sims, lambda q, c: image_of_text[c] == q),
+                        ("t2i", sims.T, lambda q, c: image_of_text[q] == c)):
+        top = np.argsort(-s, axis=1, kind="stable")[:, :12]
+        taus = [stats.kendalltau(s[q, top[q]], [float(truth(q, c)) for c in top[q]], variant="b").statistic
+                for q in range(len(s))]
+        assert m["agreement"][d]["kendall_tau"] == pytest.approx(np.nanmean(taus), abs=1e-4), d
+    assert "rank agreement" in (tmp_path / "eval" / "report.md").read_text()
+
 
 def test_missing_model_is_a_clear_error(tmp_path):
     ann = write_albef_corpus(tmp_path / "test", n_images=5)
     r = cli("evaluate", "--data", ann, "--model", tmp_path / "nope", "--out", tmp_path / "e", expect=2)
-    assert "error:" in r.output
+    line = r.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and f"{tmp_path / 'nope'}: cannot load" in line
+    assert not (tmp_path / "e" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("k", ["0", "-2", "1"])
+def test_k_test_below_two_is_refused(tmp_path, tiny_clip, k):
+    ann = write_albef_corpus(tmp_path / "test", n_images=5)
+    r = cli("evaluate", "--data", ann, "--model", tiny_clip, "--out", tmp_path / "e", "--k-test", k, expect=2)
+    assert f"--k-test must be at least 2 (candidates the teacher re-ranks), got {k}" in r.output.strip().splitlines()[-1]

@@ -104,3 +104,13 @@ def assert_same_value_and_grad(fast, ref, student):
     torch.testing.assert_close(fast.double(), ref.double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_fast.double(), g_ref.double(), rtol=1e-4, atol=1e-6)
     assert not torch.isnan(g_fast).any()
+
+
+def hard_negatives_ref(s_pos, s_neg, mask=None):
+    losses = []
+    for b, idx in rows(s_neg, s_neg, mask):
+        if not idx:
+            continue
+        logits = torch.stack([s_pos[b]] + [s_neg[b, j] for j in idx])
+        losses.append(torch.logsumexp(logits, 0) - s_pos[b])
+    return torch.stack(losses).mean() if losses else None

@@ -1,0 +1,161 @@
+"""`cprd-pipeline`: one verb per stage of the stage table, plus `status`, `demo` and `demo-assets`.
+
+Options come from each stage's config dataclass. Precedence: dataclass defaults < `--config FILE.yaml` < flags
+given on the command line. A stage's module (and torch, FAISS, transformers with it) is imported only when its
+verb runs or its `--help` is asked for.
+"""
+from __future__ import annotations
+
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from pipeline.errors import PipelineError
+from stages import STAGES, Stage
+
+APP_VERBS = {  # verbs that are not stages: their help line for the command list, without importing them
+    "demo": "The whole pipeline on the bundled demo corpus and models; writes OUT/report.md (see README: make demo).",
+    "demo-assets": "Train the demo's student and teacher from scratch and pack them (about 35 minutes on 2 CPU cores).",
+    "status": "Each stage's state: absent, partial (n/m shards), complete, or stale (its input changed since).",
+}
+
+
+def _click_type(tp: Any, choices: tuple[str, ...] | None) -> Any:
+    if choices:
+        return click.Choice(choices)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    tp = args[0] if args else tp
+    return {int: int, float: float, str: str, bool: bool}.get(tp, str)
+
+
+def config_options(cls: type) -> Callable:
+    """Add one click option per config option (default None, so unset flags do not override YAML)."""
+    from pipeline.config import flags
+
+    def decorate(fn: Callable) -> Callable:
+        for f in reversed(flags(cls)):
+            flag = "--" + f.name.replace("_", "-")
+            help_text = (f"[{', '.join(f.owners)}] " if f.owners else "") + f.help
+            if f.default not in (None, False, ""):
+                help_text += f"  [default: {f.default}]"
+            if f.type is bool:
+                fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)(fn)
+            else:
+                names = [flag] + (["--run-dir"] if f.name == "run" else [])  # torchrun's parser takes --run
+                fn = click.option(*names, f.name, type=_click_type(f.type, f.choices), default=None,
+                                  help=help_text)(fn)
+        return click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                            help="YAML file of options (flags given here override it)")(fn)
+
+    return decorate
+
+
+def _run(cls: type, entry: Callable, config_file: str | None, values: dict[str, Any]) -> None:
+    from pipeline.config import resolve
+
+    try:
+        entry(resolve(cls, config_file, values))
+    except PipelineError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+def _stage_command(stage: Stage) -> click.Command:
+    cls, entry = stage.load()
+
+    @click.command(stage.verb, help=stage.help)
+    @config_options(cls)
+    def command(config_file: str | None, **values: Any) -> None:
+        _run(cls, entry, config_file, values)
+
+    return command
+
+
+class Verbs(click.Group):
+    """Commands built on first use: the command list comes from the table, not from importing every stage."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [s.verb for s in STAGES] + sorted(APP_VERBS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        for s in STAGES:
+            if s.verb == name:
+                return _stage_command(s)
+        return {"demo": _demo_command, "demo-assets": demo_assets, "status": status}.get(name, lambda: None)()
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(s.verb, s.help.split(" (RUN/")[0]) for s in STAGES] + sorted(APP_VERBS.items())
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=Verbs, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="cprd-pipeline")
+def main() -> None:
+    """Distil a cross-encoder teacher into a dual-encoder student for image-text retrieval.
+
+    \b
+    Stages (each reads the one before it from RUN/ and can be rerun alone):
+      mine           embed the corpus with the student, mine top-k hard negatives  -> RUN/mine
+      score-teacher  score every mined pair with the cross-encoder teacher         -> RUN/teacher
+      distill        train the student: contrastive loss + CPRD over the teacher's ranking -> RUN/distill
+      evaluate       Recall@1/5/10 both directions, RSUM, rank agreement           -> RUN/eval
+    A rerun with the same settings skips finished work; different settings are refused unless --force.
+    """
+
+
+def _demo_command() -> click.Command:
+    from .demo import DemoConfig, run
+
+    @click.command("demo", help=APP_VERBS["demo"])
+    @config_options(DemoConfig)
+    def command(config_file: str | None, **values: Any) -> None:
+        _run(DemoConfig, run, config_file, values)
+
+    return command
+
+
+def demo_assets() -> click.Command:
+    @click.command("demo-assets", help=APP_VERBS["demo-assets"])
+    @click.option("--out", default="data/demo", show_default=True, type=click.Path(file_okay=False),
+                  help="where the packed models go")
+    @click.option("--work", default="runs/demo-assets", show_default=True, type=click.Path(file_okay=False),
+                  help="scratch folder (corpus, full models, validation results)")
+    @click.option("--seed", default=0, show_default=True, type=int)
+    def command(out: str, work: str, seed: int) -> None:
+        from pipeline.demo.models import build_assets
+
+        build_assets(Path(out), Path(work), seed=seed)
+
+    return command
+
+
+def status() -> click.Command:
+    @click.command("status", help=APP_VERBS["status"])
+    @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="run directory")
+    def command(run_dir: str) -> None:
+        from pipeline.status import StageDir, describe
+
+        if not Path(run_dir).is_dir():
+            click.echo(f"error: {run_dir}: no such run directory", err=True)
+            sys.exit(2)
+        table = [StageDir(s.verb, s.directory, s.upstream, "" if s.contract else s.done_file) for s in STAGES]
+        try:
+            lines = describe(Path(run_dir), table)
+        except PipelineError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        for line in lines:
+            click.echo(line)
+
+    return command
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The run layout and the shard schemas, in one place: where each stage's outputs live and what they hold.
+
+RUN/
+  mine/      manifest.json  corpus/{images,texts}.parquet  embeddings/  candidates/part-NNNNN.parquet  _SUCCESS
+  teacher/   manifest.json  pairs/part-NNNNN.parquet  part-NNNNN.parquet  _SUCCESS
+  distill/   manifest.json  checkpoints/step-N/  final/  metrics.jsonl  _SUCCESS
+  eval/      metrics.json  report.md
+
+Every Parquet column carries a `description` in its field metadata (readable with `pq.read_schema`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Run:
+    """Paths of one run directory."""
+    root: Path
+
+    @property
+    def mine(self) -> Path:
+        return self.root / "mine"
+
+    @property
+    def corpus(self) -> Path:
+        return self.mine / "corpus"
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / "teacher"
+
+    @property
+    def distill(self) -> Path:
+        return self.root / "distill"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def images(self) -> Path:
+        """Image bytes extracted from a dataset (content-addressed)."""
+        return self.root / "images"
+
+
+CORPUS_FILES = ("corpus/images.parquet", "corpus/texts.parquet")
+
+
+def shard_name(index: int, prefix: str = "part", ext: str = "parquet") -> str:
+    return f"{prefix}-{index:05d}.{ext}"
+
+
+def candidate_shard(index: int) -> str:
+    """A candidate shard's path inside RUN/mine."""
+    return f"candidates/{shard_name(index)}"
+
+
+def pair_shard(index: int) -> str:
+    """A pair-score shard's path inside RUN/teacher."""
+    return f"pairs/{shard_name(index)}"
+
+
+def teacher_shards(manifest: dict) -> list[str]:
+    """The teacher shards (one per candidate shard) of a complete RUN/teacher manifest, in order."""
+    return [f for f in manifest["expected_shards"] if not f.startswith("pairs/")]
+
+
+# ---------------------------------------------------------------- schemas
+def _field(name: str, typ: pa.DataType, description: str) -> pa.Field:
+    return pa.field(name, typ, metadata={"description": description})
+
+
+CANDIDATE_SCHEMA = pa.schema([
+    _field("direction", pa.string(), "i2t: the query is an image, candidates are captions; t2i: the reverse"),
+    _field("query_id", pa.string(), "image_id (i2t) or text_id (t2i) of the query"),
+    _field("positive_ids", pa.list_(pa.string()), "ids of the query's matches (never among the candidates)"),
+    _field("candidate_ids", pa.list_(pa.string()), "the k mined hard negatives, most similar first"),
+    _field("student_scores", pa.list_(pa.float32()), "student cosine of each candidate at mining time"),
+])
+
+TEACHER_SCHEMA = pa.schema(list(CANDIDATE_SCHEMA) + [
+    _field("teacher_scores", pa.list_(pa.float32()),
+           "teacher score of each candidate, aligned with candidate_ids (which score: the manifest's config.score)"),
+    _field("positive_teacher_scores", pa.list_(pa.float32()),
+           "teacher score of each positive, aligned with positive_ids"),
+])
+
+PAIR_SCHEMA = pa.schema([
+    _field("image_id", pa.string(), "the pair's image"),
+    _field("text_id", pa.string(), "the pair's caption"),
+    _field("score", pa.float32(), "teacher score: ITM log-odds, plus itc_weight x ITC cosine for itm+itc"),
+])
+
+
+# ---------------------------------------------------------------- pair keys and work split
+def pair_key(image_rows: np.ndarray, text_rows: np.ndarray, num_texts: int) -> np.ndarray:
+    """One int64 per (image row, text row): sorted keys group pairs by image."""
+    return np.asarray(image_rows, dtype=np.int64) * num_texts + np.asarray(text_rows, dtype=np.int64)
+
+
+def split_key(keys: np.ndarray, num_texts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image rows, text rows) of pair keys."""
+    return keys // num_texts, keys % num_texts
+
+
+def rank_share(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """This rank's share of numbered work: items rank, rank + W, rank + 2W, ... (independent of W on resume,
+    since each item is a fixed shard)."""
+    return [item for i, item in enumerate(items) if i % world_size == rank]

@@ -1,0 +1,122 @@
+"""The distillation-loss registry: a name maps to a loss, the batch fields it reads and the options it owns.
+
+Each loss file registers itself:
+
+    @dataclass
+    class KLOptions:
+        teacher_temperature: float = option(1.0, "teacher scores are divided by this")
+
+    @register("kl", KLOptions, "the teacher's softmax distribution")
+    def kl(x: DistillInputs, o: KLOptions) -> torch.Tensor:
+        return kl_loss(x.student, x.teacher, x.mask, o.teacher_temperature)
+
+`distill` looks the name up and never branches on it; only the chosen loss's options enter its config and
+fingerprint. Every module of this package is imported when the registry is first read, so adding a loss is
+one file (plus its tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistillInputs:
+    """One micro-batch of B queries with N mined hard negatives each, as every distillation loss sees it.
+
+    | field            | shape  | meaning                                                                |
+    | ---------------- | ------ | ---------------------------------------------------------------------- |
+    | student          | [B, N] | student logits of the hard negatives: logit_scale * cos(query, cand)   |
+    | teacher          | [B, N] | teacher scores of the same pairs (raw log-odds, or itm+itc)            |
+    | mask             | [B, N] | bool, True = a real negative (False: padding, or a dropped false negative) |
+    | student_positive | [B]    | student logit of the query's positive used this epoch                  |
+    | teacher_positive | [B]    | teacher score of that positive                                         |
+    """
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    mask: torch.Tensor
+    student_positive: torch.Tensor
+    teacher_positive: torch.Tensor
+
+    def with_positive(self) -> "DistillInputs":
+        """The positive prepended to the list with its teacher score: column 0 of [B, N + 1], always real.
+
+        This is LoopITR's list (the positive and a few hard negatives); the listwise losses then place the
+        positive wherever the teacher's score puts it.
+        """
+        b = self.student.shape[0]
+        return dataclasses.replace(
+            self,
+            student=torch.cat([self.student_positive[:, None], self.student], 1),
+            teacher=torch.cat([self.teacher_positive[:, None].to(self.teacher.dtype), self.teacher], 1),
+            mask=torch.cat([torch.ones(b, 1, dtype=torch.bool, device=self.mask.device), self.mask], 1),
+        )
+
+
+@dataclass
+class NoOptions:
+    """A loss with nothing to set."""
+
+
+@dataclass(frozen=True)
+class DistillLoss:
+    name: str
+    fn: Optional[Callable[[DistillInputs, Any], torch.Tensor]]   # None: no distillation term (the baseline)
+    options: type                                                 # a dataclass of this loss's own options
+    summary: str
+    uses_teacher: bool = True
+
+
+_REGISTRY: dict[str, DistillLoss] = {}
+_LOADED = False
+
+
+def register(name: str, options: type = NoOptions, summary: str = "", uses_teacher: bool = True):
+    """Decorator: register `fn(inputs: DistillInputs, options) -> scalar tensor` under `name`."""
+    if not dataclasses.is_dataclass(options):
+        raise TypeError(f"register({name!r}): options must be a dataclass, got {options!r}")
+
+    def decorate(fn):
+        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+            raise ValueError(f"distillation loss {name!r} is registered twice")
+        _REGISTRY[name] = DistillLoss(name, fn, options, summary, uses_teacher)
+        return fn
+
+    return decorate
+
+
+def _load_all() -> None:
+    """Import every module of this package once, so that each registers its losses."""
+    global _LOADED
+    if _LOADED:
+        return
+    from . import __path__ as package_path
+
+    for info in pkgutil.iter_modules(package_path):
+        if not info.name.startswith("_") and info.name != "registry":
+            importlib.import_module(f"{__package__}.{info.name}")
+    _LOADED = True
+
+
+def names() -> tuple[str, ...]:
+    _load_all()
+    return tuple(sorted(_REGISTRY))
+
+
+def get(name: str) -> DistillLoss:
+    _load_all()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown distillation loss {name!r} (known: {', '.join(names())})")
+    return _REGISTRY[name]
+
+
+def options_by_loss() -> dict[str, type]:
+    """Each loss's options dataclass, for the CLI and the config resolver."""
+    _load_all()
+    return {name: spec.options for name, spec in sorted(_REGISTRY.items())}

@@ -1,0 +1,67 @@
+"""The CLI over the stage table: verbs, lazy imports, status; and the one-way arrows between the layers."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, cli
+from stages import STAGES
+
+
+def test_help_lists_every_stage_of_the_table_and_the_app_verbs():
+    out = cli("--help").output
+    for verb in [s.verb for s in STAGES] + ["status", "demo", "demo-assets"]:
+        assert f"  {verb} " in out, verb
+
+
+def test_status_and_help_do_not_import_torch(tmp_path):
+    code = ("import sys\nfrom cprd_pipeline.cli import main\n"
+            "for argv in (['--help'], ['status', '--run', sys.argv[1]]):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "heavy = [m for m in ('torch', 'faiss', 'transformers') if m in sys.modules]\n"
+            "print('HEAVY', heavy)\n")
+    (tmp_path / "run").mkdir()
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+    assert "mine" in proc.stdout and "absent" in proc.stdout
+
+
+def test_status_of_a_missing_run_directory_is_an_error(tmp_path):
+    r = cli("status", "--run", tmp_path / "nope", expect=2)
+    assert r.output.strip().splitlines()[-1] == f"error: {tmp_path / 'nope'}: no such run directory"
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_arrows_run_one_way_cli_to_stages_to_pipeline():
+    for f in (REPO / "pipeline").rglob("*.py"):
+        bad = {m for m in _imports(f) if m.split(".")[0] in ("stages", "cprd_pipeline")}
+        assert not bad, f"{f.relative_to(REPO)} imports {bad}: the framework never imports a layer above it"
+    for f in (REPO / "stages").glob("*.py"):
+        if f.name == "__init__.py":
+            continue
+        bad = {m for m in _imports(f) if m.split(".")[0] == "cprd_pipeline" or
+               (m.startswith("stages") and m != "stages")}
+        assert not bad, f"{f.relative_to(REPO)} imports {bad}: a stage never imports another stage or the app"
+
+
+def test_the_stage_table_is_the_only_list_of_stages():
+    """No other module spells the verbs as a list (status, the CLI and the demo read the table)."""
+    verbs = {s.verb for s in STAGES}
+    for f in list((REPO / "pipeline").rglob("*.py")) + list((REPO / "cprd_pipeline").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                words = {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+                assert len(words & (verbs | {"teacher", "eval"})) < 3, f"{f.relative_to(REPO)}: a list of stages"
+    for s in STAGES:
+        cls, entry = s.load()
+        assert callable(entry) and cls.__name__ == s.config

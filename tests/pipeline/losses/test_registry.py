@@ -1,0 +1,78 @@
+"""The registry maps each name to the right loss with the right options; `include_positive` adds the positive."""
+import dataclasses
+
+import pytest
+import torch
+
+from pipeline.losses import DistillInputs, registry
+
+from reference import cprd_ref, hard_negatives_ref, kl_ref, margin_mse_ref, random_case, ranknet_ref
+
+
+def _inputs(seed=0):
+    student, teacher, mask = random_case(seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    s_pos = torch.randn(student.shape[0], generator=g, dtype=torch.float64) * 3
+    t_pos = torch.randn(student.shape[0], generator=g, dtype=torch.float64) + 1
+    return DistillInputs(student, teacher, mask, s_pos, t_pos)
+
+
+def _prepend(x):
+    """The positive as column 0, built by hand (independent of DistillInputs.with_positive)."""
+    B, N = x.student.shape
+    s = torch.stack([torch.stack([x.student_positive[b]] + [x.student[b, j] for j in range(N)]) for b in range(B)])
+    t = torch.tensor([[float(x.teacher_positive[b])] + x.teacher[b].tolist() for b in range(B)], dtype=torch.float64)
+    m = torch.tensor([[True] + x.mask[b].tolist() for b in range(B)])
+    return s, t, m
+
+
+def test_every_distillation_loss_is_registered():
+    assert set(registry.names()) == {"cprd", "listmle", "kl", "margin-mse", "ranknet", "hard-negatives", "none"}
+    assert registry.get("none").fn is None and not registry.get("none").uses_teacher
+    assert not registry.get("hard-negatives").uses_teacher
+    with pytest.raises(KeyError, match="unknown distillation loss 'hinge'"):
+        registry.get("hinge")
+
+
+def _run(name, x, **options):
+    spec = registry.get(name)
+    return spec.fn(x, spec.options(**options))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_each_name_computes_its_own_loss(seed):
+    x = _inputs(seed)
+    s, t, m = x.student, x.teacher, x.mask
+    cases = {
+        ("cprd", ()): cprd_ref(s, t, m, num_valid=3),
+        ("listmle", ()): cprd_ref(s, t, m),
+        ("kl", ()): kl_ref(s, t, m, T=2.0),
+        ("margin-mse", ()): margin_mse_ref(x.student_positive, s, x.teacher_positive, t, m),
+        ("ranknet", ()): ranknet_ref(s, t, m),
+        ("hard-negatives", ()): hard_negatives_ref(x.student_positive, s, m),
+    }
+    opts = {"cprd": dict(num_valid=3), "kl": dict(teacher_temperature=2.0)}
+    values = {}
+    for (name, _), ref in cases.items():
+        got = _run(name, x, **opts.get(name, {}))
+        torch.testing.assert_close(got.double(), ref.double(), rtol=1e-5, atol=1e-6, msg=name)
+        values[name] = float(got.detach())
+    assert len({round(v, 6) for v in values.values()}) == len(values)  # all different: a swap would be caught
+
+
+@pytest.mark.parametrize("name,ref", [("cprd", lambda s, t, m: cprd_ref(s, t, m, num_valid=4)),
+                                      ("listmle", lambda s, t, m: cprd_ref(s, t, m)),
+                                      ("kl", lambda s, t, m: kl_ref(s, t, m, T=3.0))])
+def test_include_positive_puts_the_positive_in_the_list(name, ref):
+    x = _inputs(1)
+    opts = {"cprd": dict(num_valid=4), "kl": dict(teacher_temperature=3.0)}.get(name, {})
+    with_pos = _run(name, x, include_positive=True, **opts)
+    torch.testing.assert_close(with_pos.double(), ref(*_prepend(x)).double(), rtol=1e-5, atol=1e-6)
+    assert float(with_pos.detach()) != pytest.approx(float(_run(name, x, **opts).detach()))
+
+
+def test_options_are_dataclasses_with_defaults():
+    for name, opts in registry.options_by_loss().items():
+        assert dataclasses.is_dataclass(opts)
+        opts()  # every option has a default
+    assert registry.options_by_loss()["cprd"]().num_valid == 4
