@@ -145,7 +145,7 @@ def status() -> click.Command:
         if not Path(run_dir).is_dir():
             click.echo(f"error: {run_dir}: no such run directory", err=True)
             sys.exit(2)
-        table = [StageDir(s.verb, s.directory, s.upstream, "" if s.contract else s.done_file) for s in STAGES]
+        table = [StageDir(s.verb, s.directory, s.upstream) for s in STAGES]
         try:
             lines = describe(Path(run_dir), table)
         except PipelineError as e:

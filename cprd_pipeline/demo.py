@@ -96,7 +96,7 @@ class Row:
     label: str
     runs: list[dict]
     seeded: bool = True
-    loss: str = ""
+    name: str = ""   # the recipe's method name
 
 
 def run(cfg: DemoConfig) -> dict:
@@ -127,7 +127,8 @@ def run(cfg: DemoConfig) -> dict:
         re-rank row and rank agreement); each number averaged over the galleries that have it."""
         per = []
         for i, g in enumerate(galleries):
-            rerank = dict(rerank_teacher=str(teacher), rerank_score=score, itc_weight=w) if i < teacher_on else {}
+            rerank = dict(rerank_teacher=str(teacher), rerank_score=score, itc_weight=w,
+                          teacher_cache=str(out / "teacher-scores")) if i < teacher_on else {}
             per.append(stage("evaluate").run(data=str(g), model=str(model), k_test=k_test, device=cfg.device,
                                              out=str(out / "eval" / cfg.split / name / g.stem), **rerank))
         return _mean_metrics(per)
@@ -166,7 +167,7 @@ def run(cfg: DemoConfig) -> dict:
             stage("distill").run(run=str(caches[cache]), out=str(target), student=str(student), seed=s,
                                  save_every=10**6, **{**shared, **method}, **dev)
             runs.append({**evaluate_model(target / "final", f"{name}-s{s}"), **_false_negatives(target)})
-        rows.append(Row(label, runs, loss=method.get("loss", "cprd")))
+        rows.append(Row(label, runs, name=name))
 
     meta = {**meta, "student": _describe(student), "teacher": _describe(teacher)}
     report = _report(rows, meta, recipe, cfg, len(galleries), time.time() - t_start)
@@ -228,7 +229,7 @@ def _report(rows: list[Row], meta: dict, recipe: dict, cfg: DemoConfig, n_galler
     c = {**recipe["corpus"], **(recipe["quick"] if cfg.quick else {})}
     length = (f"{recipe['quick']['max_steps']} steps" if cfg.quick
               else f"{recipe['distill'].get('epochs', 1)} epoch(s)")
-    none = next((r for r in rows if r.seeded and r.loss == "none"), None)
+    none = next((r for r in rows if r.seeded and r.name == recipe.get("baseline")), None)
     head = ("| method | seeds | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | RSUM | vs none | "
             "Kendall tau | false neg. / epoch |\n" + "| --- " * 12 + "|\n")
     body = ""
@@ -254,7 +255,7 @@ def _report(rows: list[Row], meta: dict, recipe: dict, cfg: DemoConfig, n_galler
         teacher, base = rows[1].runs[0]["rsum"], np.mean([m["rsum"] for m in none.runs])
         share = (np.mean([m["rsum"] for m in best.runs]) - base) / (teacher - base) if teacher > base else float("nan")
         gap = (f"The best distilled student ({best.label}) closes {100 * share:.0f}% of the RSUM gap between "
-               f"`loss=none` and the teacher re-rank.\n\n")
+               f"the baseline and the teacher re-rank.\n\n")
     return (
         "# cprd-pipeline demo\n\n" + "".join(n + "\n\n" for n in notes) +
         f"Split `{cfg.split}`: {n_galleries} galleries of one image per shape combination (264 each, 40 of them never "
@@ -266,7 +267,7 @@ def _report(rows: list[Row], meta: dict, recipe: dict, cfg: DemoConfig, n_galler
         f"students start from the same student and train {length} on the "
         f"teacher cache of the train split ({c['train_images']:,} images, top-{recipe['mine']['k']} mined negatives per "
         f"query) with itc + {recipe['distill']['distill_weight']} x the distillation loss (a method may override). "
-        "`vs none`: mean RSUM difference to `loss=none`, and in pooled standard deviations. `Kendall tau`: "
+        f"`vs none`: mean RSUM difference to the baseline `{recipe.get('baseline')}`, and in pooled standard deviations. `Kendall tau`: "
         "agreement of the student's order with the teacher's scores over each query's top "
         f"{recipe.get('evaluate', {}).get('k_test', 16)} (mean of both directions). `false neg.`: mined candidates "
         "dropped per epoch because they match the query (identical caption text, or the same image).\n\n"

@@ -1,4 +1,4 @@
-"""The artifact contract every stage keeps (DESIGN.md, "Rules for every stage").
+"""The artifact contract every stage keeps (docs/design.md, "Rules every stage keeps").
 
 A stage directory holds `manifest.json` (resolved config, schema version, input identities, fingerprint,
 shard list), numbered shards and `_SUCCESS`, written last. While a process writes it, the directory is locked.

@@ -1,4 +1,4 @@
-"""Corpus readers: every input format becomes the two tables of DESIGN.md.
+"""Corpus readers: every input format becomes the two tables of docs/design.md ("Data model").
 
     images: image_id (str, unique), path (absolute)
     texts:  text_id (str, unique), image_id (its positive image), text

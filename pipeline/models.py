@@ -109,7 +109,7 @@ def image_batches(paths: Sequence[str], processor: Any, batch_size: int, num_wor
         yield pixels, mask
 
 
-def _features(out: Any) -> torch.Tensor:
+def projected(out: Any) -> torch.Tensor:
     """transformers 4 returns a tensor from get_*_features, 5 a ModelOutput with the projection in pooler_output."""
     if isinstance(out, torch.Tensor):
         return out
@@ -147,11 +147,11 @@ class DualEncoder:
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, D], L2-normalised, differentiable (used by distill)."""
         out = self.model.get_image_features(pixel_values=pixel_values)
-        return torch.nn.functional.normalize(_features(out).float(), dim=-1)
+        return torch.nn.functional.normalize(projected(out).float(), dim=-1)
 
     def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.model.get_text_features(**tokens)
-        return torch.nn.functional.normalize(_features(out).float(), dim=-1)
+        return torch.nn.functional.normalize(projected(out).float(), dim=-1)
 
     @torch.inference_mode()
     def encode_images(self, paths: Sequence[str], batch_size: int = 64, num_workers: int = 0,

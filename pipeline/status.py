@@ -9,22 +9,16 @@ from .artifacts import stage_state
 
 @dataclass(frozen=True)
 class StageDir:
-    """What status needs of a stage: its name, directory, the names of its upstream stages, and (for a stage
-    without a manifest) the file whose presence means complete."""
+    """What status needs of a stage: its name, directory and the names of its upstream stages."""
     name: str
     directory: str
     upstream: tuple[str, ...] = ()
-    done_file: str = ""
 
 
 def describe(run: Path, stages: list[StageDir]) -> list[str]:
     lines, fingerprints = [], {}
     width = max(len(s.name) for s in stages)
     for s in stages:
-        if s.done_file:
-            text = "complete" if (run / s.directory / s.done_file).exists() else "absent"
-            lines.append(f"{s.name:<{width}} {text}")
-            continue
         st = stage_state(run / s.directory)
         m = st["manifest"]
         if m:

@@ -48,6 +48,26 @@ class CrossEncoder:
         raise PipelineError(f"{type(self.model).__name__} has no contrastive (ITC) head; use --score itm")
 
 
+def blip_itm_logodds(model: Any, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] match log-odds of BLIP's ITM head for B (image hidden states [B, P, H], caption) pairs."""
+    image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    hidden = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts)
+    logits = model.itm_head(hidden.last_hidden_state[:, 0, :]).float()  # [B, 2]: no match, match
+    return logits[:, 1] - logits[:, 0]
+
+
+def blip_itc_features(model: Any, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BLIP's contrastive features, L2-normalised: the projected [CLS] of the image and of the caption (encoded
+    without the image), [B, D] each."""
+    text = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
+    img = torch.nn.functional.normalize(model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
+    txt = torch.nn.functional.normalize(model.text_proj(text.last_hidden_state[:, 0, :]).float(), dim=-1)
+    return img, txt
+
+
 class BlipITM(CrossEncoder):
     head = "itm_head"
 
@@ -56,18 +76,12 @@ class BlipITM(CrossEncoder):
 
     def score(self, image_state, tokens):
         (image_embeds,) = image_state
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        hidden = self.model.text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                                         encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts)
-        logits = self.model.itm_head(hidden.last_hidden_state[:, 0, :]).float()  # [B, 2]: no match, match
-        return logits[:, 1] - logits[:, 0]
+        return blip_itm_logodds(self.model, image_embeds, tokens["input_ids"], tokens["attention_mask"])
 
     def itc(self, image_state, tokens):
         """BLIP's contrastive similarity: cosine of the projected [CLS] features (text encoded without image)."""
         (image_embeds,) = image_state
-        text = self.model.text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        img = torch.nn.functional.normalize(self.model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
-        txt = torch.nn.functional.normalize(self.model.text_proj(text.last_hidden_state[:, 0, :]).float(), dim=-1)
+        img, txt = blip_itc_features(self.model, image_embeds, tokens["input_ids"], tokens["attention_mask"])
         return (img * txt).sum(-1)
 
 

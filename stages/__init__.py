@@ -19,8 +19,6 @@ class Stage:
     directory: str                # its output under RUN/
     upstream: tuple[str, ...]     # verbs whose output it reads
     help: str
-    contract: bool = True         # writes manifest.json/_SUCCESS (else: complete when `done_file` exists)
-    done_file: str = ""
 
     def load(self) -> tuple[type, Callable[[Any], Any]]:
         """(config class, entry point): imports the stage and its heavy dependencies."""
@@ -44,7 +42,7 @@ STAGES: tuple[Stage, ...] = (
           "Train the student: contrastive loss + distillation over the teacher-ranked hard negatives (RUN/distill)."),
     Stage("evaluate", "stages.evaluate", "EvalConfig", "eval", ("distill",),
           "Recall@1/5/10 in both directions and RSUM of a dual encoder, optionally re-ranked by the teacher, with "
-          "student-teacher rank agreement (RUN/eval).", contract=False, done_file="metrics.json"),
+          "student-teacher rank agreement (RUN/eval)."),
 )
 
 BY_VERB = {s.verb: s for s in STAGES}

@@ -8,9 +8,11 @@ With a teacher, the student-teacher rank agreement over each query's top --k-tes
 tau-b and Spearman's rho between the student's scores and the teacher's, and NDCG@10 of the student's order
 with the teacher's scores as gains, each averaged over queries per direction (what CPRD optimises).
 
-RUN/eval/ (or --out): metrics.json  {"i2t": {"R@1", "R@5", "R@10"}, "t2i": {...}, "rsum", "rerank": {...},
-                                     "agreement": {"i2t": {"kendall_tau", "spearman", "ndcg@10"}, "t2i": {...}}}
-                      report.md
+RUN/eval/ (or --out): manifest.json, metrics.json, report.md, _SUCCESS (the artifact contract: an evaluation
+of the same model, data and settings is up to date; another one into the same folder is refused without --force)
+  metrics.json  {"i2t": {"R@1", "R@5", "R@10"}, "t2i": {...}, "rsum", "model", "data", "split",
+                 "rerank": {..., "teacher", "score", "k_test"},
+                 "agreement": {"i2t": {"kendall_tau", "spearman", "ndcg@10"}, "t2i": {...}}}
 """
 from __future__ import annotations
 
@@ -19,15 +21,16 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline import config as cfgmod
-from pipeline.artifacts import atomic_write_json, require_complete
+from pipeline import layout
+from pipeline.artifacts import StageWriter, atomic_write_json, fingerprint, read_json, require_complete
 from pipeline.config import option, runtime
 from pipeline.corpus import FORMATS, read_corpus
 from pipeline.dist import init, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.log import make_log
 from pipeline.metrics import KS
-from pipeline.retrieval import evaluate_retrieval
-from pipeline.models import DualEncoder, torch_dtype
+from pipeline.retrieval import ScoreCache, evaluate_retrieval
+from pipeline.models import DualEncoder, model_identity, torch_dtype
 from pipeline.teachers import load_teacher
 
 
@@ -52,6 +55,9 @@ class EvalConfig:
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     dtype: str = runtime("auto", "teacher dtype: auto = bf16 on a GPU that supports it, else fp32",
                          choices=("auto", "fp32", "bf16", "fp16"))
+    teacher_cache: Optional[str] = runtime(None, "folder of teacher pair scores kept across evaluations: students "
+                                                 "of one teacher on one test set share most re-rank pairs")
+    force: bool = runtime(False, "replace an evaluation made of another model, data or settings")
 
 
 def report(metrics: dict) -> str:
@@ -61,8 +67,10 @@ def report(metrics: dict) -> str:
         if m:
             cells = [f"{m[d][f'R@{k}']:.1f}" for d in ("i2t", "t2i") for k in KS]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['rsum']:.1f} |")
-    header = (f"# Evaluation\n\nmodel: `{metrics['model']}`  \ndata: `{metrics['data']}` "
-              f"({metrics['num_images']} images, {metrics['num_texts']} captions)\n\n")
+    rr = metrics.get("rerank")
+    teacher = f"  \nteacher: `{rr['teacher']}` ({rr['score']}, re-ranking the top {rr['k_test']})" if rr else ""
+    header = (f"# Evaluation\n\nmodel: `{metrics['model']}`  \ndata: `{metrics['data']}`, split "
+              f"`{metrics.get('split')}` ({metrics['num_images']} images, {metrics['num_texts']} captions){teacher}\n\n")
     agreement = metrics.get("agreement")
     if agreement:
         names = list(agreement["i2t"])
@@ -79,29 +87,54 @@ def run(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device, dist)
     if not cfg.data or not (cfg.run or (cfg.model and cfg.out)):
         raise PipelineError("evaluate needs --data and --run (or --model and --out)")
-    model = cfg.model
+    model, upstream = cfg.model, None
     if model is None:  # the run's distilled student, only once distill has finished
-        require_complete(Path(cfg.run) / "distill", "distill",
-                         f"finish `cprd-pipeline distill --run {cfg.run}` or pass --model")
-        model = str(Path(cfg.run) / "distill" / "final")
+        paths = layout.Run(Path(cfg.run))
+        upstream = require_complete(paths.distill, "distill",
+                                    f"finish `cprd-pipeline distill --run {cfg.run}` or pass --model")["fingerprint"]
+        model = str(paths.distill / "final")
     if cfg.k_test < 2:
         raise PipelineError(f"--k-test must be at least 2 (candidates the teacher re-ranks), got {cfg.k_test}")
     if cfg.k_test < max(KS) and cfg.rerank_teacher:
         log(f"[eval] note: --k-test {cfg.k_test} < {max(KS)}: R@{max(KS)} mixes re-ranked and student order")
     log("[eval] resolved config:\n" + cfgmod.render(cfg))
-    out = Path(cfg.out) if cfg.out else Path(cfg.run) / "eval"
+    out = Path(cfg.out) if cfg.out else layout.Run(Path(cfg.run)).eval
     corpus = read_corpus(cfg.data, cfg.format, cfg.image_root, cfg.split, cfg.image_column, cfg.caption_column,
                          cfg.id_column, bytes_dir=Path(cfg.run or out) / "images", log=log)
+    identity = {"stage": "evaluate", "config": cfgmod.fingerprinted(cfg), "corpus": corpus.content_hash(),
+                "model": model_identity(model), "upstream": upstream,
+                "teacher": model_identity(cfg.rerank_teacher) if cfg.rerank_teacher else None}
+    # load both models before the output is touched: a bad --model fails here, with nothing replaced
     encoder = DualEncoder(model, device=device)
     teacher = load_teacher(cfg.rerank_teacher, device, torch_dtype(cfg.dtype, device)) if cfg.rerank_teacher else None
+    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log)
+    if not writer.begin():
+        return read_json(out / "metrics.json")
+    try:
+        metrics = _evaluate(cfg, corpus, model, encoder, teacher, dist)
+        if dist.is_main:
+            atomic_write_json(out / "metrics.json", metrics)
+            (out / "report.md").write_text(report(metrics))
+            writer.record_file("metrics.json")
+            writer.record_file("report.md")
+            log(report(metrics))
+        writer.finish(["metrics.json", "report.md"])
+    except BaseException:
+        writer.abort()
+        raise
+    return metrics
+
+
+def _evaluate(cfg: EvalConfig, corpus, model: str, encoder: DualEncoder, teacher, dist) -> dict:
     weight = cfg.itc_weight if cfg.rerank_score == "itm+itc" else 0.0
+    cache = None
+    if teacher is not None and cfg.teacher_cache:
+        key = fingerprint({"teacher": model_identity(cfg.rerank_teacher), "score": cfg.rerank_score,
+                           "itc_weight": weight, "dtype": cfg.dtype, "corpus": corpus.content_hash()})
+        cache = ScoreCache(Path(cfg.teacher_cache) / f"{key[:24]}.npz")
     metrics = evaluate_retrieval(corpus, encoder, teacher, cfg.k_test, weight, cfg.batch_size, cfg.num_workers,
-                                 progress=dist.is_main)
-    metrics.update(model=model, data=cfg.data)
+                                 progress=dist.is_main, cache=cache)
+    metrics.update(model=model, data=cfg.data, split=cfg.split)
     if teacher is not None:
         metrics["rerank"].update(teacher=cfg.rerank_teacher, score=cfg.rerank_score)
-    if dist.is_main:
-        atomic_write_json(out / "metrics.json", metrics)
-        (out / "report.md").write_text(report(metrics))
-        log(report(metrics))
     return metrics

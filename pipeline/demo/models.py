@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import itc_loss
-from ..models import load_image
+from ..models import load_image, projected
+from ..teachers import blip_itc_features, blip_itm_logodds
 from ..tiny_models import bert_tokenizer_dir, save_tiny_blip, save_tiny_clip
 
 # The student is the small, fast model (2 layers, width 64); the teacher has 4 layers of width 128 per tower.
@@ -85,8 +86,8 @@ def train_student(model_dir: Path, ann: Path, steps: int, seed: int, log: Callab
     for step, idx in enumerate(_batches(len(px), batch, steps, gen)):
         _cosine_lr(opt, lr, step, steps, 50)
         cap = torch.randint(0, 5, (batch,), generator=gen)
-        img = model.get_image_features(pixel_values=px[idx]).pooler_output
-        txt = model.get_text_features(input_ids=ids[idx, cap], attention_mask=att[idx, cap]).pooler_output
+        img = projected(model.get_image_features(pixel_values=px[idx]))
+        txt = projected(model.get_text_features(input_ids=ids[idx, cap], attention_mask=att[idx, cap]))
         same = combo[idx][:, None] == combo[idx][None, :]
         loss = itc_loss(img, txt, model.logit_scale.exp().clamp(max=100), same)
         opt.zero_grad()
@@ -100,19 +101,8 @@ def train_student(model_dir: Path, ann: Path, steps: int, seed: int, log: Callab
 # ---------------------------------------------------------------- teacher
 def _blip_itc(model, px, ids, att):
     vis = model.vision_model(pixel_values=px).last_hidden_state            # [B, P, H]
-    txt = model.text_encoder(input_ids=ids, attention_mask=att).last_hidden_state
-    img_f = F.normalize(model.vision_proj(vis[:, 0]), dim=-1)
-    txt_f = F.normalize(model.text_proj(txt[:, 0]), dim=-1)
-    return vis, img_f, txt_f
+    return (vis, *blip_itc_features(model, vis, ids, att))
 
-
-def _itm(model, vis, ids, att):
-    """Match log-odds [B] for B (image state, caption) pairs."""
-    atts = torch.ones(vis.shape[:-1], dtype=torch.long)
-    h = model.text_encoder(input_ids=ids, attention_mask=att, encoder_hidden_states=vis,
-                           encoder_attention_mask=atts).last_hidden_state
-    logits = model.itm_head(h[:, 0])
-    return logits[:, 1] - logits[:, 0]
 
 
 def _confusable_table(combo: torch.Tensor, tokenizer, max_length: int = 16):
@@ -180,10 +170,10 @@ def train_teacher(model_dir: Path, ann: Path, itc_steps: int, itm_steps: int, se
                     edit_img = torch.tensor([rows[c][torch.randint(0, max(len(rows[c]), 1), (1,), generator=gen)].item()
                                              if len(rows[c]) else 0 for c in edit_img_combo.tolist()])
                 edit_vis = model.vision_model(pixel_values=px[edit_img]).last_hidden_state
-                pos = _itm(model, vis, b_ids, b_att)
-                negs = [_itm(model, vis, b_ids[hard_txt], b_att[hard_txt]), _itm(model, vis[hard_img], b_ids, b_att),
-                        _itm(model, vis, edit_ids[edit, cap], edit_att[edit, cap]),
-                        _itm(model, edit_vis, b_ids, b_att)[usable]]
+                pos = blip_itm_logodds(model, vis, b_ids, b_att)
+                negs = [blip_itm_logodds(model, vis, b_ids[hard_txt], b_att[hard_txt]), blip_itm_logodds(model, vis[hard_img], b_ids, b_att),
+                        blip_itm_logodds(model, vis, edit_ids[edit, cap], edit_att[edit, cap]),
+                        blip_itm_logodds(model, edit_vis, b_ids, b_att)[usable]]
                 poss = [pos, pos, pos, pos[usable]]
                 scores = torch.cat([pos, *negs])
                 labels = torch.cat([torch.ones_like(pos)] + [torch.zeros_like(n) for n in negs])

@@ -60,10 +60,14 @@ class CPRDOptions:
     num_valid: Optional[int] = option(4, "at most this many of the teacher's top candidates have their order taught")
     min_teacher_score: Optional[float] = option(None, "a candidate is valid only if its teacher score >= this")
     include_positive: bool = option(False, "the positive joins the list with its teacher score (LoopITR's list)")
+    student_temperature: float = option(1.0, "the ranking term's student logits are divided by this (apart from "
+                                             "the contrastive term's learned scale)")
 
 
 @register("cprd", CPRDOptions, "the teacher's order among its top hard negatives only")
 def cprd(x: DistillInputs, o: CPRDOptions) -> torch.Tensor:
+    if o.student_temperature <= 0:
+        raise ValueError(f"cprd: student_temperature must be > 0, got {o.student_temperature}")
     if o.include_positive:
         x = x.with_positive()
-    return cprd_loss(x.student, x.teacher, x.mask, o.num_valid, o.min_teacher_score)
+    return cprd_loss(x.student / o.student_temperature, x.teacher, x.mask, o.num_valid, o.min_teacher_score)

@@ -65,3 +65,16 @@ def test_the_stage_table_is_the_only_list_of_stages():
     for s in STAGES:
         cls, entry = s.load()
         assert callable(entry) and cls.__name__ == s.config
+
+
+def test_no_branch_on_a_loss_name_outside_the_registry():
+    from pipeline.losses import registry
+
+    names = set(registry.names())
+    files = list((REPO / "stages").glob("*.py")) + list((REPO / "cprd_pipeline").glob("*.py"))
+    files += [f for f in (REPO / "pipeline").rglob("*.py") if "losses" not in f.parts]
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Compare):
+                consts = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+                assert not names & set(consts), f"{f.relative_to(REPO)}:{node.lineno} compares with a loss name"

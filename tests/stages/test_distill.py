@@ -112,7 +112,7 @@ def test_only_the_chosen_losses_options_enter_the_fingerprint(run, tmp_path):
     distill(run, "--loss", "cprd", "--max-steps", "1")
     manifest = json.loads((run / "distill" / "manifest.json").read_text())
     assert manifest["identity"]["config"]["loss_options"] == {"num_valid": 4, "min_teacher_score": None,
-                                                              "include_positive": False}
+                                                              "include_positive": False, "student_temperature": 1.0}
     line = _error(distill(run, "--loss", "cprd", "--teacher-temperature", "3", "--max-steps", "1", expect=None))
     assert "--teacher-temperature is an option of kl, not of --loss cprd" in line
 

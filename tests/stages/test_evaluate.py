@@ -90,3 +90,48 @@ def test_k_test_below_two_is_refused(tmp_path, tiny_clip, k):
     ann = write_albef_corpus(tmp_path / "test", n_images=5)
     r = cli("evaluate", "--data", ann, "--model", tiny_clip, "--out", tmp_path / "e", "--k-test", k, expect=2)
     assert f"--k-test must be at least 2 (candidates the teacher re-ranks), got {k}" in r.output.strip().splitlines()[-1]
+
+
+def test_evaluation_keeps_the_artifact_contract(tmp_path, tiny_clip, tiny_blip):
+    """Up to date on a rerun; another model into the same folder is refused (nothing overwritten), --force replaces."""
+    from conftest import save_tiny_clip
+
+    ann = write_albef_corpus(tmp_path / "test", n_images=12)
+    out = tmp_path / "eval"
+    cli("evaluate", "--data", ann, "--model", tiny_clip, "--out", out, "--rerank-teacher", tiny_blip, "--k-test", "4")
+    before = (out / "metrics.json").read_bytes()
+    assert "up to date" in cli("evaluate", "--data", ann, "--model", tiny_clip, "--out", out,
+                               "--rerank-teacher", tiny_blip, "--k-test", "4").output
+    other = save_tiny_clip(tmp_path / "other-clip", seed=5)
+    line = cli("evaluate", "--data", ann, "--model", other, "--out", out, expect=2).output.strip().splitlines()[-1]
+    assert "made with different settings" in line and "use --force" in line
+    assert (out / "metrics.json").read_bytes() == before  # the re-rank section did not vanish
+    cli("evaluate", "--data", ann, "--model", other, "--out", out, "--force")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["model"] == str(other) and "rerank" not in m and m["split"] == "test"
+
+
+def test_teacher_cache_scores_each_pair_once_and_changes_nothing(tmp_path, tiny_clip, tiny_blip, monkeypatch):
+    from pipeline import retrieval
+
+    ann = write_albef_corpus(tmp_path / "test", n_images=12)
+    plain = tmp_path / "plain"
+    cli("evaluate", "--data", ann, "--model", tiny_clip, "--out", plain, "--rerank-teacher", tiny_blip, "--k-test", "6")
+    scored = []
+    original = retrieval.score_pairs
+
+    def counting(teacher, corpus, img_rows, txt_rows, *a, **kw):
+        scored.append(len(img_rows))
+        return original(teacher, corpus, img_rows, txt_rows, *a, **kw)
+
+    monkeypatch.setattr(retrieval, "score_pairs", counting)
+    args = ("--data", ann, "--model", tiny_clip, "--rerank-teacher", tiny_blip, "--k-test", "6",
+            "--teacher-cache", tmp_path / "cache")
+    cli("evaluate", *args, "--out", tmp_path / "a")
+    cli("evaluate", *args, "--out", tmp_path / "b")
+    assert scored[0] > 0 and scored[1] == 0  # the second evaluation found every pair in the cache
+    want, a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("plain", "a", "b"))
+    for m in (a, b):
+        assert m["rerank"]["rsum"] == want["rerank"]["rsum"]
+        for d in ("i2t", "t2i"):
+            assert m["agreement"][d]["kendall_tau"] == pytest.approx(want["agreement"][d]["kendall_tau"], abs=1e-6)

@@ -61,3 +61,19 @@ def test_confusable_are_the_one_edit_neighbours():
     assert len(confusable(combos.index((red_circle, green_square, "horizontal")))) == 4
     # one colour for both objects: exchanging colours changes nothing and exchanging shapes swaps the objects
     assert len(confusable(combos.index((red_circle, red_square, "vertical")))) == 2
+
+
+def test_further_galleries_hold_every_combination_in_new_images(tmp_path):
+    spec = DemoCorpusSpec(seed=0, train_images=10, pretrain_images=10)
+    paths = generate(spec, tmp_path, splits=("test", "test-1", "test-2", "val-1"))
+    recs = {s: json.loads(p.read_text()) for s, p in paths.items()}
+    for s, r in recs.items():
+        assert sorted(x["combination"] for x in r) == list(range(264)), s
+        assert len({x["image_id"] for x in r}) == 264
+    ids = [x["image_id"] for r in recs.values() for x in r]
+    assert len(set(ids)) == len(ids)  # galleries never share an id
+    pixels = lambda s, i: (tmp_path / recs[s][i]["image"]).read_bytes()
+    assert len({pixels(s, 0) for s in recs}) == 4  # four different draws of combination 0
+    # a gallery does not depend on which others are generated beside it
+    again = generate(spec, tmp_path / "again", splits=("test",))
+    assert json.loads(again["test"].read_text()) == recs["test"]

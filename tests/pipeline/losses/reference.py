@@ -1,4 +1,4 @@
-"""Plain-loop references, written from the formulas in DESIGN.md, independent of the vectorised code."""
+"""Plain-loop references, written from the formulas in docs/design.md, independent of the vectorised code."""
 
 import torch
 

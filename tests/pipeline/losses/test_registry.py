@@ -44,14 +44,14 @@ def test_each_name_computes_its_own_loss(seed):
     x = _inputs(seed)
     s, t, m = x.student, x.teacher, x.mask
     cases = {
-        ("cprd", ()): cprd_ref(s, t, m, num_valid=3),
+        ("cprd", ()): cprd_ref(s / 2.0, t, m, num_valid=3),
         ("listmle", ()): cprd_ref(s, t, m),
         ("kl", ()): kl_ref(s, t, m, T=2.0),
         ("margin-mse", ()): margin_mse_ref(x.student_positive, s, x.teacher_positive, t, m),
         ("ranknet", ()): ranknet_ref(s, t, m),
         ("hard-negatives", ()): hard_negatives_ref(x.student_positive, s, m),
     }
-    opts = {"cprd": dict(num_valid=3), "kl": dict(teacher_temperature=2.0)}
+    opts = {"cprd": dict(num_valid=3, student_temperature=2.0), "kl": dict(teacher_temperature=2.0)}
     values = {}
     for (name, _), ref in cases.items():
         got = _run(name, x, **opts.get(name, {}))
