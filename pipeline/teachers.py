@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import cross_kv
 from .errors import PipelineError
 from .models import _pretrained, image_batches, load_processors
 
@@ -44,8 +45,17 @@ class CrossEncoder:
         """[B] float32 match log-odds for B pairs (image_state already gathered per pair)."""
         raise NotImplementedError
 
+    def score_indexed(self, image_state: tuple[torch.Tensor, ...], image_index: torch.Tensor,
+                      tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B] match log-odds of B pairs, pair b using image `image_index[b]` of a group's image state."""
+        return self.score(tuple(t[image_index] for t in image_state), tokens)
+
     def itc(self, image_state: tuple[torch.Tensor, ...], tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         raise PipelineError(f"{type(self.model).__name__} has no contrastive (ITC) head; use --score itm")
+
+    def itc_indexed(self, image_state: tuple[torch.Tensor, ...], image_index: torch.Tensor,
+                    tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.itc(tuple(t[image_index] for t in image_state), tokens)
 
 
 def blip_itm_logodds(model: Any, image_embeds: torch.Tensor, input_ids: torch.Tensor,
@@ -69,7 +79,19 @@ def blip_itc_features(model: Any, image_embeds: torch.Tensor, input_ids: torch.T
 
 
 class BlipITM(CrossEncoder):
+    """With `kv_cache` (the default), the cross-attention keys and values of each image of a batch of pairs are
+    computed once (`pipeline/cross_kv.py`) instead of once per pair."""
+
     head = "itm_head"
+    kv_cache = True
+
+    def score_indexed(self, image_state, image_index, tokens):
+        if not self.kv_cache:
+            return super().score_indexed(image_state, image_index, tokens)
+        (image_embeds,) = image_state
+        images, per_pair = torch.unique(image_index, return_inverse=True)  # the batch's own images only
+        kv = cross_kv.image_kv(self.model.text_encoder, image_embeds[images])
+        return cross_kv.itm_logodds(self.model, kv, per_pair, tokens["input_ids"], tokens["attention_mask"])
 
     def encode_images(self, pixel_values, pixel_mask):
         return (self.model.vision_model(pixel_values=pixel_values.to(self.device, self.dtype)).last_hidden_state,)
@@ -77,6 +99,10 @@ class BlipITM(CrossEncoder):
     def score(self, image_state, tokens):
         (image_embeds,) = image_state
         return blip_itm_logodds(self.model, image_embeds, tokens["input_ids"], tokens["attention_mask"])
+
+    def itc_indexed(self, image_state, image_index, tokens):
+        (image_embeds,) = image_state
+        return self.itc((image_embeds[:, :1][image_index],), tokens)  # only the [CLS] token is used: gather it alone
 
     def itc(self, image_state, tokens):
         """BLIP's contrastive similarity: cosine of the projected [CLS] features (text encoded without image)."""
@@ -105,7 +131,7 @@ ADAPTERS = {"blip": ("BlipForImageTextRetrieval", BlipITM), "vilt": ("ViltForIma
 
 
 def load_teacher(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 revision: str | None = None, trust_remote_code: bool = False) -> CrossEncoder:
+                 revision: str | None = None, trust_remote_code: bool = False, kv_cache: bool = True) -> CrossEncoder:
     import transformers
 
     config = _pretrained(transformers.AutoConfig.from_pretrained, name_or_path, "config",
@@ -125,7 +151,12 @@ def load_teacher(name_or_path: str, device: str = "cpu", dtype: torch.dtype = to
     if vocab is not None and len(tokenizer) > vocab:
         raise PipelineError(f"{name_or_path}: tokenizer has {len(tokenizer)} tokens but the model's text "
                             f"embeddings have {vocab}: the tokenizer does not belong to this model")
-    return adapter(model, image_processor, tokenizer, device, dtype)
+    teacher = adapter(model, image_processor, tokenizer, device, dtype)
+    if isinstance(teacher, BlipITM):
+        if kv_cache:
+            cross_kv.check_structure(model)
+        teacher.kv_cache = kv_cache
+    return teacher
 
 
 @torch.inference_mode()
@@ -134,10 +165,11 @@ def score_pairs(teacher: CrossEncoder, corpus: Any, img_rows: np.ndarray, txt_ro
                 ) -> np.ndarray:
     """Scores [P] of P pairs given as corpus rows, which must be sorted by image row.
 
-    Images are loaded and encoded `image_batch_size` at a time, once each; the pairs of those images then
-    run through the text/cross side in batches of `batch_size`, each gathering its images' state.
-    With itc_weight > 0 the score is ITM log-odds + itc_weight x ITC cosine. A non-finite score is an error
-    naming the pair.
+    One loader decodes the unique images in order, `image_batch_size` at a time, and each image's state is
+    computed once (`encode_images`); the pairs of those images then run through the text/cross side in batches
+    of `batch_size` (`score_indexed`, each pair naming its image in the group). Within an image, pairs go
+    shortest caption first, so a batch pads little. With itc_weight > 0 the score is ITM log-odds +
+    itc_weight x ITC cosine. A non-finite score is an error naming the pair.
     """
     if len(img_rows) and (np.diff(img_rows) < 0).any():
         raise ValueError("score_pairs: pairs must be sorted by image row")
@@ -145,28 +177,29 @@ def score_pairs(teacher: CrossEncoder, corpus: Any, img_rows: np.ndarray, txt_ro
     images = np.unique(img_rows)
     starts = np.searchsorted(img_rows, images)
     ends = np.searchsorted(img_rows, images, side="right")
-    for b in range(0, len(images), image_batch_size):
+    # within each image, shortest caption first (a stable order: by image, then length)
+    lengths = np.fromiter((len(corpus.texts[t]) for t in txt_rows), dtype=np.int64, count=len(txt_rows))
+    order = np.lexsort((lengths, img_rows))
+    loader = image_batches([corpus.image_paths[i] for i in images], teacher.image_processor, image_batch_size,
+                           num_workers)
+    for b, (pixels, mask) in zip(range(0, len(images), image_batch_size), loader):
         group = images[b: b + image_batch_size]
-        ((pixels, mask),) = list(image_batches([corpus.image_paths[i] for i in group], teacher.image_processor,
-                                               len(group), num_workers))
         state = teacher.encode_images(pixels, mask)
         lo, hi = starts[b], ends[b + len(group) - 1]
-        local = np.searchsorted(group, img_rows[lo:hi])  # pair -> its image's index in this group
         for s in range(lo, hi, batch_size):
-            e = min(hi, s + batch_size)
-            idx = torch.from_numpy(local[s - lo: e - lo]).to(teacher.device)
-            per_pair = tuple(t[idx] for t in state)
-            tokens = teacher.tokenize([corpus.texts[t] for t in txt_rows[s:e]])
-            out = teacher.score(per_pair, tokens)
+            pairs = order[s: min(hi, s + batch_size)]
+            idx = torch.from_numpy(np.searchsorted(group, img_rows[pairs])).to(teacher.device)  # pair -> group image
+            tokens = teacher.tokenize([corpus.texts[t] for t in txt_rows[pairs]])
+            out = teacher.score_indexed(state, idx, tokens)
             if itc_weight:
-                out = out + itc_weight * teacher.itc(per_pair, tokens)
+                out = out + itc_weight * teacher.itc_indexed(state, idx, tokens)
             out = out.float().cpu().numpy()
             bad = np.flatnonzero(~np.isfinite(out))
             if len(bad):
-                i = s + bad[0]
+                i = pairs[bad[0]]
                 raise PipelineError(f"non-finite teacher score {out[bad[0]]} for pair (image "
                                     f"'{corpus.image_ids[img_rows[i]]}', text '{corpus.text_ids[txt_rows[i]]}')")
-            scores[s:e] = out
+            scores[pairs] = out
             if bar is not None:
-                bar.update(e - s)
+                bar.update(len(pairs))
     return scores

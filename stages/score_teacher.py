@@ -49,6 +49,8 @@ class TeacherConfig:
                         choices=("auto", "fp32", "bf16", "fp16"))
     images_per_shard: int = option(512, "images per pair shard (the unit of resumable work)")
     batch_size: int = runtime(256, "pairs per teacher forward")
+    kv_cache: bool = runtime(True, "BLIP: compute each image's cross-attention keys and values once per batch of "
+                                   "pairs, not once per pair (an exact rewrite; off: transformers' own forward)")
     image_batch_size: int = runtime(64, "images per image-side forward")
     num_workers: int = runtime(0, "DataLoader workers that decode images")
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
@@ -137,7 +139,7 @@ def _run(cfg, writer, mine, mine_dir, corpus, dist, device, dtype, log) -> None:
                                                                 dist.world_size)
             if not writer.is_done(f)]
     if todo:
-        teacher = load_teacher(cfg.teacher, device, dtype, cfg.revision, cfg.trust_remote_code)
+        teacher = load_teacher(cfg.teacher, device, dtype, cfg.revision, cfg.trust_remote_code, kv_cache=cfg.kv_cache)
         log(f"[teacher] {type(teacher.model).__name__} on {device} in {dtype}")
         with tqdm(total=sum(hi - lo for _, lo, hi in todo), desc="score pairs", unit="pair",
                   disable=not dist.is_main, smoothing=0.1) as bar:

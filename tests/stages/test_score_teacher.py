@@ -58,10 +58,11 @@ def reference_scores(kind: str, model_dir: Path, run: Path, pairs: list[tuple[st
     return np.array(out)
 
 
-@pytest.mark.parametrize("kind", ["blip", "vilt"])
+@pytest.mark.parametrize("kind", ["blip", "blip-no-kv-cache", "vilt"])
 def test_scores_equal_the_models_own_forward(run, kind, tiny_blip, tiny_vilt):
-    model_dir = tiny_blip if kind == "blip" else tiny_vilt
-    score(run, model_dir)
+    model_dir = tiny_vilt if kind == "vilt" else tiny_blip
+    score(run, model_dir, *(["--no-kv-cache"] if kind == "blip-no-kv-cache" else []))
+    kind = kind.split("-")[0]
     rows = teacher_rows(run)
     candidates = [r for f in sorted((run / "mine" / "candidates").glob("*.parquet"))
                   for r in pq.read_table(f).to_pylist()]
@@ -202,14 +203,48 @@ def test_mismatched_tokenizer(run, tmp_path):
 
 def test_non_finite_score_names_the_pair(run, tiny_blip, monkeypatch):
     from pipeline import teachers
-    original = teachers.BlipITM.score
+    original = teachers.BlipITM.score_indexed
 
-    def poisoned(self, state, tokens):
-        out = original(self, state, tokens)
+    def poisoned(self, state, index, tokens):
+        out = original(self, state, index, tokens)
         out[0] = float("nan")
         return out
 
-    monkeypatch.setattr(teachers.BlipITM, "score", poisoned)
+    monkeypatch.setattr(teachers.BlipITM, "score_indexed", poisoned)
     line = _error_line(score(run, tiny_blip, expect=None))
     assert "non-finite teacher score nan for pair (image '" in line and "', text '" in line
     assert not (run / "teacher" / SUCCESS).exists()
+
+
+def test_kv_cache_refuses_a_model_whose_structure_differs(tiny_blip, monkeypatch):
+    """The cached cross-attention calls the model's own modules by name: a model without them is refused loudly."""
+    from transformers.models.blip import modeling_blip_text
+
+    from pipeline.errors import PipelineError
+    from pipeline.teachers import load_teacher
+
+    monkeypatch.delattr(modeling_blip_text.BlipTextLayer, "feed_forward_chunk")
+    with pytest.raises(PipelineError, match=r"missing: encoder.layer\[0\].feed_forward_chunk.*--no-kv-cache"):
+        load_teacher(str(tiny_blip))
+
+
+def test_kv_cache_computes_keys_and_values_once_per_image_of_a_batch(tiny_blip):
+    """Against transformers' forward on the same pairs: equal scores, and the key projection of the cross-attention
+    sees each image once per batch instead of once per pair."""
+    from pipeline.teachers import load_teacher
+
+    fast, slow = load_teacher(str(tiny_blip)), load_teacher(str(tiny_blip), kv_cache=False)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(3, 3, 32, 32, generator=g)
+    state = fast.encode_images(pixels, None)
+    index = torch.tensor([2, 0, 1, 0, 2, 1, 0, 2, 2])  # not grouped: the rewrite groups and restores the order
+    tokens = fast.tokenize([f"caption {i} " + "word " * i for i in range(9)])  # different lengths: padding
+    calls = []
+    key = fast.model.text_encoder.encoder.layer[0].crossattention.self.key
+    handle = key.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    with torch.no_grad():
+        got = fast.score_indexed(state, index, tokens)
+        handle.remove()
+        want = slow.score_indexed(state, index, tokens)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert calls == [3]  # three images, not nine pairs
