@@ -41,18 +41,22 @@ def write(name: str, result: dict) -> Path:
     return path
 
 
-def synthetic_corpus(root: Path, n_images: int, per_image: int) -> Path:
-    """An ALBEF annotation file of `n_images` random 64x64 images with `per_image` distinct captions each."""
+def synthetic_corpus(root: Path, n_images: int, per_image: int, size: int = 64, words: int = 0) -> Path:
+    """An ALBEF annotation file of `n_images` random size x size images with `per_image` distinct captions each
+    (`words` > 0: about that many random words more per caption)."""
     import numpy as np
     from PIL import Image
 
+    vocab = "a small red circle sits to the left of a large blue square while a green triangle waits above".split()
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
     records = []
     for i in range(n_images):
-        arr = rng.integers(0, 255, size=(16, 16, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
+        arr = rng.integers(0, 255, size=(size // 4, size // 4, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
         Image.fromarray(arr).save(root / "images" / f"{i}.png")
+        extra = lambda: " " + " ".join(rng.choice(vocab, size=int(rng.integers(words * 3 // 4, words + 1))))
         records.append({"image": f"images/{i}.png",
-                        "caption": [f"picture {i} caption {j} with a few words of text" for j in range(per_image)]})
+                        "caption": [f"picture {i} caption {j} with a few words of text" + (extra() if words else "")
+                                    for j in range(per_image)]})
     (root / "ann.json").write_text(json.dumps(records))
     return root / "ann.json"

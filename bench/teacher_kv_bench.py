@@ -11,7 +11,6 @@ BlipConfig defaults (384 px, 577 image tokens, 12 text layers of width 768), fp3
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -21,23 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
-WORDS = "a small red circle sits to the left of a large blue square while a green triangle waits above them".split()
-
-
-def _corpus(root: Path, n_images: int, per_image: int) -> Path:
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    records = []
-    for i in range(n_images):
-        arr = rng.integers(0, 255, size=(24, 24, 3), dtype=np.uint8).repeat(16, 0).repeat(16, 1)
-        Image.fromarray(arr).save(root / "images" / f"{i}.png")
-        records.append({"image": f"images/{i}.png", "caption": [
-            f"picture {i} caption {j} " + " ".join(rng.choice(WORDS, size=int(rng.integers(20, 30))))
-            for j in range(per_image)]})
-    (root / "ann.json").write_text(json.dumps(records))
-    return root / "ann.json"
-
 
 def _blip_base(path: Path) -> Path:
     from transformers import BertTokenizerFast, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor
@@ -52,26 +34,28 @@ def _blip_base(path: Path) -> Path:
     return path
 
 
-def _timed(fn) -> float:
+def _timed(fn) -> tuple[float, object]:
+    """(seconds, result) of fn()."""
     t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+    out = fn()
+    return time.perf_counter() - t, out
 
 
 def main(quick: bool = False) -> dict:
     import pyarrow.parquet as pq
 
-    from pipeline import cross_kv, layout
+    from bench.common import synthetic_corpus
+    from pipeline import cross_kv
     from pipeline.corpus import load_tables
     from pipeline.models import image_batches
     from pipeline.teachers import load_teacher
     from pipeline.tiny_models import save_tiny_clip
     from stages import stage
 
-    n_images, per_image, k, naive_pairs = (8, 5, 6, 8) if quick else (20, 5, 16, 16)
+    n_images, per_image, k, naive_pairs = (8, 5, 6, 8) if quick else (16, 5, 16, 12)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ann = _corpus(tmp / "data", n_images, per_image)
+        ann = synthetic_corpus(tmp / "data", n_images, per_image, size=96, words=28)
         blip = _blip_base(tmp / "blip")
         run = tmp / "run"
         stage("mine").run(run=str(run), data=str(ann), student=str(save_tiny_clip(tmp / "clip")), k=k,
@@ -79,8 +63,8 @@ def main(quick: bool = False) -> dict:
         today = tmp / "run-today"
         shutil.copytree(run, today)
         common = dict(teacher=str(blip), device="cpu", batch_size=64, image_batch_size=8)
-        ours_s = _timed(lambda: stage("score-teacher").run(run=str(run), **common))
-        today_s = _timed(lambda: stage("score-teacher").run(run=str(today), kv_cache=False, **common))
+        ours_s, _ = _timed(lambda: stage("score-teacher").run(run=str(run), **common))
+        today_s, _ = _timed(lambda: stage("score-teacher").run(run=str(today), kv_cache=False, **common))
         ours_scores = np.concatenate([pq.read_table(f)["score"].to_numpy() for f in
                                       sorted((run / "teacher" / "pairs").glob("*.parquet"))])
         today_scores = np.concatenate([pq.read_table(f)["score"].to_numpy() for f in
@@ -102,8 +86,7 @@ def main(quick: bool = False) -> dict:
                       for px, m in image_batches([corpus.image_paths[i] for i in images], teacher.image_processor, 8, 0)]
             vision_s = time.perf_counter() - t
             embeds = torch.cat(states)
-            kv_s = _timed(lambda: globals().__setitem__("_kv", cross_kv.image_kv(teacher.model.text_encoder, embeds)))
-            kv = globals().pop("_kv")
+            kv_s, kv = _timed(lambda: cross_kv.image_kv(teacher.model.text_encoder, embeds))
             local = torch.from_numpy(np.searchsorted(images, img_rows))
             order = np.lexsort(([len(corpus.texts[r]) for r in txt_rows], img_rows))
 
@@ -112,7 +95,7 @@ def main(quick: bool = False) -> dict:
                     b = order[s: s + 64]
                     tok = teacher.tokenize([corpus.texts[r] for r in txt_rows[b]])
                     cross_kv.itm_logodds(teacher.model, kv, local[b], tok["input_ids"], tok["attention_mask"])
-            text_s = _timed(text_side)
+            text_s, _ = _timed(text_side)
 
             # naive: the model's own forward per pair, pixels decoded beforehand
             from transformers import BlipForImageTextRetrieval

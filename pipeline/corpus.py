@@ -185,6 +185,10 @@ def read_karpathy(data: Path, b: _Builder, split: str | None) -> None:
     doc = _load_json(data)
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise PipelineError(f"{data}: Karpathy split files have an 'images' list")
+    splits = sorted({str(img.get("split")) for img in doc["images"] if isinstance(img, dict) and "split" in img})
+    if split is None and splits:  # mining every split would put test images into training, silently
+        raise PipelineError(f"{data}: a Karpathy file holds several splits ({', '.join(splits)}); pass --split "
+                            "(train also takes restval)")
     wanted = {split} | ({"restval"} if split == "train" else set()) if split else None
     for n, img in enumerate(doc["images"]):
         if wanted is not None and img.get("split") not in wanted:

@@ -130,8 +130,14 @@ class DualEncoder:
         self.name = name_or_path
         self.image_processor, self.tokenizer = load_processors(name_or_path, revision, trust_remote_code)
         if model is None:
-            model = _pretrained(AutoModel.from_pretrained, name_or_path, "model weights",
-                                revision=revision, trust_remote_code=trust_remote_code)
+            model, info = _pretrained(AutoModel.from_pretrained, name_or_path, "model weights", revision=revision,
+                                      trust_remote_code=trust_remote_code, output_loading_info=True)
+            missing = info.get("missing_keys") or []
+            if missing:  # e.g. a cross-encoder's folder loaded as a dual encoder: towers initialised at random
+                modules = sorted({k.split(".")[0] for k in missing})
+                raise PipelineError(f"{name_or_path}: {len(missing)} weights of {type(model).__name__} are not in "
+                                    f"the checkpoint ({', '.join(modules[:4])} would start random); it is not a "
+                                    "trained dual encoder")
         for fn in ("get_image_features", "get_text_features"):
             if not hasattr(model, fn):
                 raise PipelineError(f"{name_or_path}: {type(model).__name__} has no {fn}; it is not a dual encoder")

@@ -143,3 +143,10 @@ def test_image_without_file_reports_image_root_hint(tmp_path):
     (tmp_path / "root").mkdir()
     with pytest.raises(PipelineError, match=r"resolve against --image-root .*root\)"):
         read_corpus(path, image_root=str(tmp_path / "root"), **quiet)
+
+
+def test_karpathy_without_a_split_is_refused_not_mined_whole(tmp_path):
+    """Reading every split would put the test images into training without a word."""
+    path = _karpathy(tmp_path)
+    with pytest.raises(PipelineError, match=r"holds several splits \(.*test.*train.*\); pass --split"):
+        read_corpus(str(path), "karpathy", **quiet)

@@ -2,7 +2,6 @@
 import math
 
 import numpy as np
-import pytest
 from scipy import stats
 
 from pipeline.metrics import kendall_tau, ndcg, rank_agreement, recall_at, spearman

@@ -1,7 +1,6 @@
 """The mine stage through its CLI: equivalence with brute force, the artifact contract, bad input."""
 import json
 import signal
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +231,13 @@ def test_hf_dataset_with_embedded_image_bytes(tmp_path, tiny_clip):
     assert "up to date" in cli(*argv).output
     cli("mine", "--run", run, "--data", tmp_path / "hf", "--student", tiny_clip, "--k", "3", "--force")
     assert all(len(r["candidate_ids"]) == 3 for r in candidates(run))
+
+
+def test_a_cross_encoder_is_refused_as_the_student(tmp_path, corpus_file, tiny_blip):
+    """A BLIP ITM folder loads as BlipModel with its text tower and projections random: refused, naming them."""
+    result = cli("mine", "--run", tmp_path / "run", "--data", corpus_file, "--student", tiny_blip, "--k", "4",
+                 expect=2)
+    line = result.output.strip().splitlines()[-1]
+    assert f"error: {tiny_blip}: " in line and "not in the checkpoint" in line and "not a trained dual encoder" in line
+    assert "text_model" in line or "text_projection" in line
+    assert not (tmp_path / "run" / "mine" / SUCCESS).exists()

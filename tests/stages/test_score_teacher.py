@@ -1,7 +1,6 @@
 """score-teacher: equivalence with each model's own forward, one vision pass per image, the contract, bad input."""
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import numpy as np
