@@ -134,7 +134,7 @@ def run(cfg: DemoConfig) -> dict:
         for i, g in enumerate(galleries):
             rerank = dict(rerank_teacher=str(teacher), rerank_score=score, itc_weight=w,
                           teacher_cache=str(out / "teacher-scores")) if i < teacher_on else {}
-            per.append(stage("evaluate").run(data=str(g), model=str(model), k_test=k_test, device=cfg.device,
+            per.append(stage("evaluate").run(data=str(g), model=str(model), k_test=k_test, **dev,
                                              out=str(out / "eval" / cfg.split / name / g.stem), **rerank))
         return _mean_metrics(per)
 
