@@ -52,7 +52,7 @@ def main(quick: bool = False) -> dict:
     from pipeline.tiny_models import save_tiny_clip
     from stages import stage
 
-    n_images, per_image, k, naive_pairs = (8, 5, 6, 8) if quick else (16, 5, 16, 12)
+    n_images, per_image, k, naive_pairs = (8, 5, 6, 8) if quick else (18, 5, 16, 12)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ann = synthetic_corpus(tmp / "data", n_images, per_image, size=96, words=28)

@@ -15,6 +15,12 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def ramped_cosine_lr(base: float, step: int, total_steps: int, warmup_steps: int) -> float:
+    """The learning rate at step `step` (0-based) of the demo models' recipe: a linear ramp over `warmup_steps`
+    multiplying a cosine decay over all `total_steps` (the two overlap, unlike `warmup_cosine`)."""
+    return base * min(1.0, (step + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on matrices, none on biases, norms, embeddings and the logit scale."""
     decay, no_decay = [], []

@@ -259,30 +259,32 @@ class Training:
     def train(self) -> None:
         cfg, acc, state = self.cfg, self.acc, self.state
         step, epoch = state["step"], state["epoch"]
-        bar = tqdm(total=self.total_steps, initial=step, desc="distill", unit="step", disable=not acc.is_main_process)
-        while step < self.total_steps:
-            skip = state["batch_in_epoch"] if epoch == state["epoch"] else 0
-            stop = min(self.batches_per_epoch, skip + (self.total_steps - step) * cfg.grad_accum)  # exactly what is left
-            sums: dict[str, float] = {}
-            for batch_in_epoch, batch in enumerate(loader(self.batches(epoch, skip, stop), cfg.num_workers), start=skip):
-                if "error" in batch:
-                    raise PipelineError(batch["error"])
-                for k, v in self.micro_step(batch).items():
-                    sums[k] = sums.get(k, 0.0) + v
-                if not acc.sync_gradients:
-                    continue
-                step += 1
-                self.log_step(step, epoch, sums, bar)
-                sums = {}
-                done_epoch = batch_in_epoch + 1 == self.batches_per_epoch
-                if step % cfg.save_every == 0 or step == self.total_steps:
-                    self.checkpoint(step, epoch + done_epoch, 0 if done_epoch else batch_in_epoch + 1)
-                faults.at("step", step)
-            epoch += 1
-        bar.close()
+        # the bar closes (ending its line) before any error is printed
+        with tqdm(total=self.total_steps, initial=step, desc="distill", unit="step",
+                  disable=not acc.is_main_process) as bar:
+            while step < self.total_steps:
+                skip = state["batch_in_epoch"] if epoch == state["epoch"] else 0
+                stop = min(self.batches_per_epoch, skip + (self.total_steps - step) * cfg.grad_accum)  # what is left
+                batches = loader(self.batches(epoch, skip, stop), cfg.num_workers)
+                sums: dict[str, float] = {}
+                for batch_in_epoch, batch in enumerate(batches, start=skip):
+                    if "error" in batch:
+                        raise PipelineError(batch["error"])
+                    for k, v in self.micro_step(batch, step + 1).items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    if not acc.sync_gradients:
+                        continue
+                    step += 1
+                    self.log_step(step, epoch, sums, bar)
+                    sums = {}
+                    done_epoch = batch_in_epoch + 1 == self.batches_per_epoch
+                    if step % cfg.save_every == 0 or step == self.total_steps:
+                        self.checkpoint(step, epoch + done_epoch, 0 if done_epoch else batch_in_epoch + 1)
+                    faults.at("step", step)
+                epoch += 1
         self.state = {"step": step, "epoch": epoch, "batch_in_epoch": 0}
 
-    def micro_step(self, batch: dict) -> dict[str, float]:
+    def micro_step(self, batch: dict, step: int) -> dict[str, float]:
         """Forward, backward and (when the accumulation is complete) the optimizer step of one micro-batch.
 
         Returns this micro-batch's share of the step's logged values: each term / grad_accum, and the counts.
@@ -297,8 +299,7 @@ class Training:
                                  scale.float(), batch)
             if not all(torch.isfinite(v) for v in terms.values()):
                 bad = ", ".join(f"{k}={float(v)}" for k, v in terms.items())
-                raise PipelineError(f"non-finite loss at step {self.state['step']} ({bad}); lower --lr or use "
-                                    "--mixed-precision no")
+                raise PipelineError(f"non-finite loss at step {step} ({bad}); lower --lr or use --mixed-precision no")
             acc.backward(terms["loss"])
             if acc.sync_gradients and cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.towers.parameters(), cfg.max_grad_norm)

@@ -30,6 +30,7 @@ from ..losses import itc_loss
 from ..models import load_image, projected
 from ..teachers import blip_itc_features, blip_itm_logodds
 from ..tiny_models import bert_tokenizer_dir, save_tiny_blip, save_tiny_clip
+from ..training import ramped_cosine_lr
 
 # The student is the small, fast model (2 layers, width 64); the teacher has 4 layers of width 128 per tower.
 STUDENT = dict(hidden=64, layers=2, heads=4)
@@ -59,7 +60,7 @@ def load_split(ann: Path, processor, tokenizer, max_length: int = 16, limit: int
 
 
 def _cosine_lr(opt, base: float, step: int, total: int, warmup: int) -> None:
-    lr = base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+    lr = ramped_cosine_lr(base, step, total, warmup)
     for g in opt.param_groups:
         g["lr"] = lr
 

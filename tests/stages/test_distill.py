@@ -1,4 +1,5 @@
 """distill on a two-layer student over a tiny teacher cache: determinism, learning, resume, outputs, bad input."""
+import dataclasses
 import json
 import shutil
 import signal
@@ -219,3 +220,20 @@ def test_changed_settings_never_discard_checkpoints(run):
     line = _error(distill(run, "--max-steps", "4", "--lr", "1e-4", expect=None))
     assert "made with different settings" in line and "lr" in line
     assert (run / "distill" / "checkpoints" / "latest.json").exists()
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step(run, monkeypatch):
+    from pipeline.losses import registry
+
+    spec = registry.get("cprd")
+    calls = []
+
+    def poisoned(x, o):
+        calls.append(1)
+        value = spec.fn(x, o)
+        return value * float("nan") if len(calls) == 3 else value
+
+    monkeypatch.setattr(registry, "get", lambda name: dataclasses.replace(spec, fn=poisoned))
+    line = _error(distill(run, "--max-steps", "5", expect=None))
+    assert line.startswith("error: non-finite loss at step 3 (itc=") and "distill=nan" in line
+    assert not (run / "distill" / SUCCESS).exists()
