@@ -298,7 +298,7 @@ class Training:
             terms = compute_loss(self.loss, cfg.loss_options, cfg.distill_weight, img.float(), txt.float(),
                                  scale.float(), batch)
             if not all(torch.isfinite(v) for v in terms.values()):
-                bad = ", ".join(f"{k}={float(v)}" for k, v in terms.items())
+                bad = ", ".join(f"{k}={float(v.detach())}" for k, v in terms.items())
                 raise PipelineError(f"non-finite loss at step {step} ({bad}); lower --lr or use --mixed-precision no")
             acc.backward(terms["loss"])
             if acc.sync_gradients and cfg.max_grad_norm > 0:
