@@ -129,8 +129,8 @@ def run(cfg: DistillConfig) -> Path:
     dist = Dist(rank=acc.process_index, world_size=acc.num_processes, local_rank=acc.local_process_index)
     log = make_log(acc.is_main_process)
     paths = layout.Run(Path(cfg.run))
-    teacher = _upstream(cfg, paths)
-    cfg = dataclasses.replace(cfg, student=cfg.student or require_complete(paths.mine, "mine", "")["config"]["student"])
+    mine, teacher = _upstream(cfg, paths)
+    cfg = dataclasses.replace(cfg, student=cfg.student or mine["config"]["student"])
     log("[distill] resolved config:\n" + cfgmod.render(cfg))
     identity = {"stage": "distill", "config": cfgmod.fingerprinted(cfg), "upstream": teacher["fingerprint"],
                 "student": model_identity(cfg.student), "world_size": dist.world_size}
@@ -166,8 +166,9 @@ def _check(cfg: DistillConfig) -> None:
         raise PipelineError(f"--num-valid must be at least 1 (or unset), got {num_valid}")
 
 
-def _upstream(cfg: DistillConfig, paths: layout.Run) -> dict:
-    """The complete teacher manifest, checked against the mine it was scored on and the options asked for."""
+def _upstream(cfg: DistillConfig, paths: layout.Run) -> tuple[dict, dict]:
+    """The complete mine and teacher manifests, the teacher checked against the mine it was scored on and the
+    options asked for."""
     run_dir = paths.root
     mine = require_complete(paths.mine, "mine", f"run `cprd-pipeline mine --run {run_dir} ...` first")
     teacher = require_complete(paths.teacher, "score-teacher",
@@ -179,7 +180,7 @@ def _upstream(cfg: DistillConfig, paths: layout.Run) -> dict:
     if cfg.num_negatives > mine["k"]:
         raise PipelineError(f"--num-negatives {cfg.num_negatives} is more than the {mine['k']} hard negatives per "
                             f"query that RUN/teacher holds (mined with --k {mine['k']})")
-    return teacher
+    return mine, teacher
 
 
 @dataclass
@@ -200,6 +201,7 @@ class Training:
     batches_per_epoch: int
     total_steps: int
     state: dict = dataclasses.field(default_factory=lambda: {"step": 0, "epoch": 0, "batch_in_epoch": 0})
+    logit_scale: float = 0.0   # the student's scale at the last micro-step (logged per step)
 
     @classmethod
     def setup(cls, cfg: DistillConfig, acc, dist: Dist, paths: layout.Run, teacher: dict, out: Path, log) -> "Training":
@@ -305,13 +307,13 @@ class Training:
                 acc.clip_grad_norm_(self.towers.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad()
-        self._scale = float(scale.detach())
+        self.logit_scale = float(scale.detach())
         return {**{k: float(v.detach()) / cfg.grad_accum for k, v in terms.items()}, **counts}
 
     def log_step(self, step: int, epoch: int, sums: dict[str, float], bar) -> None:
         self.scheduler.step()
         row = {"step": step, "epoch": epoch, **{k: _mean(self.acc, v) for k, v in sums.items()},
-               "lr": self.scheduler.get_last_lr()[0], "logit_scale": self._scale}
+               "lr": self.scheduler.get_last_lr()[0], "logit_scale": self.logit_scale}
         for k in ("false_negatives", "dropped_by_margin"):  # counts: summed over processes, not averaged
             row[k] = int(round(row[k] * self.acc.num_processes))
         if self.acc.is_main_process:

@@ -111,7 +111,7 @@ def run(cfg: EvalConfig) -> dict:
     if not writer.begin():
         return read_json(out / "metrics.json")
     try:
-        metrics = _evaluate(cfg, corpus, model, encoder, teacher, dist)
+        metrics = _evaluate(cfg, corpus, model, encoder, teacher, identity, dist)
         if dist.is_main:
             atomic_write_json(out / "metrics.json", metrics)
             (out / "report.md").write_text(report(metrics))
@@ -125,12 +125,12 @@ def run(cfg: EvalConfig) -> dict:
     return metrics
 
 
-def _evaluate(cfg: EvalConfig, corpus, model: str, encoder: DualEncoder, teacher, dist) -> dict:
+def _evaluate(cfg: EvalConfig, corpus, model: str, encoder: DualEncoder, teacher, identity: dict, dist) -> dict:
     weight = cfg.itc_weight if cfg.rerank_score == "itm+itc" else 0.0
     cache = None
-    if teacher is not None and cfg.teacher_cache:
-        key = fingerprint({"teacher": model_identity(cfg.rerank_teacher), "score": cfg.rerank_score,
-                           "itc_weight": weight, "dtype": cfg.dtype, "corpus": corpus.content_hash()})
+    if teacher is not None and cfg.teacher_cache:  # keyed by the teacher's file hashes and the corpus hash
+        key = fingerprint({"teacher": identity["teacher"], "score": cfg.rerank_score,
+                           "itc_weight": weight, "dtype": cfg.dtype, "corpus": identity["corpus"]})
         cache = ScoreCache(Path(cfg.teacher_cache) / f"{key[:24]}.npz")
     metrics = evaluate_retrieval(corpus, encoder, teacher, cfg.k_test, weight, cfg.batch_size, cfg.num_workers,
                                  progress=dist.is_main, cache=cache)
