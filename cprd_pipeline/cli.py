@@ -19,6 +19,8 @@ from stages import STAGES, Stage
 APP_VERBS = {  # verbs that are not stages: their help line for the command list, without importing them
     "demo": "The whole pipeline on the bundled demo corpus and models; writes OUT/report.md (see README: make demo).",
     "demo-assets": "Train the demo's student and teacher from scratch and pack them (about 35 minutes on 2 CPU cores).",
+    "report": "Pictures and tables of a run (score distributions, rank agreement, training curves, recall): "
+              "RUN/report/index.html and report.md.",
     "status": "Each stage's state: absent, partial (n/m shards), complete, or stale (its input changed since).",
 }
 
@@ -87,7 +89,8 @@ class Verbs(click.Group):
         for s in STAGES:
             if s.verb == name:
                 return _stage_command(s)
-        return {"demo": _demo_command, "demo-assets": demo_assets, "status": status}.get(name, lambda: None)()
+        return {"demo": _demo_command, "demo-assets": demo_assets, "report": report,
+                "status": status}.get(name, lambda: None)()
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(s.verb, s.help.split(" (RUN/")[0]) for s in STAGES] + sorted(APP_VERBS.items())
@@ -106,6 +109,7 @@ def main() -> None:
       score-teacher  score every mined pair with the cross-encoder teacher         -> RUN/teacher
       distill        train the student: contrastive loss + CPRD over the teacher's ranking -> RUN/distill
       evaluate       Recall@1/5/10 both directions, RSUM, rank agreement           -> RUN/eval
+      report         pictures and tables of whatever the run holds                 -> RUN/report
     A rerun with the same settings skips finished work; different settings are refused unless --force.
     """
 
@@ -132,6 +136,25 @@ def demo_assets() -> click.Command:
         from pipeline.demo.models import build_assets
 
         build_assets(Path(out), Path(work), seed=seed)
+
+    return command
+
+
+def report() -> click.Command:
+    @click.command("report", help=APP_VERBS["report"] + " Sections whose stage has not run are named, with what to run.")
+    @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="run directory")
+    @click.option("--out", type=click.Path(file_okay=False), help="output folder  [default: RUN/report]")
+    @click.option("--max-queries", default=20000, show_default=True, type=click.IntRange(min=1),
+                  help="queries per direction sampled for the score distributions")
+    def command(run_dir: str, out: str | None, max_queries: int) -> None:
+        from pipeline.report import build, write
+
+        if not Path(run_dir).is_dir():
+            click.echo(f"error: {run_dir}: no such run directory", err=True)
+            sys.exit(2)
+        path = write(build(Path(run_dir), max_queries=max_queries), Path(out or Path(run_dir) / "report"),
+                     f"cprd-pipeline report: {run_dir}")
+        click.echo(f"[report] {path}")
 
     return command
 

@@ -6,7 +6,8 @@
    the teacher must beat the student there, or the demo says so and stops
 4. distill one student per method (--loss none | kl | cprd) and seed from the same teacher cache, plus a
    CPRD run on a cache of the ITM score alone (where the gain comes from), and evaluate each
-5. report.md, report.json and report.png (score distributions, RSUM per method) under --out
+5. report.md and report.json (the comparison table), and report/index.html: the run report (pipeline/report.py)
+   of everything under --out, with the table first
 
 Every step is the ordinary stage with the artifact contract, so a second `make demo` re-uses what is done.
 """
@@ -132,8 +133,9 @@ def run(cfg: DemoConfig) -> dict:
         for i, g in enumerate(galleries):
             rerank = dict(rerank_teacher=str(teacher), rerank_score=score, itc_weight=w,
                           teacher_cache=str(out / "teacher-scores")) if i < teacher_on else {}
-            per.append(stage("evaluate").run(data=str(g), model=str(model), k_test=k_test, **dev,
-                                             out=str(out / "eval" / cfg.split / name / g.stem), **rerank))
+            done = stage("evaluate").run(data=str(g), model=str(model), k_test=k_test, **dev,
+                                         out=str(out / "eval" / cfg.split / name / g.stem), **rerank)
+            per.append(read_json(done / "metrics.json"))
         return _mean_metrics(per)
 
     # the teacher must beat the student before distilling means anything
@@ -178,7 +180,11 @@ def run(cfg: DemoConfig) -> dict:
     report = _report(rows, meta, recipe, cfg, len(galleries), time.time() - t_start)
     (out / "report.md").write_text(report)
     atomic_write_json(out / "report.json", {r.label: r.runs for r in rows})
-    _plot(out, run_main, rows, cfg.split)
+    # the pictures: the run report of everything under OUT, with this table first
+    from pipeline.report import Section, build, write
+
+    table = Section("demo", "The demo's comparison of distillation methods", report.split("\n\n", 1)[1])
+    write(build(out, extra=[table]), out / "report", "cprd-pipeline demo")
     log("\n" + report)
     return {r.label: r.runs for r in rows}
 
@@ -279,36 +285,5 @@ def _report(rows: list[Row], meta: dict, recipe: dict, cfg: DemoConfig, n_galler
         f"{recipe.get('evaluate', {}).get('k_test', 16)} (mean of both directions). `false neg.`: mined candidates "
         "dropped per epoch because they match the query (identical caption text, or the same image).\n\n"
         + head + body + "\n" + gap +
-        f"Total time {seconds / 60:.1f} min. Plot: report.png. Raw numbers: report.json and eval/*/metrics.json.\n"
+        f"Total time {seconds / 60:.1f} min. Pictures: report/index.html. Raw numbers: report.json and eval/*/metrics.json.\n"
     )
-
-
-def _plot(out: Path, run_main: Path, rows: list[Row], split: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pyarrow.parquet as pq
-
-    shards = sorted((run_main / "teacher").glob("part-*.parquet"))
-    t = pq.read_table(shards[0]) if shards else None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    if t is not None:
-        teacher = np.concatenate(t["teacher_scores"].to_numpy(zero_copy_only=False))
-        student = np.concatenate(t["student_scores"].to_numpy(zero_copy_only=False))
-        z = lambda x: (x - x.mean()) / (x.std() + 1e-9)
-        axes[0].hist(z(teacher), bins=60, alpha=0.6, label="teacher (ITM+ITC)", density=True)
-        axes[0].hist(z(student), bins=60, alpha=0.6, label="student (cosine)", density=True)
-        axes[0].set_title("hard-negative scores, z-scored")
-        axes[0].legend()
-    labels = [r.label for r in rows]
-    means = [np.mean([m["rsum"] for m in r.runs]) for r in rows]
-    errs = [np.std([m["rsum"] for m in r.runs], ddof=1) if len(r.runs) > 1 else 0.0 for r in rows]
-    axes[1].barh(range(len(labels)), means, xerr=errs, color="tab:blue")
-    axes[1].set_yticks(range(len(labels)), labels, fontsize=8)
-    axes[1].set_xlim(min(means) - 20, max(means) + 10)
-    axes[1].invert_yaxis()
-    axes[1].set_title(f"{split} RSUM (higher is better)")
-    fig.tight_layout()
-    fig.savefig(out / "report.png", dpi=110)
-    plt.close(fig)

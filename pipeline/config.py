@@ -144,6 +144,24 @@ def resolve(cls: type, config_file: str | Path | None, cli: Mapping[str, Any]) -
     return config
 
 
+def complete(config: Any) -> Any:
+    """A config built in Python, made whole as `resolve` makes one: an unset plug-in options field gets the
+    chosen plug-in's defaults, options of another plug-in are refused, and every choice is checked."""
+    for f in dataclasses.fields(config):
+        if "choice_options" not in f.metadata:
+            continue
+        selector, provider = f.metadata["choice_options"]
+        choice, value = getattr(config, selector), getattr(config, f.name)
+        opts_cls = provider().get(choice)
+        if value is None and opts_cls is not None:
+            config = dataclasses.replace(config, **{f.name: opts_cls()})
+        elif value is not None and type(value) is not opts_cls:
+            raise PipelineError(f"{f.name}: {type(value).__name__} is not the options of {selector} '{choice}' "
+                                f"({opts_cls.__name__ if opts_cls else 'it takes none'})")
+    check_choices(config)
+    return config
+
+
 def check_choices(config: Any) -> None:
     for f in dataclasses.fields(config):
         choices, value = f.metadata.get("choices"), getattr(config, f.name)

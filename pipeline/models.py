@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -178,6 +179,33 @@ class DualEncoder:
                 chunks.append(self.text_features(tokens).cpu().numpy())
                 bar.update(len(texts[s: s + batch_size]))
         return np.concatenate(chunks).astype(np.float32)
+
+
+def write_st_modules(folder: Path, max_length: int) -> None:
+    """Files that make a saved dual encoder load with `sentence_transformers.SentenceTransformer(folder)` (5.4 or
+    newer): its Transformer module runs get_text_features / get_image_features, then Normalize, so texts and
+    (RGB) PIL images embed exactly as DualEncoder does.
+
+    max_length: the text tower's positions; sentence-transformers otherwise truncates at the tokenizer's saved
+    max_length, which can exceed them.
+    """
+    def dump(name: str, obj: Any) -> None:
+        (Path(folder) / name).write_text(json.dumps(obj, indent=2) + "\n")
+
+    dump("modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ])
+    dump("sentence_bert_config.json", {
+        "transformer_task": "feature-extraction",
+        "modality_config": {"text": {"method": "get_text_features", "method_output_name": "pooler_output"},
+                            "image": {"method": "get_image_features", "method_output_name": "pooler_output"}},
+        "module_output_name": "sentence_embedding",
+        "processing_kwargs": {"text": {"max_length": max_length}},
+        "max_seq_length": max_length,
+    })
+    dump("config_sentence_transformers.json", {"model_type": "SentenceTransformer", "similarity_fn_name": "cosine",
+                                               "prompts": {}, "default_prompt_name": None})
 
 
 def torch_dtype(name: str, device: str) -> torch.dtype:

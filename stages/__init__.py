@@ -1,4 +1,8 @@
-"""The stage table: the one place that lists the stages.
+"""The stage table: the one place that lists the stages, and the Python API.
+
+    from stages import run
+    from stages.mine import MineConfig
+    out = run(MineConfig(run="runs/x", data="ann.json", student="openai/clip-vit-base-patch32"))   # -> runs/x/mine
 
 Each row names a verb, the module that holds its config class and `run(config)` entry point, its directory
 under RUN/ and the stages it reads. The CLI, `status` and the demo read this table; adding a stage is one row
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -25,8 +30,9 @@ class Stage:
         module = importlib.import_module(self.module)
         return getattr(module, self.config), module.run
 
-    def run(self, config_file: str | None = None, **values: Any) -> Any:
-        """Resolve a config (defaults < YAML < values) and run the stage: the Python API the demo uses."""
+    def run(self, config_file: str | None = None, **values: Any) -> Path:
+        """Resolve a config (defaults < YAML < values, plug-in options flat as on the command line) and run the
+        stage; returns its output folder."""
         from pipeline.config import resolve
 
         cls, entry = self.load()
@@ -50,3 +56,18 @@ BY_VERB = {s.verb: s for s in STAGES}
 
 def stage(verb: str) -> Stage:
     return BY_VERB[verb]
+
+
+def run(config: Any) -> Path:
+    """Run the stage that `config` (a stage's config dataclass) belongs to; returns its output folder.
+
+    Unset plug-in options (distill's `loss_options`) take the chosen plug-in's defaults; the rules, errors and
+    artifact contract are those of the command line.
+    """
+    from pipeline.config import complete
+
+    for s in STAGES:
+        if type(config).__module__ == s.module and type(config).__name__ == s.config:
+            return s.load()[1](complete(config))
+    raise TypeError(f"{type(config).__name__} is not the config of a stage "
+                    f"({', '.join(s.module + '.' + s.config for s in STAGES)})")

@@ -9,8 +9,12 @@ this stage never branches on it. Reads RUN/teacher (and RUN/mine/corpus); writes
 RUN/distill/
   checkpoints/step-N/   Accelerate save_state (model, optimizer, RNG) + trainer_state.json
   checkpoints/latest.json   the last complete checkpoint (written after it)
-  metrics.jsonl         one line per optimizer step: loss and each named term, lr, logit_scale, false-negative counts
-  final/                save_pretrained: model, image processor, tokenizer
+  metrics.jsonl         one line per optimizer step: loss and each named term, lr, logit_scale, false-negative counts,
+                        and on validation steps the `val_*` metrics (with --val-data)
+  final/                save_pretrained: model, image processor, tokenizer, README.md (model card) and the
+                        sentence-transformers module files
+  best/                 the same, of the step with the best validation RSUM (with --keep-best)
+  trackers/             local tracker logs (with --report-to, e.g. tensorboard)
 
 The file reads top to bottom: config, the loss of one batch, then `run` = setup, resume, train (one step at a
 time, checkpointing), finish.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +36,7 @@ from tqdm.auto import tqdm
 from pipeline import config as cfgmod
 from pipeline import faults, layout
 from pipeline.artifacts import StageWriter, atomic_write_json, read_json, require_complete
+from pipeline.card import write_card
 from pipeline.config import choice_options, option, runtime
 from pipeline.corpus import load_tables
 from pipeline.data import BatchSpec, DistillBatches, Processors, loader
@@ -38,8 +44,9 @@ from pipeline.dist import Dist
 from pipeline.errors import PipelineError
 from pipeline.log import make_log
 from pipeline.losses import DistillInputs, DistillLoss, itc_loss, registry
-from pipeline.models import DualEncoder, model_identity
+from pipeline.models import DualEncoder, model_identity, write_st_modules
 from pipeline.training import param_groups, warmup_cosine
+from pipeline.validation import Validator
 
 
 @dataclass
@@ -63,6 +70,18 @@ class DistillConfig:
     seed: int = option(0, "seed for initialisation, shuffling and positive choice")
     shuffle_buffer: int = option(10000, "rows in the streaming shuffle buffer")
     max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
+    val_data: Optional[str] = option(None, "held-out annotation file, folder or dataset to evaluate on while training "
+                                           "(recall, RSUM and, with the teacher, rank agreement)")
+    val_split: Optional[str] = option("val", "split of --val-data to read")
+    eval_every: Optional[int] = option(None, "validate every N optimizer steps (default: at the end only)")
+    val_teacher: bool = option(True, "score each validation query's top --val-k-test with the run's teacher for "
+                                     "rank agreement (pairs are cached across validations)")
+    val_k_test: int = option(16, "validation candidates per query the teacher scores")
+    keep_best: bool = option(False, "keep the weights of the validation step with the best RSUM as OUT/best")
+    report_to: Optional[str] = runtime(None, "trackers that receive every logged value, comma-separated: "
+                                             "tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, ... "
+                                             "(Accelerate's; install the tracker's package); local logs go to "
+                                             "OUT/trackers")
     out: Optional[str] = runtime(None, "output folder (default RUN/distill); several students can share one "
                                        "teacher cache")
     save_every: int = runtime(500, "save a resumable checkpoint every N optimizer steps (and at the end)")
@@ -122,8 +141,10 @@ def run(cfg: DistillConfig) -> Path:
     from accelerate import Accelerator
 
     _check(cfg)
+    out = Path(cfg.out) if cfg.out else layout.Run(Path(cfg.run)).distill
     acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                      cpu=cfg.device == "cpu")
+                      cpu=cfg.device == "cpu", log_with=_trackers(cfg.report_to),
+                      project_dir=str(out / "trackers") if cfg.report_to else None)
     if cfg.device == "cuda" and acc.device.type != "cuda":
         raise PipelineError("--device cuda: CUDA is not available on this machine (use --device cpu)")
     dist = Dist(rank=acc.process_index, world_size=acc.num_processes, local_rank=acc.local_process_index)
@@ -134,18 +155,20 @@ def run(cfg: DistillConfig) -> Path:
     log("[distill] resolved config:\n" + cfgmod.render(cfg))
     identity = {"stage": "distill", "config": cfgmod.fingerprinted(cfg), "upstream": teacher["fingerprint"],
                 "student": model_identity(cfg.student), "world_size": dist.world_size}
-    out = Path(cfg.out) if cfg.out else paths.distill
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log)
     if not writer.begin():
         return out
     try:
-        t = Training.setup(cfg, acc, dist, paths, teacher, out, log)
+        t = Training.setup(cfg, acc, dist, paths, mine, teacher, identity["student"], out, log)
         t.resume()
         t.train()
         t.finish(writer)
     except BaseException:
         writer.abort()
         raise
+    finally:
+        if cfg.report_to:
+            acc.end_training()
     log(f"[distill] done: {out / 'final'}")
     return out
 
@@ -164,6 +187,30 @@ def _check(cfg: DistillConfig) -> None:
     num_valid = getattr(cfg.loss_options, "num_valid", None)
     if num_valid is not None and num_valid < 1:
         raise PipelineError(f"--num-valid must be at least 1 (or unset), got {num_valid}")
+    if cfg.eval_every is not None and cfg.eval_every < 1:
+        raise PipelineError(f"--eval-every must be at least 1, got {cfg.eval_every}")
+    if cfg.val_k_test < 2:
+        raise PipelineError(f"--val-k-test must be at least 2, got {cfg.val_k_test}")
+    for name in ("eval_every", "keep_best"):
+        if getattr(cfg, name) and not cfg.val_data:
+            raise PipelineError(f"--{name.replace('_', '-')} needs --val-data (a held-out corpus to validate on)")
+
+
+def _trackers(report_to: Optional[str]) -> Optional[list[str]]:
+    """--report-to as Accelerate's tracker names, each checked to be known and installed."""
+    if not report_to:
+        return None
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    available = {str(t) for t in get_available_trackers()}
+    for n in names:
+        if n not in LOGGER_TYPE_TO_CLASS:
+            raise PipelineError(f"--report-to: unknown tracker '{n}' (known: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))})")
+        if n not in available:
+            package = {"tensorboard": "tensorboard"}.get(n, n)
+            raise PipelineError(f"--report-to {n}: its package is not installed (pip install {package})")
+    return names
 
 
 def _upstream(cfg: DistillConfig, paths: layout.Run) -> tuple[dict, dict]:
@@ -200,15 +247,22 @@ class Training:
     files: list[Path]
     batches_per_epoch: int
     total_steps: int
-    state: dict = dataclasses.field(default_factory=lambda: {"step": 0, "epoch": 0, "batch_in_epoch": 0})
+    upstream: dict             # the mine and teacher manifests and the student's identity (for the model card)
+    validator: Optional[Validator] = None
+    # best: {"step", "rsum", "val"} of the best validation so far (with --keep-best); kept in every checkpoint
+    state: dict = dataclasses.field(default_factory=lambda: {"step": 0, "epoch": 0, "batch_in_epoch": 0,
+                                                             "best": None})
     logit_scale: float = 0.0   # the student's scale at the last micro-step (logged per step)
+    last_val: Optional[dict] = None
 
     @classmethod
-    def setup(cls, cfg: DistillConfig, acc, dist: Dist, paths: layout.Run, teacher: dict, out: Path, log) -> "Training":
+    def setup(cls, cfg: DistillConfig, acc, dist: Dist, paths: layout.Run, mine: dict, teacher: dict, student: dict,
+              out: Path, log) -> "Training":
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
         corpus = load_tables(paths.corpus)
+        validator = _validator(cfg, teacher, out, acc, log) if cfg.val_data and acc.is_main_process else None
         encoder = DualEncoder(cfg.student, device="cpu")
         towers = StudentTowers(encoder).train()
         optimizer = torch.optim.AdamW(param_groups(towers, cfg.weight_decay), lr=cfg.lr)
@@ -224,10 +278,14 @@ class Training:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps))
         towers, optimizer = acc.prepare(towers, optimizer)
+        encoder.device = str(acc.device)   # validation encodes with the training model, wherever it now is
         log(f"[distill] {rows} teacher rows, {steps_per_epoch} steps/epoch x {dist.world_size} process(es), "
             f"{total_steps} steps, loss itc + {cfg.distill_weight} x {cfg.loss}")
+        if cfg.report_to:
+            acc.init_trackers("distill", config=_scalars(cfgmod.as_dict(cfg)))
         return cls(cfg, acc, dist, out, log, registry.get(cfg.loss), encoder, towers, optimizer, scheduler, corpus,
-                   files, steps_per_epoch * cfg.grad_accum, total_steps)   # no half-accumulated step
+                   files, steps_per_epoch * cfg.grad_accum, total_steps,   # no half-accumulated step
+                   {"mine": mine, "teacher": teacher, "student": student}, validator)
 
     @property
     def metrics_path(self) -> Path:
@@ -239,7 +297,7 @@ class Training:
         if latest is not None:
             ckpt = self.out / "checkpoints" / latest["dir"]
             self.acc.load_state(str(ckpt))
-            self.state = read_json(ckpt / "trainer_state.json")
+            self.state = {"best": None, **read_json(ckpt / "trainer_state.json")}
             self.scheduler.load_state_dict(self.state.pop("scheduler"))
             self.log(f"[distill] resuming from {ckpt.name}: step {self.state['step']}, epoch {self.state['epoch']}, "
                      f"batch {self.state['batch_in_epoch']}")
@@ -248,6 +306,10 @@ class Training:
             kept = [l for l in (path.read_text().splitlines() if path.exists() else [])
                     if json.loads(l)["step"] <= self.state["step"]]
             path.write_text("".join(l + "\n" for l in kept))
+            # best/ of a step after the checkpoint is not in its record: the replay of those steps remakes it
+            best, on_disk = self.state["best"], read_json(self.out / "best" / "best.json")
+            if on_disk is not None and (best is None or on_disk["step"] != best["step"]):
+                shutil.rmtree(self.out / "best")
 
     def batches(self, epoch: int, skip: int, stop: int) -> DistillBatches:
         cfg = self.cfg
@@ -277,14 +339,15 @@ class Training:
                     if not acc.sync_gradients:
                         continue
                     step += 1
-                    self.log_step(step, epoch, sums, bar)
+                    val = self.validate(step)
+                    self.log_step(step, epoch, sums, bar, val)
                     sums = {}
                     done_epoch = batch_in_epoch + 1 == self.batches_per_epoch
                     if step % cfg.save_every == 0 or step == self.total_steps:
                         self.checkpoint(step, epoch + done_epoch, 0 if done_epoch else batch_in_epoch + 1)
                     faults.at("step", step)
                 epoch += 1
-        self.state = {"step": step, "epoch": epoch, "batch_in_epoch": 0}
+        self.state.update(step=step, epoch=epoch, batch_in_epoch=0)
 
     def micro_step(self, batch: dict, step: int) -> dict[str, float]:
         """Forward, backward and (when the accumulation is complete) the optimizer step of one micro-batch.
@@ -310,16 +373,39 @@ class Training:
         self.logit_scale = float(scale.detach())
         return {**{k: float(v.detach()) / cfg.grad_accum for k, v in terms.items()}, **counts}
 
-    def log_step(self, step: int, epoch: int, sums: dict[str, float], bar) -> None:
+    def validate(self, step: int) -> dict[str, float]:
+        """The validation metrics at this step, if it is a validation step (main process; {} elsewhere); with
+        --keep-best, a better RSUM replaces OUT/best."""
+        cfg = self.cfg
+        due = cfg.val_data and (step == self.total_steps or (cfg.eval_every and step % cfg.eval_every == 0))
+        if not due:
+            return {}
+        val = {}
+        if self.acc.is_main_process:
+            val = self.validator(self.encoder)
+            self.last_val = {"step": step, **val}
+            best = self.state["best"]
+            if cfg.keep_best and (best is None or val["val_rsum"] > best["rsum"]):
+                self.state["best"] = {"step": step, "rsum": val["val_rsum"], "val": val}
+                self.save_model(self.out / "best", "best", step, val)
+        self.acc.wait_for_everyone()
+        return val
+
+    def log_step(self, step: int, epoch: int, sums: dict[str, float], bar, val: dict[str, float]) -> None:
         self.scheduler.step()
         row = {"step": step, "epoch": epoch, **{k: _mean(self.acc, v) for k, v in sums.items()},
-               "lr": self.scheduler.get_last_lr()[0], "logit_scale": self.logit_scale}
+               "lr": self.scheduler.get_last_lr()[0], "logit_scale": self.logit_scale, **val}
         for k in ("false_negatives", "dropped_by_margin"):  # counts: summed over processes, not averaged
             row[k] = int(round(row[k] * self.acc.num_processes))
+        if self.cfg.report_to:
+            self.acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
         if self.acc.is_main_process:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            bar.set_postfix({k: f"{row[k]:.4f}" for k in ("loss", "itc", "distill") if k in row})
+            shown = {k: f"{row[k]:.4f}" for k in ("loss", "itc", "distill") if k in row}
+            if self.last_val:
+                shown["val_rsum"] = f"{self.last_val['val_rsum']:.1f}"
+            bar.set_postfix(shown)
             bar.update(1)
 
     def checkpoint(self, step: int, epoch: int, batch_in_epoch: int) -> None:
@@ -329,6 +415,7 @@ class Training:
         acc.save_state(str(ckpt))
         if acc.is_main_process:
             atomic_write_json(ckpt / "trainer_state.json", {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                                                            "best": self.state["best"],
                                                             "scheduler": self.scheduler.state_dict()})
             previous = read_json(out / "checkpoints" / "latest.json")
             atomic_write_json(out / "checkpoints" / "latest.json", {"dir": ckpt.name, "step": step})
@@ -336,19 +423,73 @@ class Training:
                 shutil.rmtree(out / "checkpoints" / previous["dir"], ignore_errors=True)
         acc.wait_for_everyone()
 
+    def save_model(self, folder: Path, which: str, step: int, val: Optional[dict]) -> None:
+        """save_pretrained with processor, tokenizer, model card and sentence-transformers files, into a temp
+        folder renamed into place (main process)."""
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.unwrap_model(self.towers).model.save_pretrained(tmp)
+        self.encoder.image_processor.save_pretrained(tmp)
+        self.encoder.tokenizer.save_pretrained(tmp)
+        write_st_modules(tmp, self.encoder.max_length)
+        teacher = self.upstream["teacher"]
+        last = next((json.loads(l) for l in reversed(self.metrics_path.read_text().splitlines())), {}) \
+            if self.metrics_path.exists() else {}
+        write_card(tmp, title=f"{Path(self.cfg.student).name}, distilled ({self.cfg.loss})",
+                   config=cfgmod.fingerprinted(self.cfg), student=self.upstream["student"],
+                   teacher={**teacher["config"], "identity": teacher["identity"]["teacher"]},
+                   mine=self.upstream["mine"]["config"], steps=step, last=last, val=val, val_step=step, which=which)
+        if which == "best":
+            atomic_write_json(tmp / "best.json", {"step": step, "val": val})
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+
     def finish(self, writer: StageWriter) -> None:
-        final = self.out / "final"
+        final, best = self.out / "final", self.out / "best"
         if self.acc.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            self.acc.unwrap_model(self.towers).model.save_pretrained(final)
-            self.encoder.image_processor.save_pretrained(final)
-            self.encoder.tokenizer.save_pretrained(final)
+            val = self.last_val if self.last_val and self.last_val["step"] == self.state["step"] else None
+            self.save_model(final, "final", self.state["step"], val and {k: v for k, v in val.items() if k != "step"})
             for f in sorted(final.iterdir()):
                 writer.record_file(f"final/{f.name}")
+            if best.exists():
+                for f in sorted(best.iterdir()):
+                    writer.record_file(f"best/{f.name}")
             writer.record_file("metrics.jsonl")
         self.acc.wait_for_everyone()
-        expected = [f"final/{f.name}" for f in sorted(final.iterdir())] + ["metrics.jsonl"]
-        writer.finish(expected, extra={"steps": self.state["step"], "final": "final"})
+        expected = [f"{d.name}/{f.name}" for d in (final, best) if d.exists() for f in sorted(d.iterdir())]
+        extra = {"steps": self.state["step"], "final": "final"}
+        if self.state["best"]:
+            extra["best"] = {"dir": "best", "step": self.state["best"]["step"], "val_rsum": self.state["best"]["rsum"]}
+        writer.finish(expected + ["metrics.jsonl"], extra=extra)
+
+
+def _validator(cfg: DistillConfig, teacher: dict, out: Path, acc, log) -> Validator:
+    """The held-out corpus and, with --val-teacher, the run's teacher with a pair-score cache under OUT."""
+    from pipeline.corpus import read_corpus
+    from pipeline.models import torch_dtype
+    from pipeline.retrieval import ScoreCache
+    from pipeline.teachers import load_teacher
+
+    corpus = read_corpus(cfg.val_data, "auto", None, cfg.val_split, bytes_dir=out / "val-images", log=log)
+    if not cfg.val_teacher:
+        return Validator(corpus)
+    t = teacher["config"]
+    weight = t["itc_weight"] if t["score"] == "itm+itc" else 0.0
+    device = str(acc.device)
+    model = load_teacher(t["teacher"], device, torch_dtype(t["dtype"], device), t.get("revision"),
+                         t.get("trust_remote_code", False))
+    return Validator(corpus, model, cfg.val_k_test, weight, ScoreCache(out / "val-teacher-scores.npz"))
+
+
+def _scalars(config: dict, prefix: str = "") -> dict:
+    """A nested config as flat scalars (trackers take numbers, strings and booleans)."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(_scalars(v, f"{prefix}{k}."))
+        elif v is None or isinstance(v, (int, float, str, bool)):
+            out[f"{prefix}{k}"] = "" if v is None else v
+    return out
 
 
 def _mean(acc, value: float) -> float:

@@ -22,7 +22,7 @@ from typing import Optional
 
 from pipeline import config as cfgmod
 from pipeline import layout
-from pipeline.artifacts import StageWriter, atomic_write_json, fingerprint, read_json, require_complete
+from pipeline.artifacts import StageWriter, atomic_write_json, fingerprint, require_complete
 from pipeline.config import option, runtime
 from pipeline.corpus import FORMATS, read_corpus
 from pipeline.dist import init, resolve_device
@@ -81,7 +81,7 @@ def report(metrics: dict) -> str:
     return header + "\n".join(lines) + "\n"
 
 
-def run(cfg: EvalConfig) -> dict:
+def run(cfg: EvalConfig) -> Path:
     dist = init(cfg.device)
     log = make_log(dist.is_main)
     device = resolve_device(cfg.device, dist)
@@ -109,7 +109,7 @@ def run(cfg: EvalConfig) -> dict:
     teacher = load_teacher(cfg.rerank_teacher, device, torch_dtype(cfg.dtype, device)) if cfg.rerank_teacher else None
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log)
     if not writer.begin():
-        return read_json(out / "metrics.json")
+        return out
     try:
         metrics = _evaluate(cfg, corpus, model, encoder, teacher, identity, dist)
         if dist.is_main:
@@ -122,7 +122,7 @@ def run(cfg: EvalConfig) -> dict:
     except BaseException:
         writer.abort()
         raise
-    return metrics
+    return out
 
 
 def _evaluate(cfg: EvalConfig, corpus, model: str, encoder: DualEncoder, teacher, identity: dict, dist) -> dict:

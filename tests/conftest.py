@@ -1,10 +1,13 @@
 """Shared fixtures: tiny models saved with save_pretrained (real BERT tokenizer), tiny corpora on disk."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +148,50 @@ def scored_run(tmp_path_factory, mined_run, tiny_blip) -> Path:
     shutil.copytree(mined_run, root / "run")
     cli("score-teacher", "--run", root / "run", "--teacher", tiny_blip, "--images-per-shard", "8")
     return root / "run"
+
+
+# ---------------------------------------------------------------- the run report's HTML
+VOID = {"meta", "img", "br", "hr", "input", "link"}
+
+
+class ReportChecker(HTMLParser):
+    """Fails on an unclosed or mismatched tag; collects section ids, images and 'missing' paragraphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.sections, self.images, self.errors = [], [], [], []
+        self._missing, self.missing = False, []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "section":
+            self.sections.append(a["id"])
+        if tag == "img":
+            self.images.append(a["src"])
+        self._missing = a.get("class") == "missing"
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        if self._missing and data.strip():
+            self.missing.append(data)
+
+
+def parse_report_html(path):
+    """A report's index.html, checked: every tag closed in order, every image an embedded PNG that decodes."""
+    checker = ReportChecker()
+    checker.feed(path.read_text())
+    checker.close()
+    assert not checker.errors and not checker.stack, (checker.errors, checker.stack)
+    for src in checker.images:  # embedded, and a real PNG each
+        assert src.startswith("data:image/png;base64,"), src[:40]
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
+            im.load()
+            assert im.size[0] > 100 and im.size[1] > 100
+    return checker

@@ -1,0 +1,458 @@
+"""The run report: pictures and tables of whatever a run directory holds, as one HTML file and a Markdown file.
+
+    sections = build(root)                 # finds the stage directories under root by their manifests
+    write(sections, root / "report")       # index.html (images embedded), report.md + fig-*.png
+
+Sections, each present when its stage output is (and otherwise named, with what to run):
+  scores       teacher and student scores over the mined hard negatives, per direction (the CPRD paper's
+               first finding: the cross-encoder's scores are concentrated, the dual encoder's near-normal)
+  positives    teacher scores of positives vs hard negatives, and the share of negatives above the positive
+  agreement    per-query Kendall tau between the student's and the teacher's order at mining time, and the
+               mean agreement of every evaluated student
+  training     every named term of every distilled student's metrics.jsonl, learning rate, logit scale and,
+               with validation during training, its RSUM
+  evaluations  every evaluation's recall in one table, with the change against the starting student
+
+Large runs are sampled (at most MAX_QUERIES queries per direction) for the distributions; the section says so.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .artifacts import MANIFEST, SUCCESS, atomic_write_bytes, read_json
+from .metrics import KS, kendall_tau
+
+MAX_QUERIES = 20000
+SKIP = {"checkpoints", "final", "best", "corpus", "embeddings", "candidates", "pairs", "images", "models", "data",
+        "report", "teacher-scores"}   # folders that never hold a stage's manifest
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    text: str = ""                                   # Markdown: paragraphs and tables
+    figures: list[tuple[str, bytes]] = field(default_factory=list)   # (caption, PNG bytes)
+    missing: Optional[str] = None                    # why the section is empty, and what to run
+
+
+@dataclass
+class Found:
+    """A stage directory under the report's root, with its manifest."""
+    path: Path
+    manifest: dict
+    complete: bool
+
+    def label(self, root: Path) -> str:
+        rel = os.path.relpath(self.path, root)
+        return rel if rel != "." else self.path.name
+
+
+def discover(root: Path, max_depth: int = 4) -> dict[str, list[Found]]:
+    """Stage directories under root, by manifest stage (mine, teacher, distill, evaluate), in path order."""
+    found: dict[str, list[Found]] = {}
+
+    def walk(d: Path, depth: int) -> None:
+        m = read_json(d / MANIFEST) if (d / MANIFEST).is_file() else None
+        if m is not None and "stage" in m:
+            found.setdefault(m["stage"], []).append(Found(d, m, (d / SUCCESS).exists()))
+        if depth == max_depth:
+            return
+        for sub in sorted(p for p in d.iterdir() if p.is_dir() and p.name not in SKIP and not p.name.startswith(".")):
+            walk(sub, depth + 1)
+
+    walk(Path(root), 0)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=96)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _figure(rows: int, cols: int, width: float = 5.0, height: float = 3.2):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    return fig, axes
+
+
+def _moments(x: np.ndarray) -> dict[str, float]:
+    """Mean, std, skewness and excess kurtosis (0 for a normal distribution)."""
+    mu, sd = float(x.mean()), float(x.std())
+    z = (x - mu) / (sd if sd > 0 else 1.0)
+    return {"mean": mu, "std": sd, "skew": float((z ** 3).mean()), "kurtosis": float((z ** 4).mean() - 3)}
+
+
+# ---------------------------------------------------------------------------------------------- teacher data
+@dataclass
+class Direction:
+    """One direction's rows of a teacher cache (sampled): [Q, k] candidate scores, and each query's positives."""
+    student: np.ndarray
+    teacher: np.ndarray
+    positives: list[np.ndarray]
+    total: int                      # queries before sampling
+
+
+def read_teacher(teacher_dir: Path, manifest: dict, max_queries: int = MAX_QUERIES, seed: int = 0) -> dict[str, Direction]:
+    import pyarrow.parquet as pq
+
+    from .layout import teacher_shards
+
+    cols = ["direction", "student_scores", "teacher_scores", "positive_teacher_scores"]
+    tables = [pq.read_table(teacher_dir / f, columns=cols) for f in teacher_shards(manifest)]
+    out = {}
+    for d in ("i2t", "t2i"):
+        s, t, p = [], [], []
+        for tab in tables:
+            keep = np.asarray(tab["direction"].to_pylist()) == d
+            if keep.any():
+                sub = tab.filter(keep)
+                s += sub["student_scores"].to_pylist()
+                t += sub["teacher_scores"].to_pylist()
+                p += sub["positive_teacher_scores"].to_pylist()
+        if not s:
+            continue
+        k = max(len(r) for r in s)
+        full = [i for i, r in enumerate(s) if len(r) == k]   # rows with fewer candidates (tiny corpora) are left out
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.choice(full, size=min(max_queries, len(full)), replace=False))
+        out[d] = Direction(np.array([s[i] for i in pick], np.float32), np.array([t[i] for i in pick], np.float32),
+                           [np.asarray(p[i], np.float32) for i in pick], total=len(s))
+    return out
+
+
+def _sample_note(dirs: dict[str, Direction]) -> str:
+    sampled = {d: (len(v.student), v.total) for d, v in dirs.items() if len(v.student) < v.total}
+    if not sampled:
+        return ""
+    return " Sampled: " + ", ".join(f"{d} {n:,} of {t:,} queries" for d, (n, t) in sampled.items()) + "."
+
+
+def scores_section(found: Found, dirs: dict[str, Direction], root: Path) -> Section:
+    fig, axes = _figure(len(dirs), 2)
+    lines = ["| direction | model | mean | std | skew | excess kurtosis |", "| --- | --- | --- | --- | --- | --- |"]
+    score = found.manifest["config"].get("score", "teacher")
+    for row, (d, v) in enumerate(dirs.items()):
+        for col, (who, x, color) in enumerate((("teacher", v.teacher, "tab:red"), ("student", v.student, "tab:blue"))):
+            ax = axes[row][col]
+            ax.hist(x.ravel(), bins=60, color=color, alpha=0.8)
+            ax.set_title(f"{d}: {who} scores of hard negatives" + (f" ({score})" if who == "teacher" else " (cosine)"))
+            m = _moments(x.ravel())
+            lines.append(f"| {d} | {who} | {m['mean']:.3f} | {m['std']:.3f} | {m['skew']:+.2f} | {m['kurtosis']:+.2f} |")
+    text = (f"Teacher cache `{found.label(root)}`: the teacher's ({score}) and the student's (cosine at mining time) "
+            f"scores of the same mined hard negatives.{_sample_note(dirs)} Compare the shapes: where the teacher's "
+            "scores are concentrated or skewed and the student's near-normal (the CPRD paper's first finding), "
+            "matching raw scores transfers poorly and matching the teacher's ranking does better.\n\n"
+            + "\n".join(lines))
+    return Section("scores", "Teacher and student scores of the hard negatives", text,
+                   [("score distributions per direction", _png(fig))])
+
+
+def positives_section(found: Found, dirs: dict[str, Direction], root: Path) -> Section:
+    fig, axes = _figure(1, len(dirs))
+    lines = ["| direction | queries | positive: mean teacher score | hard negative: mean | negatives above the positive |",
+             "| --- | --- | --- | --- | --- |"]
+    for col, (d, v) in enumerate(dirs.items()):
+        pos = np.concatenate(v.positives) if v.positives else np.empty(0)
+        # share of (negative, positive) pairs of a query where the negative scores higher, averaged over queries
+        above = np.array([(v.teacher[q][:, None] > p[None, :]).mean() for q, p in enumerate(v.positives) if len(p)])
+        ax = axes[0][col]
+        bins = np.histogram_bin_edges(np.concatenate([v.teacher.ravel(), pos]), bins=60)
+        ax.hist(v.teacher.ravel(), bins=bins, alpha=0.6, density=True, label="hard negatives", color="tab:gray")
+        ax.hist(pos, bins=bins, alpha=0.6, density=True, label="positives", color="tab:green")
+        ax.set_title(f"{d}: teacher scores")
+        ax.legend()
+        lines.append(f"| {d} | {len(v.positives):,} | {pos.mean():.3f} | {v.teacher.mean():.3f} | "
+                     f"{100 * above.mean():.1f}% |")
+    text = (f"Teacher cache `{found.label(root)}`. `negatives above the positive`: of a query's (hard negative, "
+            "positive) pairs, the share where the teacher scores the negative higher, averaged over queries; these "
+            "are likely false negatives (distill's `--max-teacher-margin` drops them).\n\n" + "\n".join(lines))
+    return Section("positives", "Positives and hard negatives under the teacher", text,
+                   [("teacher scores of positives and hard negatives", _png(fig))])
+
+
+def agreement_section(teacher: Optional[Found], dirs: dict[str, Direction], evaluations: list["Evaluation"],
+                      root: Path) -> Section:
+    text, figures = "", []
+    if dirs:
+        fig, axes = _figure(1, len(dirs))
+        lines = ["| direction | mean Kendall tau | median | share below 0 |", "| --- | --- | --- | --- |"]
+        for col, (d, v) in enumerate(dirs.items()):
+            tau = kendall_tau(v.student, v.teacher)
+            tau = tau[np.isfinite(tau)]
+            axes[0][col].hist(tau, bins=40, range=(-1, 1), color="tab:purple")
+            axes[0][col].axvline(tau.mean(), color="k", linestyle="--", label=f"mean {tau.mean():.3f}")
+            axes[0][col].set_title(f"{d}: Kendall tau per query, at mining time")
+            axes[0][col].legend()
+            lines.append(f"| {d} | {tau.mean():.3f} | {np.median(tau):.3f} | {100 * (tau < 0).mean():.1f}% |")
+        figures.append(("per-query Kendall tau at mining time", _png(fig)))
+        text += (f"At mining time (`{teacher.label(root)}`): Kendall's tau-b between the student's and the teacher's "
+                 f"scores of each query's {v.student.shape[1]} mined candidates.{_sample_note(dirs)}\n\n"
+                 + "\n".join(lines) + "\n\n")
+    rows = [e for e in evaluations if e.metrics.get("agreement")]
+    if rows:
+        names = list(rows[0].metrics["agreement"]["i2t"])
+        text += ("Evaluated students: the same agreement over each test query's top `k_test` candidates (mean over "
+                 "queries).\n\n| evaluation | model | " + " | ".join(f"i2t {n}" for n in names) + " | "
+                 + " | ".join(f"t2i {n}" for n in names) + " |\n| --- | --- |" + " --- |" * (2 * len(names)) + "\n")
+        for e in rows:
+            a = e.metrics["agreement"]
+            text += (f"| {e.label} | {e.model} | " + " | ".join(f"{a[d][n]:.3f}" for d in ("i2t", "t2i") for n in names)
+                     + " |\n")
+    elif dirs:
+        text += "No evaluation in this run was made with a teacher (`evaluate --rerank-teacher`), so none has an agreement.\n"
+    return Section("agreement", "Student-teacher rank agreement", text, figures)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def read_metrics_jsonl(path: Path) -> list[dict]:
+    """The lines of a metrics.jsonl; a torn last line (a run killed mid-write) is left out."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+TRAINING_SKIP = {"step", "epoch", "false_negatives", "dropped_by_margin"}
+
+
+def training_section(students: list[Found], root: Path) -> Section:
+    runs = [(s, read_metrics_jsonl(s.path / "metrics.jsonl")) for s in students]
+    runs = [(s, rows) for s, rows in runs if rows]
+    if not runs:
+        return Section("training", "Training", missing="no distilled student with metrics.jsonl "
+                                                       "(run `cprd-pipeline distill --run RUN`)")
+    keys: list[str] = []
+    for _, rows in runs:
+        for r in rows:
+            keys += [k for k in r if k not in TRAINING_SKIP and k not in keys and isinstance(r[k], (int, float))]
+    cols = min(3, len(keys))
+    fig, axes = _figure((len(keys) + cols - 1) // cols, cols, width=4.5)
+    for i, key in enumerate(keys):
+        ax = axes[i // cols][i % cols]
+        for s, rows in runs:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=s.label(root))
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    for j in range(len(keys), axes.size):
+        axes[j // cols][j % cols].axis("off")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if len(keys) < axes.size:      # the first empty cell holds the legend
+        axes[len(keys) // cols][len(keys) % cols].legend(handles, labels, loc="upper left", fontsize=7, ncol=2)
+    else:
+        fig.legend(handles, labels, loc="lower center", fontsize=7, ncol=4)
+    val_keys = [k for k in keys if k.startswith("val_")]
+    lines = ["| " + " | ".join(["student", "state", "steps", "last loss"] + val_keys) + " |",
+             "|" + " --- |" * (4 + len(val_keys))]
+    for s, rows in runs:
+        val = [next((r[k] for r in reversed(rows) if k in r), None) for k in val_keys]   # the last of each
+        cells = [s.label(root), "complete" if s.complete else "in progress", str(rows[-1]["step"]),
+                 f"{rows[-1].get('loss', float('nan')):.4f}"] + ["" if v is None else f"{v:.3f}" for v in val]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = ("Per optimizer step, from each student's `metrics.jsonl`: every named loss term (the loop's sum is "
+            "`loss`), the learning rate and the student's logit scale" +
+            (", and the validation metrics (`val_*`)" if any(k.startswith("val_") for k in keys) else "") +
+            ".\n\n" + "\n".join(lines))
+    return Section("training", "Training", text, [("training curves", _png(fig))])
+
+
+# ---------------------------------------------------------------------------------------------- evaluations
+@dataclass
+class Evaluation:
+    label: str
+    model: str
+    metrics: dict
+    corpus: str
+    starting: bool      # the evaluated model is the student that mined the run
+
+
+def read_evaluations(found: list[Found], mines: list[Found], root: Path) -> list[Evaluation]:
+    starting = [m.manifest["identity"].get("student") for m in mines]
+    out = []
+    for e in found:
+        metrics = read_json(e.path / "metrics.json") if e.complete else None
+        if metrics is None:
+            continue
+        ident = e.manifest.get("identity", {})
+        model = ident.get("model") or {}
+        name = model.get("path") or model.get("hub") or metrics.get("model", "?")
+        rel = os.path.relpath(name, root) if model.get("path") else name
+        out.append(Evaluation(e.label(root), rel if not rel.startswith("../..") else name, metrics,
+                              ident.get("corpus", ""), model in starting))
+    return out
+
+
+def evaluations_section(evaluations: list[Evaluation], figure: bool = True) -> Section:
+    if not evaluations:
+        return Section("evaluations", "Evaluations", missing="no finished evaluation "
+                                                             "(run `cprd-pipeline evaluate --run RUN --data TEST`)")
+    base = {e.corpus: e.metrics["rsum"] for e in evaluations if e.starting}
+    head = ("| evaluation | model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | RSUM | "
+            "vs starting student |\n" + "| --- " * 10 + "|\n")
+    body, bars = "", []
+    for e in evaluations:
+        for suffix, m in (("", e.metrics), (" + teacher re-rank", e.metrics.get("rerank"))):
+            if not m:
+                continue
+            cells = " | ".join(f"{m[d][f'R@{k}']:.1f}" for d in ("i2t", "t2i") for k in KS)
+            delta = f"{m['rsum'] - base[e.corpus]:+.1f}" if e.corpus in base else "no starting-student evaluation"
+            if e.starting and not suffix:
+                delta = "(the starting student)"
+            body += f"| {e.label}{suffix} | {e.model} | {cells} | {m['rsum']:.1f} | {delta} |\n"
+            bars.append((e.label + suffix, m["rsum"]))
+    text = ("Recall@K in percent, both directions; `vs starting student`: RSUM change against the evaluation of "
+            "the student that mined the run, on the same test data.\n\n" + head + body)
+    if not base:
+        text += ("\nThe starting student has no evaluation here: run `cprd-pipeline evaluate --model STUDENT "
+                 "--data TEST --out RUN/eval-student` to get the column.\n")
+    figures = []
+    if figure:
+        fig, axes = _figure(1, 1, width=8, height=0.3 * len(bars) + 1.2)
+        ax = axes[0][0]
+        ax.barh(range(len(bars)), [v for _, v in bars], color="tab:blue")
+        ax.set_yticks(range(len(bars)), [n for n, _ in bars], fontsize=7)
+        lo, hi = min(v for _, v in bars), max(v for _, v in bars)
+        ax.set_xlim(max(0.0, lo - 0.1 * (hi - lo + 10)), hi + 0.05 * (hi - lo + 10))
+        ax.invert_yaxis()
+        ax.set_title("RSUM per evaluation (higher is better)")
+        figures.append(("RSUM per evaluation", _png(fig)))
+    return Section("evaluations", "Evaluations", text, figures)
+
+
+# ---------------------------------------------------------------------------------------------- assembly
+def build(root: Path, extra: Optional[list[Section]] = None, max_queries: int = MAX_QUERIES) -> list[Section]:
+    """Every section, in order; `extra` (e.g. the demo's comparison table) goes first."""
+    root = Path(root)
+    found = discover(root)
+    mines = [f for f in found.get("mine", []) if f.complete]
+    teachers = [f for f in found.get("teacher", []) if f.complete]
+    students = found.get("distill", [])
+    evaluations = read_evaluations(found.get("evaluate", []), mines, root)
+    sections = list(extra or [])
+    if teachers:
+        t = teachers[0]
+        dirs = read_teacher(t.path, t.manifest, max_queries)
+        sections += [scores_section(t, dirs, root), positives_section(t, dirs, root)]
+        if len(teachers) > 1:
+            sections[-1].text += ("\n\nOther teacher caches in this run (not plotted): "
+                                  + ", ".join(f"`{x.label(root)}`" for x in teachers[1:]) + ".")
+    else:
+        hint = "no finished teacher cache (run `cprd-pipeline score-teacher --run RUN`)"
+        partial = [f.label(root) for f in found.get("teacher", []) if not f.complete]
+        hint += f"; unfinished: {', '.join(partial)}" if partial else ""
+        sections += [Section("scores", "Teacher and student scores of the hard negatives", missing=hint),
+                     Section("positives", "Positives and hard negatives under the teacher", missing=hint)]
+        dirs, t = {}, None
+    agreement = agreement_section(t, dirs, evaluations, root)
+    if not agreement.text:
+        agreement.missing = "no teacher cache and no evaluation with a teacher (`evaluate --rerank-teacher`)"
+    sections += [agreement, training_section(students, root), evaluations_section(evaluations)]
+    return sections
+
+
+def render_markdown(sections: list[Section], title: str, figure_names: list[list[str]]) -> str:
+    out = [f"# {title}\n"]
+    for s, names in zip(sections, figure_names):
+        out.append(f"## {s.title}\n")
+        if s.missing:
+            out.append(f"_Not in this run: {s.missing}._\n")
+            continue
+        out.append(s.text.rstrip() + "\n")
+        out += [f"![{cap}]({name})\n" for (cap, _), name in zip(s.figures, names)]
+    return "\n".join(out)
+
+
+def _md_to_html(text: str) -> str:
+    """The Markdown this module writes (paragraphs, pipe tables, `code`, **bold**) as HTML."""
+    import re
+
+    def inline(s: str) -> str:
+        s = html.escape(s)
+        s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+        return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
+
+    blocks, out = text.strip().split("\n\n"), []
+    for b in blocks:
+        lines = [l for l in b.splitlines() if l.strip()]
+        if lines and all(l.startswith("|") for l in lines):
+            rows = [[c.strip() for c in l.strip().strip("|").split("|")] for l in lines]
+            body = [r for r in rows[1:] if not all(set(c) <= {"-", " "} for c in r)]
+            out.append("<table><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"
+                       + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body)
+                       + "</tbody></table>")
+        elif lines and lines[0].startswith("#"):
+            level = min(len(lines[0]) - len(lines[0].lstrip("#")) + 1, 4)
+            out.append(f"<h{level}>{inline(lines[0].lstrip('#').strip())}</h{level}>")
+            if lines[1:]:
+                out.append(f"<p>{inline(' '.join(lines[1:]))}</p>")
+        elif lines:
+            out.append("<p>" + "<br>".join(inline(l) for l in lines) + "</p>")
+    return "\n".join(out)
+
+
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+         "table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 8px;"
+         "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+         "img{max-width:100%;border:1px solid #eee}.missing{color:#a33}nav a{margin-right:1em}code{font-size:90%}")
+
+
+def render_html(sections: list[Section], title: str) -> str:
+    nav = "".join(f'<a href="#{s.key}">{html.escape(s.title)}</a>' for s in sections)
+    body = []
+    for s in sections:
+        body.append(f'<section id="{s.key}"><h2>{html.escape(s.title)}</h2>')
+        if s.missing:
+            body.append(f'<p class="missing">Not in this run: {html.escape(s.missing)}.</p>')
+        else:
+            body.append(_md_to_html(s.text))
+            for caption, png in s.figures:
+                data = base64.b64encode(png).decode()
+                body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        body.append("</section>")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><nav>{nav}</nav>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def write(sections: list[Section], out: Path, title: str) -> Path:
+    """index.html, report.md and the figures as fig-NN.png, each replaced atomically; returns index.html."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("fig-*.png"):   # figures of an earlier report of this folder
+        old.unlink()
+    names, n = [], 0
+    for s in sections:
+        names.append([])
+        for _, png in s.figures:
+            n += 1
+            names[-1].append(f"fig-{n:02d}.png")
+            atomic_write_bytes(out / names[-1][-1], png)
+    atomic_write_bytes(out / "report.md", render_markdown(sections, title, names).encode())
+    atomic_write_bytes(out / "index.html", render_html(sections, title).encode())
+    return out / "index.html"

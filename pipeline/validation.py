@@ -1,0 +1,54 @@
+"""Validation while training: retrieval on a held-out corpus with the student as it is now.
+
+    val = Validator(corpus, teacher, k_test=16, itc_weight=w, cache=ScoreCache(...))
+    row = val(encoder)    # {"val_rsum", "val_i2t_R@1", ..., "val_kendall_tau", "val_rerank_rsum"}
+
+With a teacher, each query's top `k_test` is scored by it (the pairs are cached across validations, so later
+validations score only the pairs the student newly ranks there) for the rank agreement the loss optimises.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from .corpus import Corpus
+from .metrics import KS
+from .retrieval import ScoreCache, evaluate_retrieval
+
+
+def flatten(metrics: dict, prefix: str = "val_") -> dict[str, float]:
+    """evaluate_retrieval's nested metrics as flat `val_*` numbers for metrics.jsonl and trackers."""
+    row = {f"{prefix}rsum": metrics["rsum"]}
+    for d in ("i2t", "t2i"):
+        row.update({f"{prefix}{d}_R@{k}": metrics[d][f"R@{k}"] for k in KS})
+    if "agreement" in metrics:
+        for d in ("i2t", "t2i"):
+            row[f"{prefix}{d}_kendall_tau"] = metrics["agreement"][d]["kendall_tau"]
+        row[f"{prefix}kendall_tau"] = float(np.nanmean([row[f"{prefix}i2t_kendall_tau"],
+                                                        row[f"{prefix}t2i_kendall_tau"]]))
+        row[f"{prefix}rerank_rsum"] = metrics["rerank"]["rsum"]
+    return row
+
+
+@dataclass
+class Validator:
+    corpus: Corpus
+    teacher: Optional[Any] = None        # a CrossEncoder, for the rank agreement
+    k_test: int = 16
+    itc_weight: float = 0.0
+    cache: Optional[ScoreCache] = None
+    batch_size: int = 64
+
+    def __call__(self, encoder: Any) -> dict[str, float]:
+        """Encoder: a DualEncoder sharing the training model; it is put in eval mode and back."""
+        model = encoder.model
+        was_training = model.training
+        model.eval()
+        try:
+            metrics = evaluate_retrieval(self.corpus, encoder, self.teacher, self.k_test, self.itc_weight,
+                                         self.batch_size, progress=False, cache=self.cache)
+        finally:
+            model.train(was_training)
+        return flatten(metrics)
