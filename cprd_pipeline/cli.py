@@ -19,6 +19,8 @@ from stages import STAGES, Stage
 APP_VERBS = {  # verbs that are not stages: their help line for the command list, without importing them
     "demo": "The whole pipeline on the bundled demo corpus and models; writes OUT/report.md (see README: make demo).",
     "demo-assets": "Train the demo's student and teacher from scratch and pack them (about 35 minutes on 2 CPU cores).",
+    "loop": "LoopITR's loop in rounds: mine with the last round's student, optionally fine-tune the teacher, score, "
+            "distill, evaluate (RUN/round-N).",
     "report": "Pictures and tables of a run (score distributions, rank agreement, training curves, recall): "
               "RUN/report/index.html and report.md.",
     "status": "Each stage's state: absent, partial (n/m shards), complete, or stale (its input changed since).",
@@ -50,16 +52,22 @@ def config_options(cls: type) -> Callable:
                 fn = click.option(*names, f.name, type=_click_type(f.type, f.choices), default=None,
                                   help=help_text)(fn)
         return click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                            help="YAML file of options (flags given here override it)")(fn)
+                            help="YAML file of options, or a pipeline file with a section per verb (mine:, distill:, ...) "
+                                 "over shared top-level options; flags given here override it")(fn)
 
     return decorate
 
 
-def _run(cls: type, entry: Callable, config_file: str | None, values: dict[str, Any]) -> None:
+def _run(cls: type, entry: Callable, config_file: str | None, values: dict[str, Any], verb: str | None = None) -> None:
     from pipeline.config import resolve
 
+    _call(lambda: entry(resolve(cls, config_file, values, section=verb, sections=tuple(s.verb for s in STAGES))))
+
+
+def _call(fn: Callable, *args: Any) -> None:
+    """Run fn(*args): a PipelineError is one `error:` line and exit 2; Ctrl-C says how to resume."""
     try:
-        entry(resolve(cls, config_file, values))
+        fn(*args)
     except PipelineError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -74,7 +82,7 @@ def _stage_command(stage: Stage) -> click.Command:
     @click.command(stage.verb, help=stage.help)
     @config_options(cls)
     def command(config_file: str | None, **values: Any) -> None:
-        _run(cls, entry, config_file, values)
+        _run(cls, entry, config_file, values, stage.verb)
 
     return command
 
@@ -89,7 +97,7 @@ class Verbs(click.Group):
         for s in STAGES:
             if s.verb == name:
                 return _stage_command(s)
-        return {"demo": _demo_command, "demo-assets": demo_assets, "report": report,
+        return {"demo": _demo_command, "demo-assets": demo_assets, "loop": loop, "report": report,
                 "status": status}.get(name, lambda: None)()
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -106,6 +114,7 @@ def main() -> None:
     \b
     Stages (each reads the one before it from RUN/ and can be rerun alone):
       mine           embed the corpus with the student, mine top-k hard negatives  -> RUN/mine
+      train-teacher  (optional) fine-tune the teacher on the student's hard negatives -> RUN/teacher-train
       score-teacher  score every mined pair with the cross-encoder teacher         -> RUN/teacher
       distill        train the student: contrastive loss + CPRD over the teacher's ranking -> RUN/distill
       evaluate       Recall@1/5/10 both directions, RSUM, rank agreement           -> RUN/eval
@@ -140,6 +149,25 @@ def demo_assets() -> click.Command:
     return command
 
 
+def loop() -> click.Command:
+    @click.command("loop", help=APP_VERBS["loop"] + " Each stage keeps the artifact contract: a killed loop resumes "
+                   "where it stopped, a finished round is never recomputed, and more --rounds continue.")
+    @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="root folder of the rounds")
+    @click.option("--config", "pipeline", required=True, type=click.Path(dir_okay=False),
+                  help="pipeline file: a section per verb (mine:, train-teacher:, score-teacher:, distill:, "
+                       "evaluate:) over shared top-level options")
+    @click.option("--rounds", default=2, show_default=True, type=int, help="rounds to run")
+    @click.option("--device", default="auto", show_default=True, type=click.Choice(("auto", "cpu", "cuda")))
+    @click.option("--force/--no-force", default=False, show_default=True,
+                  help="let each stage replace an output made with other settings")
+    def command(run_dir: str, pipeline: str, rounds: int, device: str, force: bool) -> None:
+        from .rounds import LoopConfig, run
+
+        _call(run, LoopConfig(run=run_dir, rounds=rounds, pipeline=pipeline, device=device, force=force))
+
+    return command
+
+
 def report() -> click.Command:
     @click.command("report", help=APP_VERBS["report"] + " Sections whose stage has not run are named, with what to run.")
     @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="run directory")
@@ -169,13 +197,19 @@ def status() -> click.Command:
             click.echo(f"error: {run_dir}: no such run directory", err=True)
             sys.exit(2)
         table = [StageDir(s.verb, s.directory, s.upstream) for s in STAGES]
+        # a loop's root: one block per round
+        rounds = sorted((p for p in Path(run_dir).glob("round-*") if p.is_dir() and p.name[6:].isdigit()),
+                        key=lambda p: int(p.name[6:]))
         try:
-            lines = describe(Path(run_dir), table)
+            blocks = [(f"{p.name}:", describe(p, table)) for p in rounds] or [("", describe(Path(run_dir), table))]
         except PipelineError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
-        for line in lines:
-            click.echo(line)
+        for head, lines in blocks:
+            if head:
+                click.echo(head)
+            for line in lines:
+                click.echo(("  " if head else "") + line)
 
     return command
 

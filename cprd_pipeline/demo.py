@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import yaml
@@ -38,6 +38,8 @@ class DemoConfig:
     out: str = runtime("runs/demo", "output folder (runs, models, data and the report)")
     seed: int = option(0, "first distillation seed (seeds seed, seed+1, ... as the recipe asks)")
     quick: bool = option(False, "a small, fast version of the same pipeline (for tests)")
+    full: bool = option(False, "also LoopITR's two halves: a second round (re-mined with the distilled students) and "
+                               "a teacher fine-tuned on the student's negatives (about 12 more minutes on 2 cores)")
     allow_weak_teacher: bool = option(False, "distil even if the teacher does not beat the student (reported "
                                              "in the table; for studying a teacher, not for results)")
     recipe: str = runtime(str(REPO / "data" / "demo.yaml"), "the demo recipe")
@@ -126,12 +128,13 @@ def run(cfg: DemoConfig) -> dict:
         _link_mine(run_itm, run_main)
         stage("score-teacher").run(run=str(run_itm), teacher=str(teacher), score="itm", **dev)
 
-    def evaluate_model(model: Path, name: str, score: str = "itm+itc", teacher_on: int = teacher_galleries) -> dict:
+    def evaluate_model(model: Path, name: str, score: str = "itm+itc", teacher_on: int = teacher_galleries,
+                       by: Path = teacher) -> dict:
         """The model on every gallery, the teacher re-ranking its top k_test on the first `teacher_on` (for the
         re-rank row and rank agreement); each number averaged over the galleries that have it."""
         per = []
         for i, g in enumerate(galleries):
-            rerank = dict(rerank_teacher=str(teacher), rerank_score=score, itc_weight=w,
+            rerank = dict(rerank_teacher=str(by), rerank_score=score, itc_weight=w,
                           teacher_cache=str(out / "teacher-scores")) if i < teacher_on else {}
             done = stage("evaluate").run(data=str(g), model=str(model), k_test=k_test, **dev,
                                          out=str(out / "eval" / cfg.split / name / g.stem), **rerank)
@@ -165,16 +168,50 @@ def run(cfg: DemoConfig) -> dict:
             Row(f"teacher re-rank, ITM only (top {k_test}"
                 + (")" if teacher_galleries >= len(galleries) else f", {teacher_galleries} of the galleries)"),
                 [itm_rerank], seeded=False)]
-    for method in recipe["methods"]:
-        method = dict(method)
-        name, label, cache = method.pop("name"), method.pop("label"), method.pop("cache", "itm+itc")
+    def students(name: str, label: str, cache: Callable[[int], Path], method: dict,
+                 start: Callable[[int], Path] = lambda s: student) -> Row:
+        """One distilled student per seed, from `start(seed)` on the teacher cache of run `cache(seed)`, each
+        evaluated."""
         runs = []
         for s in seeds:
             target = out / "students" / f"{name}-s{s}"
-            stage("distill").run(run=str(caches[cache]), out=str(target), student=str(student), seed=s,
+            stage("distill").run(run=str(cache(s)), out=str(target), student=str(start(s)), seed=s,
                                  save_every=10**6, **{**shared, **method}, **dev)
             runs.append({**evaluate_model(target / "final", f"{name}-s{s}"), **_false_negatives(target)})
-        rows.append(Row(label, runs, name=name))
+        return Row(label, runs, name=name)
+
+    methods = {}
+    for method in recipe["methods"]:
+        method = dict(method)
+        name, label, cache = method.pop("name"), method.pop("label"), method.pop("cache", "itm+itc")
+        methods[name] = (label, method)
+        rows.append(students(name, label, lambda s, c=caches[cache]: c, method))
+
+    if cfg.full:  # LoopITR's two halves, each once
+        full = recipe["full"]
+        name, (label, method) = full["method"], methods[full["method"]]
+        for s in seeds:   # round 2: re-mine with each round-1 student, score, distil on from it
+            r2 = out / "round-2" / f"{name}-s{s}"
+            stage("mine").run(run=str(r2), data=str(train), student=str(out / "students" / f"{name}-s{s}" / "final"),
+                              k=recipe["mine"]["k"], **dev)
+            stage("score-teacher").run(run=str(r2), teacher=str(teacher), score="itm+itc", itc_weight=w, **dev)
+        rows.append(students(f"{name}-round2", f"round 2: {label}, re-mined with its round-1 student",
+                             lambda s: out / "round-2" / f"{name}-s{s}", method,
+                             start=lambda s: out / "students" / f"{name}-s{s}" / "final"))
+        # the teacher fine-tuned on the student's mined negatives, then the same distillation from it
+        tt = dict(full["train_teacher"])
+        if cfg.quick:
+            tt.pop("epochs", None)
+            tt["max_steps"] = recipe["quick"]["max_steps"]
+        stage("train-teacher").run(run=str(run_main), teacher=str(teacher), save_every=10**6, **tt, **dev)
+        tuned, run_ft = run_main / "teacher-train" / "final", out / "run-ft"
+        _link_mine(run_ft, run_main)
+        stage("score-teacher").run(run=str(run_ft), teacher=str(tuned), score="itm+itc", itc_weight=w, **dev)
+        rows.append(Row(f"teacher re-rank, fine-tuned on the student's negatives (top {k_test})",
+                        [evaluate_model(student, "student-ft", by=tuned, teacher_on=len(galleries))["rerank"]],
+                        seeded=False))
+        rows.append(students(f"{name}-ft", f"{label}, teacher fine-tuned on the student's negatives",
+                             lambda s: run_ft, method))
 
     meta = {**meta, "student": _describe(student), "teacher": _describe(teacher)}
     report = _report(rows, meta, recipe, cfg, len(galleries), time.time() - t_start)
@@ -260,6 +297,11 @@ def _report(rows: list[Row], meta: dict, recipe: dict, cfg: DemoConfig, n_galler
                      "expected to help.")
     if cfg.split == "val":
         notes.append("**Validation split**: for choosing settings; the README's table is the test split.")
+    if cfg.full:
+        notes.append("**--full**: `round 2` students start from their round-1 student (same seed) and train on "
+                     "negatives that student mined, scored by the same teacher; the fine-tuned teacher was trained "
+                     "on the round-1 student's mined negatives of the train split (settings in the recipe's `full` "
+                     "block, set a priori).")
     best = max((r for r in rows if r.seeded and r is not none), key=lambda r: np.mean([m["rsum"] for m in r.runs]),
                default=None)
     gap = ""

@@ -24,9 +24,14 @@ def runtime(default: Any, help: str = "", choices: tuple[str, ...] | None = None
     return dataclasses.field(default=default, metadata={"runtime": True, "help": help, "choices": choices})
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple[str, ...] | None = None) -> Any:
-    """A config field that is part of the stage's identity."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple[str, ...] | None = None,
+           added: bool = False) -> Any:
+    """A config field that is part of the stage's identity.
+
+    added: an option introduced after outputs were made without it; it enters the fingerprint only when set to
+    something other than its default, so those outputs stay up to date.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "added": added})
 
 
 def choice_options(selector: str, provider: Callable[[], Mapping[str, type]], help: str = "") -> Any:
@@ -94,24 +99,50 @@ def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
     return value
 
 
-def resolve(cls: type, config_file: str | Path | None, cli: Mapping[str, Any]) -> Any:
-    """Build `cls` from defaults, then the YAML file, then every CLI value that is not None."""
+def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping, or a one-line error naming the file."""
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise PipelineError(f"--config: file not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise PipelineError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise PipelineError(f"--config {path}: expected a mapping of option: value")
+    return loaded
+
+
+def section_of(loaded: dict[str, Any], section: str | None, sections: tuple[str, ...], path: Path) -> dict[str, Any]:
+    """One verb's options from a config file: a flat file as it is; a pipeline file (keys that are verbs, e.g.
+    `mine:`, `distill:`) gives that verb's section over the file's top-level options (`run:`, `device:` ...)."""
+    if section is None or not any(k in sections for k in loaded):
+        return loaded
+    own = loaded.get(section) or {}
+    if not isinstance(own, dict):
+        raise PipelineError(f"--config {path}: section '{section}' must be a mapping of option: value")
+    return {**{k: v for k, v in loaded.items() if k not in sections}, **own}
+
+
+def resolve(cls: type, config_file: str | Path | None, cli: Mapping[str, Any], section: str | None = None,
+            sections: tuple[str, ...] = ()) -> Any:
+    """Build `cls` from defaults, then the YAML file, then every CLI value that is not None.
+
+    With `section` (the verb) and `sections` (every verb), a pipeline file's section for that verb is used;
+    top-level options of such a file that this verb does not have are left to the verbs that do.
+    """
     fields = {f.name: f for f in dataclasses.fields(cls)}
     known = {fl.name: fl for fl in flags(cls)}
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if config_file:
         path = Path(config_file)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise PipelineError(f"--config: file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise PipelineError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise PipelineError(f"--config {path}: expected a mapping of option: value")
+        raw = load_yaml(path)
+        loaded = section_of(raw, section, sections, path)
+        shared = set(raw) - set(sections) if loaded is not raw else set()
         for key, value in loaded.items():
             name = str(key).replace("-", "_")
+            if name not in known and key in shared and key not in (raw.get(section) or {}):
+                continue   # a top-level option of a pipeline file that another verb has
             if name not in known:
                 raise PipelineError(f"--config {path}: unknown option '{key}' (known: {', '.join(sorted(known))})")
             values[name] = _coerce(name, value, known[name].type, f"--config {path}")
@@ -178,7 +209,8 @@ def as_dict(config: Any) -> dict[str, Any]:
 def fingerprinted(config: Any) -> dict[str, Any]:
     """The part of a config that defines the stage's output."""
     return {f.name: as_dict(v) if dataclasses.is_dataclass(v := getattr(config, f.name)) else v
-            for f in dataclasses.fields(config) if not f.metadata.get("runtime")}
+            for f in dataclasses.fields(config) if not f.metadata.get("runtime")
+            and not (f.metadata.get("added") and getattr(config, f.name) == f.default)}
 
 
 def render(config: Any) -> str:

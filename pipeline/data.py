@@ -44,7 +44,8 @@ from .models import load_image
 COLUMNS = ["direction", "query_id", "positive_ids", "candidate_ids", "teacher_scores", "positive_teacher_scores"]
 
 
-def teacher_stream(files: Sequence[Path], seed: int, epoch: int, shuffle_buffer: int):
+def teacher_stream(files: Sequence[Path], seed: int, epoch: int, shuffle_buffer: int,
+                   columns: Sequence[str] = COLUMNS):
     import datasets
 
     # `datasets` sleeps this long at the end of every pass over Parquet (letting Arrow reader threads wind
@@ -52,7 +53,7 @@ def teacher_stream(files: Sequence[Path], seed: int, epoch: int, shuffle_buffer:
     # the default 5 s would cost more than a whole epoch on small data.
     datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = min(datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN, 0.5)
     ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
-    ds = ds.select_columns(COLUMNS)
+    ds = ds.select_columns(list(columns))
     if shuffle_buffer > 1:
         ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
         ds.set_epoch(epoch)
@@ -88,6 +89,8 @@ class Processors:
 class DistillBatches(torch.utils.data.IterableDataset):
     """Epoch `epoch`'s batches for this rank: `batches` of them, the first `skip` passed over (resume)."""
 
+    columns: Sequence[str] = COLUMNS
+
     def __init__(self, spec: BatchSpec, files: Sequence[Path], corpus: Any, processors: Processors, epoch: int,
                  batches: int, skip: int = 0):
         self.spec, self.files, self.corpus, self.processors = spec, list(files), corpus, processors
@@ -110,7 +113,7 @@ class DistillBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         spec = self.spec
-        stream = teacher_stream(self.files, spec.seed, self.epoch, spec.shuffle_buffer)
+        stream = teacher_stream(self.files, spec.seed, self.epoch, spec.shuffle_buffer, self.columns)
         local = 0  # index among this rank's batches
         # The stream is read to its end even past `self.batches`: batches are skipped, never cut, so the
         # reader shuts down the same way every time.
@@ -216,6 +219,116 @@ class DistillBatches(torch.utils.data.IterableDataset):
         while self._cached > self.cache_bytes:
             self._cached -= self._cache.popitem(last=False)[1].nbytes
         return out
+
+
+class MatchingBatches(DistillBatches):
+    """Batches for training the cross-encoder's matching head from the student's mined candidates (RUN/mine).
+
+    Each row (query) gives a positive pair, a hard negative drawn from its first N candidates with probability
+    softmax(student cosine / `temperature`) (as ALBEF and BLIP sample ITM negatives by similarity; false
+    negatives never drawn), and, with `in_batch`, a negative taken from another row of the batch (that row's
+    positive caption for an image query, its positive image for a caption query) unless it matches the query.
+    Draws are hashes of (seed, epoch, query), so a resumed epoch draws the same.
+
+    | key                   | shape          | meaning                                                   |
+    | --------------------- | -------------- | --------------------------------------------------------- |
+    | pixel_values          | [Ui, 3, H, W]  | the batch's unique images (zero-padded to the largest)    |
+    | pixel_mask            | [Ui, H, W]     | 1 on real pixels                                          |
+    | input_ids, attention_mask | [Ut, L]    | the batch's unique captions                               |
+    | pair_image, pair_text | [P]            | each pair's image and caption                             |
+    | label                 | [P]            | 1.0 for a positive pair, 0.0 for a negative               |
+    | positive_pairs        | [B]            | index into the pairs of each row's positive pair          |
+    | positive_mask         | [B, B]         | True where row i's positive image matches row j's caption |
+    | false_negatives       | []             | candidates passed over because they match the query       |
+    """
+
+    columns = ("direction", "query_id", "positive_ids", "candidate_ids", "student_scores")
+
+    def __init__(self, spec: BatchSpec, files: Sequence[Path], corpus: Any, processors: Processors, epoch: int,
+                 batches: int, skip: int = 0, temperature: float = 0.05, in_batch: bool = True):
+        super().__init__(spec, files, corpus, processors, epoch, batches, skip)
+        self.temperature, self.in_batch = temperature, in_batch
+
+    def _draw(self, query_id: str, what: str, weights: Sequence[float]) -> int:
+        """A draw from `weights` (unnormalised) fixed by (seed, epoch, query)."""
+        u = zlib.crc32(f"{self.spec.seed}:{self.epoch}:{query_id}:{what}".encode()) / 2**32
+        total, acc = sum(weights), 0.0
+        for i, w in enumerate(weights):
+            acc += w / total
+            if u < acc:
+                return i
+        return len(weights) - 1
+
+    def build(self, rows: dict[str, list]) -> dict[str, Any]:
+        import math
+
+        c, n_neg = self.corpus, self.spec.num_negatives
+        images: dict[str, int] = {}
+        texts: dict[str, int] = {}
+
+        def img(iid: str) -> int:
+            return images.setdefault(c.image_paths[self.image_row[iid]], len(images))
+
+        def txt(tid: str) -> int:
+            return texts.setdefault(c.texts[self.text_row[tid]], len(texts))
+
+        B = len(rows["query_id"])
+        pair_img, pair_txt, label, positive_pairs, false_negatives = [], [], [], [], 0
+        chosen = []   # (is_i2t, query id, positive id) per row
+        for r in range(B):
+            qid, pos_ids = rows["query_id"][r], rows["positive_ids"][r]
+            pos = pos_ids[pick(self.spec.seed, self.epoch, qid, len(pos_ids))]
+            i2t = rows["direction"][r] == "i2t"
+            chosen.append((i2t, qid, pos))
+            negs, sims = [], []
+            for cand, sim in zip(rows["candidate_ids"][r][:n_neg], rows["student_scores"][r][:n_neg]):
+                if self._false_negative(i2t, qid, pos, cand):
+                    false_negatives += 1
+                else:
+                    negs.append(cand), sims.append(sim)
+            positive_pairs.append(len(label))
+            if i2t:
+                pair_img.append(img(qid)), pair_txt.append(txt(pos)), label.append(1.0)
+            else:
+                pair_img.append(img(pos)), pair_txt.append(txt(qid)), label.append(1.0)
+            if negs:
+                top = max(sims)   # softmax weights, shifted for stability
+                neg = negs[self._draw(qid, "hard", [math.exp((s - top) / self.temperature) for s in sims])]
+                if i2t:
+                    pair_img.append(img(qid)), pair_txt.append(txt(neg))
+                else:
+                    pair_img.append(img(neg)), pair_txt.append(txt(qid))
+                label.append(0.0)
+        if self.in_batch and B > 1:
+            for r, (i2t, qid, pos) in enumerate(chosen):
+                other_i2t, other_q, other_pos = chosen[(r + 1 + self._draw(qid, "batch", [1.0] * (B - 1))) % B]
+                # the other row's caption (for an image query) or image (for a caption query)
+                cand = (other_pos if other_i2t else other_q) if i2t else (other_q if other_i2t else other_pos)
+                if not self._false_negative(i2t, qid, pos, cand):
+                    pair_img.append(img(qid) if i2t else img(cand)), pair_txt.append(txt(cand) if i2t else txt(qid))
+                    label.append(0.0)
+        pixels, mask = self.padded([self.row_of_path[path] for path in images])
+        proc = self.processors
+        tokens = proc.tokenizer(list(texts), padding=True, truncation=True, max_length=proc.max_length,
+                                return_tensors="pt")
+        pi, pt = torch.tensor(pair_img), torch.tensor(pair_txt)
+        pos_i, pos_t = pi[positive_pairs], pt[positive_pairs]
+        return {"pixel_values": pixels, "pixel_mask": mask, "input_ids": tokens["input_ids"],
+                "attention_mask": tokens["attention_mask"], "pair_image": pi, "pair_text": pt,
+                "label": torch.tensor(label), "positive_pairs": torch.tensor(positive_pairs),
+                "positive_mask": (pos_i[:, None] == pos_i[None, :]) | (pos_t[:, None] == pos_t[None, :]),
+                "false_negatives": torch.tensor(false_negatives)}
+
+    def padded(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images of any size (ViLT keeps aspect ratios): zero-padded to the largest, with the pixel mask."""
+        cached = [self.pixels([r])[0] for r in rows]
+        h, w = max(p.shape[1] for p in cached), max(p.shape[2] for p in cached)
+        out = torch.zeros(len(cached), cached[0].shape[0], h, w, dtype=cached[0].dtype)
+        mask = torch.zeros(len(cached), h, w, dtype=torch.long)
+        for i, p in enumerate(cached):
+            out[i, :, : p.shape[1], : p.shape[2]] = p
+            mask[i, : p.shape[1], : p.shape[2]] = 1
+        return out, mask
 
 
 def loader(dataset: DistillBatches, num_workers: int) -> torch.utils.data.DataLoader:

@@ -2,6 +2,7 @@
 
 RUN/
   mine/      manifest.json  corpus/{images,texts}.parquet  embeddings/  candidates/part-NNNNN.parquet  _SUCCESS
+  teacher-train/  manifest.json  checkpoints/step-N/  final/  metrics.jsonl  _SUCCESS   (optional)
   teacher/   manifest.json  pairs/part-NNNNN.parquet  part-NNNNN.parquet  _SUCCESS
   distill/   manifest.json  checkpoints/step-N/  final/  metrics.jsonl  _SUCCESS
   eval/      metrics.json  report.md
@@ -36,6 +37,11 @@ class Run:
     @property
     def teacher(self) -> Path:
         return self.root / "teacher"
+
+    @property
+    def teacher_train(self) -> Path:
+        """The fine-tuned teacher (train-teacher)."""
+        return self.root / "teacher-train"
 
     @property
     def distill(self) -> Path:

@@ -291,8 +291,12 @@ class Evaluation:
     starting: bool      # the evaluated model is the student that mined the run
 
 
-def read_evaluations(found: list[Found], mines: list[Found], root: Path) -> list[Evaluation]:
-    starting = [m.manifest["identity"].get("student") for m in mines]
+def read_evaluations(found: list[Found], mines: list[Found], students: list[Found], root: Path) -> list[Evaluation]:
+    """Finished evaluations. The starting student is a mine's student that no distill under root made (in a
+    loop, round r mines with round r-1's distilled student)."""
+    distilled = {str((s.path / "final").resolve()) for s in students}
+    starting = [m.manifest["identity"].get("student") for m in mines
+                if (m.manifest["identity"].get("student") or {}).get("path") not in distilled]
     out = []
     for e in found:
         metrics = read_json(e.path / "metrics.json") if e.complete else None
@@ -352,7 +356,7 @@ def build(root: Path, extra: Optional[list[Section]] = None, max_queries: int = 
     mines = [f for f in found.get("mine", []) if f.complete]
     teachers = [f for f in found.get("teacher", []) if f.complete]
     students = found.get("distill", [])
-    evaluations = read_evaluations(found.get("evaluate", []), mines, root)
+    evaluations = read_evaluations(found.get("evaluate", []), mines, students, root)
     sections = list(extra or [])
     if teachers:
         t = teachers[0]
@@ -371,7 +375,8 @@ def build(root: Path, extra: Optional[list[Section]] = None, max_queries: int = 
     agreement = agreement_section(t, dirs, evaluations, root)
     if not agreement.text:
         agreement.missing = "no teacher cache and no evaluation with a teacher (`evaluate --rerank-teacher`)"
-    sections += [agreement, training_section(students, root), evaluations_section(evaluations)]
+    sections += [agreement, training_section(students + found.get("train-teacher", []), root),
+                 evaluations_section(evaluations)]
     return sections
 
 

@@ -11,6 +11,7 @@ A teacher scores (image, text) pairs as raw match log-odds. Its image side runs 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -157,6 +158,28 @@ def load_teacher(name_or_path: str, device: str = "cpu", dtype: torch.dtype = to
             cross_kv.check_structure(model)
         teacher.kv_cache = kv_cache
     return teacher
+
+
+def resolve_teacher(teacher: str, run: Path) -> tuple[str, dict[str, Any] | None]:
+    """(the folder or hub name to load, its lineage) for score-teacher's --teacher.
+
+    `train-teacher` names RUN/teacher-train/final; any `final/` folder of a complete train-teacher output is
+    recognised as one. The lineage (that output's fingerprint and the teacher it started from) goes into the
+    scoring stage's identity.
+    """
+    from .artifacts import read_json, require_complete
+    from .layout import Run
+
+    path = Path(teacher)
+    if teacher == "train-teacher":
+        path = Run(run).teacher_train / "final"
+        require_complete(path.parent, "train-teacher", f"run `cprd-pipeline train-teacher --run {run} ...` first")
+    manifest = read_json(path.parent / "manifest.json") if path.name == "final" else None
+    if manifest is None or manifest.get("stage") != "train-teacher":
+        return teacher, None
+    m = require_complete(path.parent, "train-teacher", "rerun train-teacher to finish it")
+    return str(path), {"stage": "train-teacher", "fingerprint": m["fingerprint"], "base": m["identity"]["teacher"],
+                       "output": str(path.parent.resolve())}
 
 
 @torch.inference_mode()

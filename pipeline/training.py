@@ -1,4 +1,4 @@
-"""Training helpers shared by every loop that trains a model here (distill, the demo's own models)."""
+"""Training helpers shared by every loop that trains a model here (distill, train-teacher, the demo's own models)."""
 from __future__ import annotations
 
 import math
@@ -27,3 +27,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and "embedding" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def backward_step(acc, model: torch.nn.Module, optimizer, terms: dict[str, torch.Tensor], step: int,
+                  max_grad_norm: float) -> None:
+    """Inside `acc.accumulate(model)`: refuse a non-finite term (naming the step), backward the summed `loss`,
+    clip when the accumulation completes, step the optimizer (Accelerate skips it until then)."""
+    from .errors import PipelineError
+
+    if not all(torch.isfinite(v) for v in terms.values()):
+        bad = ", ".join(f"{k}={float(v.detach())}" for k, v in terms.items())
+        raise PipelineError(f"non-finite loss at step {step} ({bad}); lower --lr or use --mixed-precision no")
+    acc.backward(terms["loss"])
+    if acc.sync_gradients and max_grad_norm > 0:
+        acc.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
 from .corpus import Corpus
 from .metrics import KS
@@ -47,8 +48,11 @@ class Validator:
         was_training = model.training
         model.eval()
         try:
-            metrics = evaluate_retrieval(self.corpus, encoder, self.teacher, self.k_test, self.itc_weight,
-                                         self.batch_size, progress=False, cache=self.cache)
+            # the random state is left as it was (a DataLoader draws a seed): training is the same with or
+            # without validation
+            with torch.random.fork_rng(devices=[]):
+                metrics = evaluate_retrieval(self.corpus, encoder, self.teacher, self.k_test, self.itc_weight,
+                                             self.batch_size, progress=False, cache=self.cache)
         finally:
             model.train(was_training)
         return flatten(metrics)

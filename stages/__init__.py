@@ -42,6 +42,9 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("mine", "stages.mine", "MineConfig", "mine", (),
           "Embed the corpus with the student and mine the top-k hard negatives of every query (RUN/mine)."),
+    Stage("train-teacher", "stages.train_teacher", "TrainTeacherConfig", "teacher-train", ("mine",),
+          "Fine-tune the cross-encoder teacher on the run's corpus, with the student's mined hard negatives "
+          "(RUN/teacher-train; optional)."),
     Stage("score-teacher", "stages.score_teacher", "TeacherConfig", "teacher", ("mine",),
           "Score every mined pair and every positive with the cross-encoder teacher (RUN/teacher)."),
     Stage("distill", "stages.distill", "DistillConfig", "distill", ("score-teacher",),

@@ -31,21 +31,20 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from pipeline import config as cfgmod
-from pipeline import faults, layout
+from pipeline import layout
 from pipeline.artifacts import StageWriter, atomic_write_json, read_json, require_complete
 from pipeline.card import write_card
 from pipeline.config import choice_options, option, runtime
 from pipeline.corpus import load_tables
-from pipeline.data import BatchSpec, DistillBatches, Processors, loader
+from pipeline.data import BatchSpec, DistillBatches, Processors
 from pipeline.dist import Dist
 from pipeline.errors import PipelineError
-from pipeline.log import make_log
 from pipeline.losses import DistillInputs, DistillLoss, itc_loss, registry
 from pipeline.models import DualEncoder, model_identity, write_st_modules
-from pipeline.training import param_groups, warmup_cosine
+from pipeline.loop import StepLoop, accelerator, check_length, run_loop, tracker_config
+from pipeline.training import backward_step, param_groups, warmup_cosine
 from pipeline.validation import Validator
 
 
@@ -71,13 +70,13 @@ class DistillConfig:
     shuffle_buffer: int = option(10000, "rows in the streaming shuffle buffer")
     max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
     val_data: Optional[str] = option(None, "held-out annotation file, folder or dataset to evaluate on while training "
-                                           "(recall, RSUM and, with the teacher, rank agreement)")
-    val_split: Optional[str] = option("val", "split of --val-data to read")
-    eval_every: Optional[int] = option(None, "validate every N optimizer steps (default: at the end only)")
+                                           "(recall, RSUM and, with the teacher, rank agreement)", added=True)
+    val_split: Optional[str] = option("val", "split of --val-data to read", added=True)
+    eval_every: Optional[int] = option(None, "validate every N optimizer steps (default: at the end only)", added=True)
     val_teacher: bool = option(True, "score each validation query's top --val-k-test with the run's teacher for "
-                                     "rank agreement (pairs are cached across validations)")
-    val_k_test: int = option(16, "validation candidates per query the teacher scores")
-    keep_best: bool = option(False, "keep the weights of the validation step with the best RSUM as OUT/best")
+                                     "rank agreement (pairs are cached across validations)", added=True)
+    val_k_test: int = option(16, "validation candidates per query the teacher scores", added=True)
+    keep_best: bool = option(False, "keep the weights of the validation step with the best RSUM as OUT/best", added=True)
     report_to: Optional[str] = runtime(None, "trackers that receive every logged value, comma-separated: "
                                              "tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, ... "
                                              "(Accelerate's; install the tracker's package); local logs go to "
@@ -138,17 +137,9 @@ def compute_loss(loss: DistillLoss, options: Any, distill_weight: float, img: to
 
 # ---------------------------------------------------------------------------------------------- the stage
 def run(cfg: DistillConfig) -> Path:
-    from accelerate import Accelerator
-
     _check(cfg)
     out = Path(cfg.out) if cfg.out else layout.Run(Path(cfg.run)).distill
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                      cpu=cfg.device == "cpu", log_with=_trackers(cfg.report_to),
-                      project_dir=str(out / "trackers") if cfg.report_to else None)
-    if cfg.device == "cuda" and acc.device.type != "cuda":
-        raise PipelineError("--device cuda: CUDA is not available on this machine (use --device cpu)")
-    dist = Dist(rank=acc.process_index, world_size=acc.num_processes, local_rank=acc.local_process_index)
-    log = make_log(acc.is_main_process)
+    acc, dist, log = accelerator(cfg, out)
     paths = layout.Run(Path(cfg.run))
     mine, teacher = _upstream(cfg, paths)
     cfg = dataclasses.replace(cfg, student=cfg.student or mine["config"]["student"])
@@ -158,17 +149,8 @@ def run(cfg: DistillConfig) -> Path:
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log)
     if not writer.begin():
         return out
-    try:
-        t = Training.setup(cfg, acc, dist, paths, mine, teacher, identity["student"], out, log)
-        t.resume()
-        t.train()
-        t.finish(writer)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        if cfg.report_to:
-            acc.end_training()
+    run_loop(lambda: Training.setup(cfg, acc, dist, paths, mine, teacher, identity["student"], out, log), writer,
+             acc, cfg.report_to)
     log(f"[distill] done: {out / 'final'}")
     return out
 
@@ -176,14 +158,7 @@ def run(cfg: DistillConfig) -> Path:
 def _check(cfg: DistillConfig) -> None:
     if not cfg.run:
         raise PipelineError("distill needs --run")
-    if cfg.max_steps is not None and cfg.epochs is not None:
-        raise PipelineError("give --max-steps or --epochs, not both")
-    for name in ("batch_size", "num_negatives", "grad_accum", "save_every", "max_steps", "epochs"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise PipelineError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if not cfg.lr > 0:
-        raise PipelineError(f"--lr must be positive, got {cfg.lr}")
+    check_length(cfg, ("batch_size", "num_negatives"), ("lr",))
     num_valid = getattr(cfg.loss_options, "num_valid", None)
     if num_valid is not None and num_valid < 1:
         raise PipelineError(f"--num-valid must be at least 1 (or unset), got {num_valid}")
@@ -194,23 +169,6 @@ def _check(cfg: DistillConfig) -> None:
     for name in ("eval_every", "keep_best"):
         if getattr(cfg, name) and not cfg.val_data:
             raise PipelineError(f"--{name.replace('_', '-')} needs --val-data (a held-out corpus to validate on)")
-
-
-def _trackers(report_to: Optional[str]) -> Optional[list[str]]:
-    """--report-to as Accelerate's tracker names, each checked to be known and installed."""
-    if not report_to:
-        return None
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
-
-    names = [n.strip() for n in report_to.split(",") if n.strip()]
-    available = {str(t) for t in get_available_trackers()}
-    for n in names:
-        if n not in LOGGER_TYPE_TO_CLASS:
-            raise PipelineError(f"--report-to: unknown tracker '{n}' (known: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))})")
-        if n not in available:
-            package = {"tensorboard": "tensorboard"}.get(n, n)
-            raise PipelineError(f"--report-to {n}: its package is not installed (pip install {package})")
-    return names
 
 
 def _upstream(cfg: DistillConfig, paths: layout.Run) -> tuple[dict, dict]:
@@ -230,30 +188,24 @@ def _upstream(cfg: DistillConfig, paths: layout.Run) -> tuple[dict, dict]:
     return mine, teacher
 
 
-@dataclass
-class Training:
-    """Everything one distill run holds; one method per phase."""
-    cfg: DistillConfig
-    acc: Any
-    dist: Dist
-    out: Path
-    log: Any
-    loss: DistillLoss
-    encoder: DualEncoder
-    towers: Any
-    optimizer: Any
-    scheduler: Any
-    corpus: Any
-    files: list[Path]
-    batches_per_epoch: int
-    total_steps: int
-    upstream: dict             # the mine and teacher manifests and the student's identity (for the model card)
-    validator: Optional[Validator] = None
-    # best: {"step", "rsum", "val"} of the best validation so far (with --keep-best); kept in every checkpoint
-    state: dict = dataclasses.field(default_factory=lambda: {"step": 0, "epoch": 0, "batch_in_epoch": 0,
-                                                             "best": None})
-    logit_scale: float = 0.0   # the student's scale at the last micro-step (logged per step)
-    last_val: Optional[dict] = None
+class Training(StepLoop):
+    """Everything one distill run holds; one method per phase (the step loop itself: pipeline/loop.py)."""
+    name = "distill"
+    COUNTS = ("false_negatives", "dropped_by_margin")
+    SHOWN = ("loss", "itc", "distill")
+
+    def __init__(self, cfg: DistillConfig, acc, dist: Dist, out: Path, log, encoder: DualEncoder, towers, optimizer,
+                 scheduler, corpus, files: list[Path], batches_per_epoch: int, total_steps: int, upstream: dict,
+                 validator: Optional[Validator]):
+        super().__init__(cfg, acc, out, log, optimizer, scheduler, batches_per_epoch, total_steps)
+        self.dist, self.loss, self.encoder, self.towers = dist, registry.get(cfg.loss), encoder, towers
+        self.corpus, self.files = corpus, files
+        self.upstream = upstream          # the mine and teacher manifests and the student's identity (model card)
+        self.validator = validator
+        # best: {"step", "rsum", "val"} of the best validation so far (with --keep-best); kept in every checkpoint
+        self.state["best"] = None
+        self.logit_scale = 0.0            # the student's scale at the last micro-step (logged per step)
+        self.last_val: Optional[dict] = None
 
     @classmethod
     def setup(cls, cfg: DistillConfig, acc, dist: Dist, paths: layout.Run, mine: dict, teacher: dict, student: dict,
@@ -282,34 +234,19 @@ class Training:
         log(f"[distill] {rows} teacher rows, {steps_per_epoch} steps/epoch x {dist.world_size} process(es), "
             f"{total_steps} steps, loss itc + {cfg.distill_weight} x {cfg.loss}")
         if cfg.report_to:
-            acc.init_trackers("distill", config=_scalars(cfgmod.as_dict(cfg)))
-        return cls(cfg, acc, dist, out, log, registry.get(cfg.loss), encoder, towers, optimizer, scheduler, corpus,
-                   files, steps_per_epoch * cfg.grad_accum, total_steps,   # no half-accumulated step
-                   {"mine": mine, "teacher": teacher, "student": student}, validator)
+            acc.init_trackers("distill", config=tracker_config(cfgmod.as_dict(cfg)))
+        return cls(cfg, acc, dist, out, log, encoder, towers, optimizer, scheduler, corpus, files,
+                   steps_per_epoch * cfg.grad_accum, total_steps, {"mine": mine, "teacher": teacher, "student": student},
+                   validator)
 
-    @property
-    def metrics_path(self) -> Path:
-        return self.out / "metrics.jsonl"
+    def extra_state(self) -> dict:
+        return {"best": self.state["best"]}
 
-    def resume(self) -> None:
-        """Load the last complete checkpoint of this fingerprint, if any; drop metric lines after it."""
-        latest = read_json(self.out / "checkpoints" / "latest.json")
-        if latest is not None:
-            ckpt = self.out / "checkpoints" / latest["dir"]
-            self.acc.load_state(str(ckpt))
-            self.state = {"best": None, **read_json(ckpt / "trainer_state.json")}
-            self.scheduler.load_state_dict(self.state.pop("scheduler"))
-            self.log(f"[distill] resuming from {ckpt.name}: step {self.state['step']}, epoch {self.state['epoch']}, "
-                     f"batch {self.state['batch_in_epoch']}")
-        if self.acc.is_main_process:
-            path = self.metrics_path
-            kept = [l for l in (path.read_text().splitlines() if path.exists() else [])
-                    if json.loads(l)["step"] <= self.state["step"]]
-            path.write_text("".join(l + "\n" for l in kept))
-            # best/ of a step after the checkpoint is not in its record: the replay of those steps remakes it
-            best, on_disk = self.state["best"], read_json(self.out / "best" / "best.json")
-            if on_disk is not None and (best is None or on_disk["step"] != best["step"]):
-                shutil.rmtree(self.out / "best")
+    def after_resume(self) -> None:
+        # best/ of a step after the checkpoint is not in its record: the replay of those steps remakes it
+        best, on_disk = self.state["best"], read_json(self.out / "best" / "best.json")
+        if on_disk is not None and (best is None or on_disk["step"] != best["step"]):
+            shutil.rmtree(self.out / "best")
 
     def batches(self, epoch: int, skip: int, stop: int) -> DistillBatches:
         cfg = self.cfg
@@ -320,58 +257,31 @@ class Training:
         return DistillBatches(spec, self.files, self.corpus, Processors(enc.image_processor, enc.tokenizer,
                                                                         enc.max_length), epoch, stop, skip)
 
-    def train(self) -> None:
-        cfg, acc, state = self.cfg, self.acc, self.state
-        step, epoch = state["step"], state["epoch"]
-        # the bar closes (ending its line) before any error is printed
-        with tqdm(total=self.total_steps, initial=step, desc="distill", unit="step",
-                  disable=not acc.is_main_process) as bar:
-            while step < self.total_steps:
-                skip = state["batch_in_epoch"] if epoch == state["epoch"] else 0
-                stop = min(self.batches_per_epoch, skip + (self.total_steps - step) * cfg.grad_accum)  # what is left
-                batches = loader(self.batches(epoch, skip, stop), cfg.num_workers)
-                sums: dict[str, float] = {}
-                for batch_in_epoch, batch in enumerate(batches, start=skip):
-                    if "error" in batch:
-                        raise PipelineError(batch["error"])
-                    for k, v in self.micro_step(batch, step + 1).items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    if not acc.sync_gradients:
-                        continue
-                    step += 1
-                    val = self.validate(step)
-                    self.log_step(step, epoch, sums, bar, val)
-                    sums = {}
-                    done_epoch = batch_in_epoch + 1 == self.batches_per_epoch
-                    if step % cfg.save_every == 0 or step == self.total_steps:
-                        self.checkpoint(step, epoch + done_epoch, 0 if done_epoch else batch_in_epoch + 1)
-                    faults.at("step", step)
-                epoch += 1
-        self.state.update(step=step, epoch=epoch, batch_in_epoch=0)
-
     def micro_step(self, batch: dict, step: int) -> dict[str, float]:
         """Forward, backward and (when the accumulation is complete) the optimizer step of one micro-batch.
 
         Returns this micro-batch's share of the step's logged values: each term / grad_accum, and the counts.
         """
         acc, cfg = self.acc, self.cfg
-        counts = {k: float(batch.pop(k)) for k in ("false_negatives", "dropped_by_margin")}
+        counts = {k: float(batch.pop(k)) for k in self.COUNTS}
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         with acc.accumulate(self.towers):
             with acc.autocast():
                 img, txt, scale = self.towers(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
             terms = compute_loss(self.loss, cfg.loss_options, cfg.distill_weight, img.float(), txt.float(),
                                  scale.float(), batch)
-            if not all(torch.isfinite(v) for v in terms.values()):
-                bad = ", ".join(f"{k}={float(v.detach())}" for k, v in terms.items())
-                raise PipelineError(f"non-finite loss at step {step} ({bad}); lower --lr or use --mixed-precision no")
-            acc.backward(terms["loss"])
-            if acc.sync_gradients and cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(self.towers.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad()
+            backward_step(acc, self.towers, self.optimizer, terms, step, cfg.max_grad_norm)
         self.logit_scale = float(scale.detach())
         return {**{k: float(v.detach()) / cfg.grad_accum for k, v in terms.items()}, **counts}
+
+    def logged(self) -> dict[str, float]:
+        return {"logit_scale": self.logit_scale}
+
+    def postfix(self, row: dict) -> dict[str, str]:
+        shown = super().postfix(row)
+        if self.last_val:
+            shown["val_rsum"] = f"{self.last_val['val_rsum']:.1f}"
+        return shown
 
     def validate(self, step: int) -> dict[str, float]:
         """The validation metrics at this step, if it is a validation step (main process; {} elsewhere); with
@@ -390,38 +300,6 @@ class Training:
                 self.save_model(self.out / "best", "best", step, val)
         self.acc.wait_for_everyone()
         return val
-
-    def log_step(self, step: int, epoch: int, sums: dict[str, float], bar, val: dict[str, float]) -> None:
-        self.scheduler.step()
-        row = {"step": step, "epoch": epoch, **{k: _mean(self.acc, v) for k, v in sums.items()},
-               "lr": self.scheduler.get_last_lr()[0], "logit_scale": self.logit_scale, **val}
-        for k in ("false_negatives", "dropped_by_margin"):  # counts: summed over processes, not averaged
-            row[k] = int(round(row[k] * self.acc.num_processes))
-        if self.cfg.report_to:
-            self.acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
-        if self.acc.is_main_process:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            shown = {k: f"{row[k]:.4f}" for k in ("loss", "itc", "distill") if k in row}
-            if self.last_val:
-                shown["val_rsum"] = f"{self.last_val['val_rsum']:.1f}"
-            bar.set_postfix(shown)
-            bar.update(1)
-
-    def checkpoint(self, step: int, epoch: int, batch_in_epoch: int) -> None:
-        """save_state, then trainer_state.json, then latest.json: a checkpoint counts once latest.json names it."""
-        acc, out = self.acc, self.out
-        ckpt = out / "checkpoints" / f"step-{step}"
-        acc.save_state(str(ckpt))
-        if acc.is_main_process:
-            atomic_write_json(ckpt / "trainer_state.json", {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                                                            "best": self.state["best"],
-                                                            "scheduler": self.scheduler.state_dict()})
-            previous = read_json(out / "checkpoints" / "latest.json")
-            atomic_write_json(out / "checkpoints" / "latest.json", {"dir": ckpt.name, "step": step})
-            if previous and previous["dir"] != ckpt.name:  # keep only the newest complete checkpoint
-                shutil.rmtree(out / "checkpoints" / previous["dir"], ignore_errors=True)
-        acc.wait_for_everyone()
 
     def save_model(self, folder: Path, which: str, step: int, val: Optional[dict]) -> None:
         """save_pretrained with processor, tokenizer, model card and sentence-transformers files, into a temp
@@ -479,20 +357,3 @@ def _validator(cfg: DistillConfig, teacher: dict, out: Path, acc, log) -> Valida
     model = load_teacher(t["teacher"], device, torch_dtype(t["dtype"], device), t.get("revision"),
                          t.get("trust_remote_code", False))
     return Validator(corpus, model, cfg.val_k_test, weight, ScoreCache(out / "val-teacher-scores.npz"))
-
-
-def _scalars(config: dict, prefix: str = "") -> dict:
-    """A nested config as flat scalars (trackers take numbers, strings and booleans)."""
-    out = {}
-    for k, v in config.items():
-        if isinstance(v, dict):
-            out.update(_scalars(v, f"{prefix}{k}."))
-        elif v is None or isinstance(v, (int, float, str, bool)):
-            out[f"{prefix}{k}"] = "" if v is None else v
-    return out
-
-
-def _mean(acc, value: float) -> float:
-    if acc.num_processes == 1:
-        return value
-    return float(acc.reduce(torch.tensor(value, device=acc.device), reduction="mean"))

@@ -12,6 +12,7 @@ RUN/teacher/
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,7 +32,7 @@ from pipeline.dist import init, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.log import make_log
 from pipeline.models import model_identity, torch_dtype
-from pipeline.teachers import load_teacher, score_pairs
+from pipeline.teachers import load_teacher, resolve_teacher, score_pairs
 
 SCORES = ("itm", "itm+itc")
 
@@ -39,7 +40,8 @@ SCORES = ("itm", "itm+itc")
 @dataclass
 class TeacherConfig:
     run: str = runtime(None, "run directory: reads RUN/mine, writes RUN/teacher (spell it --run-dir under torchrun)")
-    teacher: str = option(None, "cross-encoder: Hugging Face name or local folder (BLIP ITM, ViLT retrieval)")
+    teacher: str = option(None, "cross-encoder: Hugging Face name or local folder (BLIP ITM, ViLT retrieval), or "
+                                "`train-teacher` for the run's fine-tuned one (RUN/teacher-train/final)")
     revision: Optional[str] = option(None, "model revision on the hub")
     trust_remote_code: bool = option(False, "allow model code from the checkpoint (off unless you ask)")
     score: str = option("itm", "itm: match log-odds; itm+itc: log-odds + itc_weight x BLIP's contrastive "
@@ -102,8 +104,14 @@ def run(cfg: TeacherConfig) -> Path:
     mine_dir, out = paths.mine, paths.teacher
     mine = require_complete(mine_dir, "mine", f"run `cprd-pipeline mine --run {run_dir} ...` first")
     corpus = load_tables(paths.corpus)
+    teacher_path, lineage = resolve_teacher(cfg.teacher, run_dir)
+    cfg = dataclasses.replace(cfg, teacher=teacher_path)
     identity = {"stage": "teacher", "config": cfgmod.fingerprinted(cfg), "upstream": mine["fingerprint"],
                 "teacher": model_identity(cfg.teacher, cfg.revision), "dtype": str(dtype)}
+    if lineage:
+        identity["lineage"] = lineage
+        log(f"[teacher] scoring with the fine-tuned teacher {teacher_path} (train-teacher "
+            f"{lineage['fingerprint'][:12]})")
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log)
     if not writer.begin():
         return out

@@ -14,11 +14,14 @@ def test_quick_demo_runs_every_path_and_enforces_the_teacher_check(tmp_path):
     import yaml
 
     out = tmp_path / "demo"
-    cli("demo", "--quick", "--allow-weak-teacher", "--out", out, "--device", "cpu")
+    cli("demo", "--quick", "--full", "--allow-weak-teacher", "--out", out, "--device", "cpu")
     report = (out / "report.md").read_text()
     recipe = yaml.safe_load((ASSETS.parent / "demo.yaml").read_text())
     labels = [m["label"] for m in recipe["methods"]]
-    for row in ["student (before distillation)", "teacher re-rank, ITM + ITC", "teacher re-rank, ITM only"] + labels:
+    full = next(m["label"] for m in recipe["methods"] if m["name"] == recipe["full"]["method"])
+    extra = [f"round 2: {full}, re-mined with its round-1 student", "teacher re-rank, fine-tuned on the student's",
+             f"{full}, teacher fine-tuned on the student's negatives"]           # --full
+    for row in ["student (before distillation)", "teacher re-rank, ITM + ITC", "teacher re-rank, ITM only"] + labels + extra:
         assert f"| {row}" in report, row
     data = json.loads((out / "report.json").read_text())
     for label in labels:  # two seeds each (quick), each with rank agreement and false-negative counts
@@ -37,7 +40,7 @@ def test_quick_demo_runs_every_path_and_enforces_the_teacher_check(tmp_path):
     student = data["student (before distillation)"][0]["rsum"]
     teacher = data["teacher re-rank, ITM + ITC (top 16)"][0]["rsum"]
     assert teacher > student + 20, (teacher, student)
-    again = cli("demo", "--quick", "--out", out, "--device", "cpu")
+    again = cli("demo", "--quick", "--full", "--out", out, "--device", "cpu")
     assert f"teacher re-rank RSUM {teacher:.1f} > student {student:.1f}: distilling" in again.output
     assert "does not beat the student" not in again.output
     assert again.output.count("up to date") >= 3  # mine and both teacher caches are re-used

@@ -62,3 +62,39 @@ def test_yaml_then_flags(tmp_path):
     f.write_text("lr: fast\n")
     with pytest.raises(PipelineError, match="option 'lr' expects float, got 'fast'"):
         resolve(Cfg, f, {})
+
+
+def test_an_added_option_enters_the_fingerprint_only_when_set():
+    from pipeline.config import fingerprinted, option
+
+    @dataclasses.dataclass
+    class Before:
+        k: int = option(8)
+
+    @dataclasses.dataclass
+    class After:
+        k: int = option(8)
+        extra: bool = option(False, added=True)
+
+    assert fingerprinted(After()) == fingerprinted(Before()) == {"k": 8}
+    assert fingerprinted(After(extra=True)) == {"k": 8, "extra": True}
+
+
+def test_a_pipeline_file_gives_each_verb_its_section(tmp_path):
+    @dataclasses.dataclass
+    class Mine:
+        run: str = runtime(None)
+        k: int = option(8)
+        device: str = runtime("auto")
+
+    verbs = ("mine", "distill")
+    f = tmp_path / "pipeline.yaml"
+    f.write_text("run: runs/x\ndevice: cpu\nloss: kl\nmine:\n  k: 4\ndistill:\n  lr: 1e-4\n")
+    cfg = resolve(Mine, f, {}, section="mine", sections=verbs)
+    assert (cfg.run, cfg.k, cfg.device) == ("runs/x", 4, "cpu")        # `loss` is distill's: left to it
+    assert resolve(Mine, f, {"k": 2}, section="mine", sections=verbs).k == 2   # flags still win
+    f.write_text("mine:\n  k: 4\n  lr: 1e-4\n")
+    with pytest.raises(PipelineError, match="unknown option 'lr'"):
+        resolve(Mine, f, {}, section="mine", sections=verbs)
+    f.write_text("k: 3\n")                                              # a flat file, as before
+    assert resolve(Mine, f, {}, section="mine", sections=verbs).k == 3

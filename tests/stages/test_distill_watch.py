@@ -138,3 +138,4 @@ def test_sentence_transformers_loads_final_with_the_pipelines_embeddings(run, co
     np.testing.assert_allclose(model.encode(texts), enc.encode_texts(texts, progress=False), atol=1e-5)
     images = [Image.open(p).convert("RGB") for p in paths]
     np.testing.assert_allclose(model.encode(images), enc.encode_images(paths, progress=False), atol=1e-5)
+

@@ -1,0 +1,123 @@
+"""`cprd-pipeline loop`: LoopITR's loop, offline, in rounds of the ordinary stages.
+
+Round r, in RUN/round-r/:
+  mine            with the given student (round 1) or round r-1's distilled student
+  train-teacher   (when the pipeline file has a `train-teacher:` section) from the given teacher (round 1) or
+                  round r-1's fine-tuned one, on this round's mined negatives
+  score-teacher   with the given teacher, or this round's fine-tuned one
+  distill         from this round's mining student (so training continues round to round)
+  evaluate        (with an `evaluate:` section) the distilled student; the starting student once, in RUN/eval-start
+
+Every stage keeps the artifact contract, so a killed loop resumes where it stopped and a finished round is
+never recomputed. The pipeline file holds one section per verb (`mine:`, `score-teacher:`, ...) over shared
+top-level options (`device:` ...); the loop sets each stage's `run`, the students and the teachers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.artifacts import read_json
+from pipeline.config import load_yaml, option, runtime
+from pipeline.errors import PipelineError
+from pipeline.log import make_log
+from stages import STAGES, stage
+
+SET_BY_LOOP = {"run", "run_dir", "out"}    # per stage; students and teachers are checked below
+
+
+@dataclass
+class LoopConfig:
+    run: str = runtime(None, "root folder: rounds go to RUN/round-1, RUN/round-2, ...")
+    rounds: int = option(2, "rounds to run (a later call with more rounds continues)")
+    pipeline: Optional[str] = runtime(None, "the pipeline file: a section per verb (mine:, train-teacher:, "
+                                            "score-teacher:, distill:, evaluate:) over shared top-level options")
+    device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    force: bool = runtime(False, "let each stage replace an output made with other settings")
+
+
+def sections(path: Path) -> dict[str, dict[str, Any]]:
+    """Each verb's options from the pipeline file (shared top-level options merged in where the verb has them)."""
+    from pipeline.config import flags
+
+    raw = load_yaml(path)
+    verbs = {s.verb: s for s in STAGES}
+    shared = {k: v for k, v in raw.items() if k not in verbs}
+    out: dict[str, dict[str, Any]] = {}
+    known_anywhere: set[str] = set()
+    for verb, s in verbs.items():
+        known = {f.name for f in flags(s.load()[0])}
+        known_anywhere |= known
+        if verb not in raw:
+            continue
+        own = {str(k).replace("-", "_"): v for k, v in (raw[verb] or {}).items()}
+        values = {**{str(k).replace("-", "_"): v for k, v in shared.items() if str(k).replace("-", "_") in known},
+                  **own}
+        clash = SET_BY_LOOP & set(values)
+        if clash:
+            raise PipelineError(f"{path}: `{verb}: {sorted(clash)[0]}` is set by the loop (each round's folder); "
+                                "remove it")
+        out[verb] = values
+    unknown = [k for k in shared if str(k).replace("-", "_") not in known_anywhere]
+    if unknown:
+        raise PipelineError(f"{path}: top-level option '{unknown[0]}' belongs to no verb")
+    for need in ("mine", "score-teacher"):
+        if need not in out:
+            raise PipelineError(f"{path}: no `{need}:` section (the loop needs mine, score-teacher and distill)")
+    if "student" not in out["mine"] or "teacher" not in out["score-teacher"]:
+        raise PipelineError(f"{path}: `mine: student` and `score-teacher: teacher` are required (round 1's models)")
+    if "student" in out.get("distill", {}):
+        raise PipelineError(f"{path}: `distill: student` is set by the loop (the round's mining student); remove it")
+    return out
+
+
+def run(cfg: LoopConfig) -> Path:
+    if not cfg.run or not cfg.pipeline:
+        raise PipelineError("loop needs --run and --config (the pipeline file)")
+    if cfg.rounds < 1:
+        raise PipelineError(f"--rounds must be at least 1, got {cfg.rounds}")
+    log = make_log(True)
+    plan = sections(Path(cfg.pipeline))
+    root = Path(cfg.run)
+    common = {"device": cfg.device, "force": cfg.force}
+    if "evaluate" in plan:   # the starting point, for the per-round table
+        stage("evaluate").run(**{**plan["evaluate"], **common, "model": plan["mine"]["student"],
+                                 "out": str(root / "eval-start")})
+    for r in range(1, cfg.rounds + 1):
+        here, before = root / f"round-{r}", root / f"round-{r - 1}"
+        log(f"[loop] round {r} of {cfg.rounds}: {here}")
+        student = plan["mine"]["student"] if r == 1 else str(before / "distill" / "final")
+        stage("mine").run(**{**plan["mine"], **common, "run": str(here), "student": student})
+        teacher = plan["score-teacher"]["teacher"]
+        if "train-teacher" in plan:
+            base = plan["train-teacher"].get("teacher", teacher) if r == 1 else str(before / "teacher-train" / "final")
+            stage("train-teacher").run(**{**plan["train-teacher"], **common, "run": str(here), "teacher": base})
+            teacher = "train-teacher"
+        stage("score-teacher").run(**{**plan["score-teacher"], **common, "run": str(here), "teacher": teacher})
+        stage("distill").run(**{**plan.get("distill", {}), **common, "run": str(here)})
+        if "evaluate" in plan:
+            stage("evaluate").run(**{**plan["evaluate"], **common, "run": str(here)})
+    if "evaluate" in plan:
+        log("\n" + summary(root, cfg.rounds))
+    return root
+
+
+def summary(root: Path, rounds: int) -> str:
+    """RSUM per round (and the starting student), from each round's RUN/round-r/eval/metrics.json."""
+    lines = ["| round | student | RSUM | change | teacher re-rank RSUM |", "| --- | --- | --- | --- | --- |"]
+    start = read_json(root / "eval-start" / "metrics.json")
+    previous = start["rsum"] if start else None
+    if start:
+        rerank = f"{start['rerank']['rsum']:.1f}" if "rerank" in start else ""
+        lines.append(f"| 0 | the starting student | {start['rsum']:.1f} | | {rerank} |")
+    for r in range(1, rounds + 1):
+        m = read_json(root / f"round-{r}" / "eval" / "metrics.json")
+        if m is None:
+            lines.append(f"| {r} | not evaluated | | | |")
+            continue
+        change = f"{m['rsum'] - previous:+.1f}" if previous is not None else ""
+        rerank = f"{m['rerank']['rsum']:.1f}" if "rerank" in m else ""
+        lines.append(f"| {r} | round-{r}/distill/final | {m['rsum']:.1f} | {change} | {rerank} |")
+        previous = m["rsum"]
+    return "\n".join(lines)

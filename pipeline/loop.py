@@ -1,0 +1,221 @@
+"""The resumable optimizer-step loop that the training stages (distill, train-teacher) share.
+
+A stage subclasses `StepLoop` and supplies `batches(epoch, skip, stop)` (the epoch's micro-batches for this
+process, the first `skip` passed over) and `micro_step(batch, step)` (forward, backward, optimizer step when the
+accumulation completes; returns this micro-batch's share of the logged values). The loop owns the rest:
+
+    OUT/checkpoints/step-N/     Accelerate save_state + trainer_state.json (step, epoch, batch, scheduler, extra)
+    OUT/checkpoints/latest.json the last complete checkpoint (written after it); older ones are removed
+    OUT/metrics.jsonl           one line per optimizer step; lines after the resumed checkpoint are dropped
+
+It expects `self.cfg` to have grad_accum, save_every, num_workers and report_to, and the attributes set in
+`__init__`. Resume is exact: the same batches in the same order, mid-epoch included.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from . import faults
+from .artifacts import atomic_write_json, read_json
+from .data import loader
+from .errors import PipelineError
+
+
+class StepLoop:
+    name = "train"                     # log prefix and progress-bar label
+    COUNTS: tuple[str, ...] = ()       # logged values summed over processes (others are averaged)
+    SHOWN: tuple[str, ...] = ("loss",)  # values on the progress bar
+
+    def __init__(self, cfg: Any, acc: Any, out: Path, log: Any, optimizer: Any, scheduler: Any,
+                 batches_per_epoch: int, total_steps: int):
+        self.cfg, self.acc, self.out, self.log = cfg, acc, out, log
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.batches_per_epoch, self.total_steps = batches_per_epoch, total_steps   # no half-accumulated step
+        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+
+    # ------------------------------------------------------------------ supplied by the stage
+    def batches(self, epoch: int, skip: int, stop: int) -> Any:
+        raise NotImplementedError
+
+    def micro_step(self, batch: dict, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def validate(self, step: int) -> dict[str, float]:
+        """Values logged with this step beside the training terms (validation); none by default."""
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """Kept in every checkpoint's trainer_state.json and restored into self.state on resume."""
+        return {}
+
+    def after_resume(self) -> None:
+        """Reconcile outputs written after the resumed checkpoint (main process)."""
+
+    def postfix(self, row: dict) -> dict[str, str]:
+        return {k: f"{row[k]:.4f}" for k in self.SHOWN if k in row}
+
+    # ------------------------------------------------------------------ the loop
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def resume(self) -> None:
+        """Load the last complete checkpoint of this fingerprint, if any; drop metric lines after it."""
+        latest = read_json(self.out / "checkpoints" / "latest.json")
+        if latest is not None:
+            ckpt = self.out / "checkpoints" / latest["dir"]
+            self.acc.load_state(str(ckpt))
+            self.state = {**self.state, **read_json(ckpt / "trainer_state.json")}
+            self.scheduler.load_state_dict(self.state.pop("scheduler"))
+            self.log(f"[{self.name}] resuming from {ckpt.name}: step {self.state['step']}, "
+                     f"epoch {self.state['epoch']}, batch {self.state['batch_in_epoch']}")
+        if self.acc.is_main_process:
+            path = self.metrics_path
+            kept = [l for l in (path.read_text().splitlines() if path.exists() else [])
+                    if json.loads(l)["step"] <= self.state["step"]]
+            path.write_text("".join(l + "\n" for l in kept))
+            self.after_resume()
+
+    def train(self) -> None:
+        cfg, acc, state = self.cfg, self.acc, self.state
+        step, epoch = state["step"], state["epoch"]
+        # the bar closes (ending its line) before any error is printed
+        with tqdm(total=self.total_steps, initial=step, desc=self.name, unit="step",
+                  disable=not acc.is_main_process) as bar:
+            while step < self.total_steps:
+                skip = state["batch_in_epoch"] if epoch == state["epoch"] else 0
+                stop = min(self.batches_per_epoch, skip + (self.total_steps - step) * cfg.grad_accum)  # what is left
+                sums: dict[str, float] = {}
+                for batch_in_epoch, batch in enumerate(loader(self.batches(epoch, skip, stop), cfg.num_workers),
+                                                       start=skip):
+                    if "error" in batch:
+                        raise PipelineError(batch["error"])
+                    for k, v in self.micro_step(batch, step + 1).items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    if not acc.sync_gradients:
+                        continue
+                    step += 1
+                    self.log_step(step, epoch, sums, bar, self.validate(step))
+                    sums = {}
+                    done_epoch = batch_in_epoch + 1 == self.batches_per_epoch
+                    if step % cfg.save_every == 0 or step == self.total_steps:
+                        self.checkpoint(step, epoch + done_epoch, 0 if done_epoch else batch_in_epoch + 1)
+                    faults.at("step", step)
+                epoch += 1
+        self.state.update(step=step, epoch=epoch, batch_in_epoch=0)
+
+    def log_step(self, step: int, epoch: int, sums: dict[str, float], bar: Any, extra: dict[str, float]) -> None:
+        self.scheduler.step()
+        row = {"step": step, "epoch": epoch, **{k: mean_over_processes(self.acc, v) for k, v in sums.items()},
+               "lr": self.scheduler.get_last_lr()[0], **self.logged(), **extra}
+        for k in self.COUNTS:  # counts: summed over processes, not averaged
+            row[k] = int(round(row[k] * self.acc.num_processes))
+        if self.cfg.report_to:
+            self.acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        if self.acc.is_main_process:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(self.postfix(row))
+            bar.update(1)
+
+    def logged(self) -> dict[str, float]:
+        """Values of the model itself logged every step (distill: the logit scale)."""
+        return {}
+
+    def checkpoint(self, step: int, epoch: int, batch_in_epoch: int) -> None:
+        """save_state, then trainer_state.json, then latest.json: a checkpoint counts once latest.json names it."""
+        acc, out = self.acc, self.out
+        ckpt = out / "checkpoints" / f"step-{step}"
+        acc.save_state(str(ckpt))
+        if acc.is_main_process:
+            atomic_write_json(ckpt / "trainer_state.json", {"step": step, "epoch": epoch,
+                                                            "batch_in_epoch": batch_in_epoch, **self.extra_state(),
+                                                            "scheduler": self.scheduler.state_dict()})
+            previous = read_json(out / "checkpoints" / "latest.json")
+            atomic_write_json(out / "checkpoints" / "latest.json", {"dir": ckpt.name, "step": step})
+            if previous and previous["dir"] != ckpt.name:  # keep only the newest complete checkpoint
+                shutil.rmtree(out / "checkpoints" / previous["dir"], ignore_errors=True)
+        acc.wait_for_everyone()
+
+
+def accelerator(cfg: Any, out: Path) -> tuple[Any, Any, Any]:
+    """(Accelerator, Dist, log) of a training stage: its mixed precision, accumulation, device and trackers."""
+    from accelerate import Accelerator
+
+    from .dist import Dist
+    from .log import make_log
+
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                      cpu=cfg.device == "cpu", log_with=trackers(cfg.report_to),
+                      project_dir=str(out / "trackers") if cfg.report_to else None)
+    if cfg.device == "cuda" and acc.device.type != "cuda":
+        raise PipelineError("--device cuda: CUDA is not available on this machine (use --device cpu)")
+    dist = Dist(rank=acc.process_index, world_size=acc.num_processes, local_rank=acc.local_process_index)
+    return acc, dist, make_log(acc.is_main_process)
+
+
+def run_loop(setup: Any, writer: Any, acc: Any, report_to: Optional[str]) -> None:
+    """setup() -> a StepLoop with a finish(writer); resume, train, finish; an error aborts the writer."""
+    try:
+        loop = setup()
+        loop.resume()
+        loop.train()
+        loop.finish(writer)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if report_to:
+            acc.end_training()
+
+
+def check_length(cfg: Any, counts: tuple[str, ...], positive: tuple[str, ...]) -> None:
+    """The options every training stage checks: --max-steps or --epochs, counts at least 1, rates positive."""
+    if cfg.max_steps is not None and cfg.epochs is not None:
+        raise PipelineError("give --max-steps or --epochs, not both")
+    for name in counts + ("grad_accum", "save_every", "max_steps", "epochs"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise PipelineError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise PipelineError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+
+
+def mean_over_processes(acc: Any, value: float) -> float:
+    if acc.num_processes == 1:
+        return value
+    return float(acc.reduce(torch.tensor(value, device=acc.device), reduction="mean"))
+
+
+def trackers(report_to: Optional[str]) -> Optional[list[str]]:
+    """--report-to as Accelerate's tracker names, each checked to be known and installed."""
+    if not report_to:
+        return None
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    available = {str(t) for t in get_available_trackers()}
+    for n in names:
+        if n not in LOGGER_TYPE_TO_CLASS:
+            raise PipelineError(f"--report-to: unknown tracker '{n}' (known: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))})")
+        if n not in available:
+            raise PipelineError(f"--report-to {n}: its package is not installed (pip install {n})")
+    return names
+
+
+def tracker_config(config: dict, prefix: str = "") -> dict:
+    """A nested config as flat scalars (trackers take numbers, strings and booleans)."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(tracker_config(v, f"{prefix}{k}."))
+        elif v is None or isinstance(v, (int, float, str, bool)):
+            out[f"{prefix}{k}"] = "" if v is None else v
+    return out

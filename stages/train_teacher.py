@@ -1,0 +1,229 @@
+"""Fine-tune the cross-encoder teacher on the run's corpus, with the student's mined hard negatives.
+
+LoopITR's first half: the dual encoder supplies hard negatives to the cross-encoder. Per query of RUN/mine, a
+positive pair, a hard negative drawn from its first --num-negatives candidates by the student's similarity
+(ALBEF/BLIP's ITM sampling) and, with --in-batch-negatives, one from another query of the batch; the loss is the
+matching head's binary cross-entropy over those pairs (for BLIP's two-way head this is exactly its softmax
+cross-entropy), plus, with --itc-weight, BLIP's own contrastive loss over the batch's positive pairs.
+
+    loss = BCE(match log-odds of each pair, its label) + itc_weight * itc(BLIP's projected [CLS] features)
+
+Reads RUN/mine; writes
+
+RUN/teacher-train/
+  checkpoints/step-N/, checkpoints/latest.json, metrics.jsonl   the shared step loop (pipeline/loop.py)
+  final/        save_pretrained: model, image processor, tokenizer; `score-teacher --teacher train-teacher`
+                (or the folder) scores with it, and its manifest records the lineage
+
+The file reads top to bottom: config, the loss of one batch, then `run` = setup, resume, train, finish.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pipeline import config as cfgmod
+from pipeline import layout
+from pipeline.artifacts import StageWriter, require_complete
+from pipeline.config import option, runtime
+from pipeline.corpus import load_tables
+from pipeline.data import BatchSpec, MatchingBatches, Processors
+from pipeline.dist import Dist
+from pipeline.errors import PipelineError
+from pipeline.loop import StepLoop, accelerator, check_length, run_loop, tracker_config
+from pipeline.losses import itc_loss
+from pipeline.models import model_identity
+from pipeline.teachers import BlipITM, CrossEncoder, blip_itc_features, load_teacher
+from pipeline.training import backward_step, param_groups, warmup_cosine
+
+
+@dataclass
+class TrainTeacherConfig:
+    run: str = runtime(None, "run directory: reads RUN/mine, writes RUN/teacher-train (--run-dir under torchrun)")
+    teacher: str = option(None, "cross-encoder to fine-tune: Hugging Face name or local folder (BLIP ITM, ViLT "
+                                "retrieval)")
+    revision: Optional[str] = option(None, "model revision on the hub")
+    trust_remote_code: bool = option(False, "allow model code from the checkpoint (off unless you ask)")
+    train: str = option("all", "what is trained: all = the whole cross-encoder, head = the matching head alone",
+                        choices=("all", "head"))
+    num_negatives: int = option(8, "a query's hard negative is drawn from its first N mined candidates")
+    sample_temperature: float = option(0.05, "the draw's probabilities: softmax(student cosine / this); small = "
+                                             "mostly the hardest")
+    in_batch_negatives: bool = option(True, "also pair each query with another query's positive in the batch")
+    itc_weight: float = option(0.0, "BLIP: weight of its contrastive (ITC) loss on the batch's positive pairs "
+                                    "(trains the towers the itm+itc score uses)")
+    itc_temperature: float = option(0.07, "BLIP: temperature of the ITC loss")
+    batch_size: int = option(32, "queries per micro-batch, per process")
+    lr: float = option(1e-5, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.02, "AdamW weight decay (not on biases, norms, embeddings)")
+    warmup_steps: int = option(0, "linear warm-up steps, then cosine decay to zero")
+    max_steps: Optional[int] = option(None, "optimizer steps to train (exclusive with --epochs)")
+    epochs: Optional[int] = option(None, "passes over the mined queries (default 1)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    mixed_precision: str = option("no", "no | bf16 | fp16", choices=("no", "bf16", "fp16"))
+    seed: int = option(0, "seed for shuffling, positive choice and negative draws")
+    shuffle_buffer: int = option(10000, "rows in the streaming shuffle buffer")
+    max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
+    out: Optional[str] = runtime(None, "output folder (default RUN/teacher-train)")
+    save_every: int = runtime(500, "save a resumable checkpoint every N optimizer steps (and at the end)")
+    num_workers: int = runtime(0, "DataLoader workers that load images")
+    image_cache_mb: float = runtime(512, "processed images kept per loader worker (LRU), in MB")
+    report_to: Optional[str] = runtime(None, "trackers that receive every logged value, comma-separated "
+                                             "(tensorboard, wandb, mlflow, ...); local logs go to OUT/trackers")
+    device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    force: bool = runtime(False, "replace an output made with other settings (and ignore its checkpoints)")
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+def matching_loss(teacher: CrossEncoder, batch: dict, itc_weight: float, itc_temperature: float
+                  ) -> dict[str, torch.Tensor]:
+    """Named terms of one batch; `loss` is their weighted sum."""
+    state = teacher.encode_images(batch["pixel_values"], batch["pixel_mask"])             # per unique image
+    tokens = {"input_ids": batch["input_ids"][batch["pair_text"]],
+              "attention_mask": batch["attention_mask"][batch["pair_text"]]}
+    logodds = teacher.score_indexed(state, batch["pair_image"], tokens)                   # [P]
+    terms = {"itm": torch.nn.functional.binary_cross_entropy_with_logits(logodds.float(), batch["label"])}
+    if itc_weight > 0:
+        pos = batch["positive_pairs"]
+        (image_embeds,) = state
+        img, txt = blip_itc_features(teacher.model, image_embeds[batch["pair_image"][pos]],
+                                     tokens["input_ids"][pos], tokens["attention_mask"][pos])
+        terms["itc"] = itc_loss(img, txt, 1.0 / itc_temperature, batch["positive_mask"])
+    terms["loss"] = terms["itm"] + itc_weight * terms.get("itc", 0.0)
+    # how well the head separates this batch (before the update): positives above 0, negatives below
+    with torch.no_grad():
+        terms["accuracy"] = ((logodds > 0).float() == batch["label"]).float().mean()
+    return terms
+
+
+class Scorer(torch.nn.Module):
+    """The cross-encoder as one module, so that Accelerate/DDP wrap and see every trained parameter."""
+
+    def __init__(self, teacher: CrossEncoder, cfg: TrainTeacherConfig):
+        super().__init__()
+        self.model = teacher.model
+        self._teacher = [teacher]   # a list: not registered as a submodule
+        self.cfg = cfg
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return matching_loss(self._teacher[0], batch, self.cfg.itc_weight, self.cfg.itc_temperature)
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def run(cfg: TrainTeacherConfig) -> Path:
+    _check(cfg)
+    paths = layout.Run(Path(cfg.run))
+    out = Path(cfg.out) if cfg.out else paths.teacher_train
+    acc, dist, log = accelerator(cfg, out)
+    mine = require_complete(paths.mine, "mine", f"run `cprd-pipeline mine --run {paths.root} ...` first")
+    log("[train-teacher] resolved config:\n" + cfgmod.render(cfg))
+    # load before the output is touched: a model without a matching head fails here, with nothing replaced
+    teacher = load_teacher(cfg.teacher, "cpu", torch.float32, cfg.revision, cfg.trust_remote_code, kv_cache=False)
+    if cfg.itc_weight > 0 and not isinstance(teacher, BlipITM):
+        raise PipelineError(f"--itc-weight: {type(teacher.model).__name__} has no contrastive (ITC) towers; "
+                            "leave it at 0")
+    identity = {"stage": "train-teacher", "config": cfgmod.fingerprinted(cfg), "upstream": mine["fingerprint"],
+                "teacher": model_identity(cfg.teacher, cfg.revision), "world_size": dist.world_size}
+    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log)
+    if not writer.begin():
+        return out
+    run_loop(lambda: TeacherTraining.setup(cfg, acc, dist, paths, mine, teacher, out, log), writer, acc,
+             cfg.report_to)
+    log(f"[train-teacher] done: {out / 'final'}")
+    return out
+
+
+def _check(cfg: TrainTeacherConfig) -> None:
+    if not cfg.run or not cfg.teacher:
+        raise PipelineError("train-teacher needs --run and --teacher")
+    check_length(cfg, ("batch_size", "num_negatives"), ("lr", "sample_temperature", "itc_temperature"))
+    if cfg.itc_weight < 0:
+        raise PipelineError(f"--itc-weight must be at least 0, got {cfg.itc_weight}")
+
+
+class TeacherTraining(StepLoop):
+    name = "train-teacher"
+    COUNTS = ("false_negatives",)
+    SHOWN = ("loss", "itm", "itc", "accuracy")
+
+    def __init__(self, cfg: TrainTeacherConfig, acc, dist: Dist, out: Path, log, teacher: CrossEncoder, scorer,
+                 optimizer, scheduler, corpus, files: list[Path], batches_per_epoch: int, total_steps: int):
+        super().__init__(cfg, acc, out, log, optimizer, scheduler, batches_per_epoch, total_steps)
+        self.dist, self.teacher, self.scorer, self.corpus, self.files = dist, teacher, scorer, corpus, files
+
+    @classmethod
+    def setup(cls, cfg: TrainTeacherConfig, acc, dist: Dist, paths: layout.Run, mine: dict, teacher: CrossEncoder,
+              out: Path, log) -> "TeacherTraining":
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)
+        corpus = load_tables(paths.corpus)
+        scorer = Scorer(teacher, cfg).train()
+        if cfg.train == "head":
+            for name, p in scorer.named_parameters():
+                p.requires_grad_(name.startswith(f"model.{teacher.head}"))
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]}
+                  for g in param_groups(scorer, cfg.weight_decay)]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+        files = [paths.mine / p["file"] for p in mine["shard_plan"]]
+        rows = sum(mine["shards"][p["file"]]["rows"] for p in mine["shard_plan"])
+        batches_per_epoch = math.ceil(rows / cfg.batch_size) // dist.world_size   # per rank, equal on every rank
+        if batches_per_epoch < cfg.grad_accum:
+            raise PipelineError(f"{rows} mined queries make {batches_per_epoch} batch(es) of {cfg.batch_size} per "
+                                f"process, fewer than --grad-accum {cfg.grad_accum}; lower --batch-size")
+        steps_per_epoch = batches_per_epoch // cfg.grad_accum
+        total_steps = cfg.max_steps or steps_per_epoch * (cfg.epochs or 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps))
+        scorer, optimizer = acc.prepare(scorer, optimizer)
+        teacher.device = str(acc.device)
+        trained = sum(p.numel() for p in scorer.parameters() if p.requires_grad)
+        log(f"[train-teacher] {rows} mined queries, {steps_per_epoch} steps/epoch x {dist.world_size} process(es), "
+            f"{total_steps} steps, training {trained:,} parameters ({cfg.train})")
+        if cfg.report_to:
+            acc.init_trackers("train-teacher", config=tracker_config(cfgmod.as_dict(cfg)))
+        return cls(cfg, acc, dist, out, log, teacher, scorer, optimizer, scheduler, corpus, files,
+                   steps_per_epoch * cfg.grad_accum, total_steps)
+
+    def batches(self, epoch: int, skip: int, stop: int) -> MatchingBatches:
+        cfg, t = self.cfg, self.teacher
+        spec = BatchSpec(batch_size=cfg.batch_size, num_negatives=cfg.num_negatives, seed=cfg.seed,
+                         shuffle_buffer=cfg.shuffle_buffer, image_cache_mb=cfg.image_cache_mb,
+                         rank=self.dist.rank, world_size=self.dist.world_size)
+        return MatchingBatches(spec, self.files, self.corpus, Processors(t.image_processor, t.tokenizer, t.max_length),
+                               epoch, stop, skip, temperature=cfg.sample_temperature, in_batch=cfg.in_batch_negatives)
+
+    def micro_step(self, batch: dict, step: int) -> dict[str, float]:
+        acc, cfg = self.acc, self.cfg
+        counts = {k: float(batch.pop(k)) for k in self.COUNTS}
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        with acc.accumulate(self.scorer):
+            with acc.autocast():
+                terms = self.scorer(batch)
+            backward_step(acc, self.scorer, self.optimizer, terms, step, cfg.max_grad_norm)
+        return {**{k: float(v.detach()) / cfg.grad_accum for k, v in terms.items()}, **counts}
+
+    def finish(self, writer: StageWriter) -> None:
+        final = self.out / "final"
+        if self.acc.is_main_process:
+            tmp = final.with_name(".final.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.acc.unwrap_model(self.scorer).model.save_pretrained(tmp)
+            self.teacher.image_processor.save_pretrained(tmp)
+            self.teacher.tokenizer.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for f in sorted(final.iterdir()):
+                writer.record_file(f"final/{f.name}")
+            writer.record_file("metrics.jsonl")
+        self.acc.wait_for_everyone()
+        expected = [f"final/{f.name}" for f in sorted(final.iterdir())] + ["metrics.jsonl"]
+        writer.finish(expected, extra={"steps": self.state["step"], "final": "final"})
+
