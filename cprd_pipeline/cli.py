@@ -42,9 +42,9 @@ def config_options(cls: type) -> Callable:
     def decorate(fn: Callable) -> Callable:
         for f in reversed(flags(cls)):
             flag = "--" + f.name.replace("_", "-")
-            help_text = (f"[{', '.join(f.owners)}] " if f.owners else "") + f.help
-            if f.default not in (None, False, ""):
-                help_text += f"  [default: {f.default}]"
+            help_text = ("[required] " if f.required else "") + (f"[{', '.join(f.owners)}] " if f.owners else "") + f.help
+            if f.default is not None and f.default != "":
+                help_text += f"  [default: {str(f.default).lower() if isinstance(f.default, bool) else f.default}]"
             if f.type is bool:
                 fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)(fn)
             else:
@@ -70,6 +70,10 @@ def _call(fn: Callable, *args: Any) -> None:
         fn(*args)
     except PipelineError as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:  # storage: disk full, read-only, a file removed under a running stage
+        text = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else (str(e).strip().splitlines() or [repr(e)])[0]
+        click.echo(f"error: {text}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted; rerun the same command to resume", err=True)

@@ -112,12 +112,45 @@ def atomic_write_npy(path: Path, array: np.ndarray) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object, None if the file does not exist; a one-line error if it is damaged or not an object."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{path}: corrupt JSON ({e.msg} at line {e.lineno}); rerun with --force") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        what = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise PipelineError(f"{path}: corrupt JSON ({what}); rerun the stage with --force to replace it") from None
+    if not isinstance(value, dict):
+        raise PipelineError(f"{path}: expected a JSON object, found {type(value).__name__}; rerun the stage with "
+                            "--force to replace it")
+    return value
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """A stage directory's manifest, checked to be one (an object with its stage and fingerprint)."""
+    manifest = read_json(directory / MANIFEST)
+    if manifest is not None and not all(k in manifest for k in ("stage", "fingerprint", "identity")):
+        raise PipelineError(f"{directory / MANIFEST}: not a manifest of this tool (no stage, fingerprint or "
+                            "identity); rerun the stage with --force to replace it")
+    return manifest
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The lines of a JSON-lines log; a torn last line (a kill during the write) is left out, a damaged line
+    elsewhere is an error naming it."""
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise PipelineError(f"{path}: line {i + 1} is not JSON; rerun the stage with --force to start over") \
+                from None
+    return rows
 
 
 # ---------------------------------------------------------------- lock
@@ -134,9 +167,11 @@ class StageLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
+            holder = os.read(fd, 4096).decode(errors="replace").strip()
             os.close(fd)
-            raise PipelineError(f"{self.path.parent} is being written by another process ({holder})") from None
+            raise PipelineError(f"{self.path.parent} is being written by another process ({holder})" if holder else
+                                f"{self.path.parent} is being read by another stage (as its input); wait for it "
+                                "to finish") from None
         holder = (
             f"pid {os.getpid()} on {socket.gethostname()} since "
             f"{_dt.datetime.now().isoformat(timespec='seconds')}: {' '.join(sys.argv[:3])}"
@@ -154,10 +189,41 @@ class StageLock:
             self._fd = None
 
 
+class ReadLock:
+    """A shared `flock` on an upstream stage's DIR/.lock while a stage reads it: its writer (a `--force` rerun)
+    cannot start meanwhile, and the manifest fingerprint seen at the start is checked again at the end."""
+
+    def __init__(self, directory: Path):
+        self.dir, self._fd, self.fingerprint = Path(directory), None, None
+
+    def acquire(self) -> None:
+        fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise PipelineError(f"{self.dir} is being written by another process ({holder}); wait for it to "
+                                "finish, then rerun") from None
+        self._fd = fd
+        self.fingerprint = (read_manifest(self.dir) or {}).get("fingerprint")
+
+    def check(self) -> None:
+        now = read_manifest(self.dir) if (self.dir / SUCCESS).exists() else None
+        if now is None or now.get("fingerprint") != self.fingerprint:
+            raise PipelineError(f"{self.dir} changed while this stage read it; rerun this stage")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
 # ---------------------------------------------------------------- stage state (read side)
 def stage_state(directory: Path) -> dict[str, Any]:
     """Read-only view of a stage directory: absent | partial | complete, with shard counts."""
-    manifest = read_json(directory / MANIFEST)
+    manifest = read_manifest(directory)
     if manifest is None:
         return {"state": "absent", "manifest": None}
     expected = manifest.get("expected_shards") or []
@@ -204,6 +270,7 @@ class StageWriter:
         keep: Iterable[str] = (),
         config: dict[str, Any] | None = None,
         log=print,
+        reads: Iterable[Path] = (),
     ):
         self.dir = Path(directory)
         self.identity = {"schema_version": SCHEMA_VERSION, **identity}
@@ -214,6 +281,8 @@ class StageWriter:
         self.config = config
         self.log = log if dist.is_main else (lambda *a, **k: None)
         self._lock = StageLock(self.dir)
+        # upstream stage directories this stage reads: locked shared from begin to the end, re-checked at finish
+        self._reads = [ReadLock(d) for d in reads]
 
     # -- start
     def begin(self) -> bool:
@@ -223,9 +292,11 @@ class StageWriter:
             try:
                 self._lock.acquire()
                 try:
+                    for r in self._reads:
+                        r.acquire()
                     self._prepare()
                 except BaseException:
-                    self._lock.release()
+                    self._release()
                     raise
             except BaseException as e:  # other ranks must hear of it, not wait at a barrier
                 error = e
@@ -236,11 +307,23 @@ class StageWriter:
         # Every rank learns the outcome from the files rank 0 left: _SUCCESS stays only when up to date.
         up_to_date = (self.dir / SUCCESS).exists()
         if up_to_date and self.dist.is_main:
-            self._lock.release()
+            self._release()
         return not up_to_date
 
+    def _release(self) -> None:
+        for r in self._reads:
+            r.release()
+        self._lock.release()
+
     def _prepare(self) -> None:
-        old = read_json(self.dir / MANIFEST)
+        self._remove_orphans()
+        try:
+            old = read_manifest(self.dir)
+        except PipelineError:
+            if not self.force:
+                raise
+            self.log(f"[{self.dir.name}] --force: replacing output whose manifest is damaged")
+            old = {"fingerprint": None}
         if old is None:
             leftovers = [p.name for p in self.dir.iterdir() if p.name not in self.keep] if self.dir.exists() else []
             if leftovers and not self.force:
@@ -276,6 +359,15 @@ class StageWriter:
                 self.log(f"[{self.dir.name}] resuming an incomplete run (fingerprint {self.fingerprint[:12]})")
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_manifest(status="running", shards=None)
+
+    def _remove_orphans(self) -> None:
+        """Temporary files and folders of writers that were killed (this process holds the lock, so no writer
+        is at work): `.NAME.tmp-PID` and `.NAME.tmp`."""
+        if not self.dir.exists():
+            return
+        for p in sorted(self.dir.rglob(".*.tmp*"), reverse=True):
+            if ".tmp" in p.name and p.exists():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def _has_finished_work(self) -> bool:
         """Anything beyond a manifest, the lock and an empty record folder (shards, checkpoints, logs)."""
@@ -351,14 +443,16 @@ class StageWriter:
                     if rec is None or not (self.dir / rel).exists():
                         raise PipelineError(f"{self.dir / rel}: shard missing at the end of the stage; rerun to finish it")
                     shards[rel] = rec
+                for r in self._reads:   # the inputs are still the ones this output was made from
+                    r.check()
                 self._write_manifest(status="complete", shards=shards, expected=expected, extra=extra)
                 (self.dir / SUCCESS).write_text(self.fingerprint + "\n")
                 manifest = read_json(self.dir / MANIFEST) or {}
             finally:
-                self._lock.release()
+                self._release()
         self.dist.barrier()
         return manifest
 
     def abort(self) -> None:
         if self.dist.is_main:
-            self._lock.release()
+            self._release()

@@ -51,6 +51,7 @@ class Flag:
     help: str
     choices: tuple[str, ...] | None
     owners: tuple[str, ...] = ()   # for plug-in options: the choices that own it
+    required: bool = False         # declared `str` (not Optional) with no default: the stage refuses to run without it
 
 
 def flags(cls: type) -> list[Flag]:
@@ -74,7 +75,9 @@ def flags(cls: type) -> list[Flag]:
             out.extend(merged.values())
         else:
             default = f.default if f.default is not dataclasses.MISSING else None
-            out.append(Flag(f.name, hints[f.name], default, f.metadata.get("help", ""), f.metadata.get("choices")))
+            required = default is None and type(None) not in typing.get_args(hints[f.name])
+            out.append(Flag(f.name, hints[f.name], default, f.metadata.get("help", ""), f.metadata.get("choices"),
+                            required=required))
     return out
 
 

@@ -4,9 +4,13 @@ A stage subclasses `StepLoop` and supplies `batches(epoch, skip, stop)` (the epo
 process, the first `skip` passed over) and `micro_step(batch, step)` (forward, backward, optimizer step when the
 accumulation completes; returns this micro-batch's share of the logged values). The loop owns the rest:
 
-    OUT/checkpoints/step-N/     Accelerate save_state + trainer_state.json (step, epoch, batch, scheduler, extra)
+    OUT/checkpoints/step-N/     Accelerate save_state + trainer_state.json (step, epoch, batch, scheduler, extra,
+                                and the SHA-256 of every file of the checkpoint, checked before resuming)
     OUT/checkpoints/latest.json the last complete checkpoint (written after it); older ones are removed
     OUT/metrics.jsonl           one line per optimizer step; lines after the resumed checkpoint are dropped
+
+SIGINT and SIGTERM (a cluster's notice before a kill) end training at the next optimizer step with a checkpoint
+of it; the run then exits as interrupted, and the same command resumes.
 
 It expects `self.cfg` to have grad_accum, save_every, num_workers and report_to, and the attributes set in
 `__init__`. Resume is exact: the same batches in the same order, mid-epoch included.
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import faults
-from .artifacts import atomic_write_json, read_json
+from .artifacts import atomic_write_bytes, atomic_write_json, read_json, read_jsonl, sha256_file
 from .data import loader
 from .errors import PipelineError
 
@@ -70,19 +76,24 @@ class StepLoop:
         latest = read_json(self.out / "checkpoints" / "latest.json")
         if latest is not None:
             ckpt = self.out / "checkpoints" / latest["dir"]
+            saved = verified(ckpt)
             self.acc.load_state(str(ckpt))
-            self.state = {**self.state, **read_json(ckpt / "trainer_state.json")}
+            finite(self.acc, self.optimizer, ckpt)
+            self.state = {**self.state, **saved}
+            self.state.pop("files", None)
             self.scheduler.load_state_dict(self.state.pop("scheduler"))
             self.log(f"[{self.name}] resuming from {ckpt.name}: step {self.state['step']}, "
                      f"epoch {self.state['epoch']}, batch {self.state['batch_in_epoch']}")
         if self.acc.is_main_process:
-            path = self.metrics_path
-            kept = [l for l in (path.read_text().splitlines() if path.exists() else [])
-                    if json.loads(l)["step"] <= self.state["step"]]
-            path.write_text("".join(l + "\n" for l in kept))
+            kept = [row for row in read_jsonl(self.metrics_path) if row.get("step", 0) <= self.state["step"]]
+            atomic_write_bytes(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept).encode())
             self.after_resume()
 
     def train(self) -> None:
+        with Stop(self.acc) as signals:
+            self._train(signals)
+
+    def _train(self, signals: "Stop") -> None:
         cfg, acc, state = self.cfg, self.acc, self.state
         step, epoch = state["step"], state["epoch"]
         # the bar closes (ending its line) before any error is printed
@@ -104,8 +115,13 @@ class StepLoop:
                     self.log_step(step, epoch, sums, bar, self.validate(step))
                     sums = {}
                     done_epoch = batch_in_epoch + 1 == self.batches_per_epoch
-                    if step % cfg.save_every == 0 or step == self.total_steps:
+                    stopping = signals.requested()
+                    if step % cfg.save_every == 0 or step == self.total_steps or stopping:
                         self.checkpoint(step, epoch + done_epoch, 0 if done_epoch else batch_in_epoch + 1)
+                    if stopping:
+                        bar.close()
+                        self.log(f"[{self.name}] {stopping}: saved a checkpoint at step {step}")
+                        raise KeyboardInterrupt
                     faults.at("step", step)
                 epoch += 1
         self.state.update(step=step, epoch=epoch, batch_in_epoch=0)
@@ -133,10 +149,12 @@ class StepLoop:
         acc, out = self.acc, self.out
         ckpt = out / "checkpoints" / f"step-{step}"
         acc.save_state(str(ckpt))
+        acc.wait_for_everyone()   # every rank's files are written before they are hashed
         if acc.is_main_process:
+            files = {f.name: sha256_file(f) for f in sorted(ckpt.iterdir()) if f.is_file()}
             atomic_write_json(ckpt / "trainer_state.json", {"step": step, "epoch": epoch,
                                                             "batch_in_epoch": batch_in_epoch, **self.extra_state(),
-                                                            "scheduler": self.scheduler.state_dict()})
+                                                            "scheduler": self.scheduler.state_dict(), "files": files})
             previous = read_json(out / "checkpoints" / "latest.json")
             atomic_write_json(out / "checkpoints" / "latest.json", {"dir": ckpt.name, "step": step})
             if previous and previous["dir"] != ckpt.name:  # keep only the newest complete checkpoint
@@ -186,6 +204,61 @@ def check_length(cfg: Any, counts: tuple[str, ...], positive: tuple[str, ...]) -
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise PipelineError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+
+
+def verified(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's trainer state, after checking every file against the SHA-256 recorded when it was written."""
+    state = read_json(ckpt / "trainer_state.json")
+    if state is None:
+        raise PipelineError(f"{ckpt}: trainer_state.json is missing (the checkpoint is damaged); remove "
+                            f"{ckpt.parent} to train from the start")
+    for name, digest in (state.get("files") or {}).items():
+        path = ckpt / name
+        if not path.exists() or sha256_file(path) != digest:
+            raise PipelineError(f"{path}: {'missing' if not path.exists() else 'damaged'} (its SHA-256 differs from "
+                                f"the one recorded when the checkpoint was written); remove {ckpt.parent} to train "
+                                "from the start")
+    return state
+
+
+def finite(acc: Any, optimizer: Any, ckpt: Path) -> None:
+    """Refuse to resume from weights or optimizer moments that are not finite."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            tensors = [p.data] + [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+            if not all(bool(torch.isfinite(t).all()) for t in tensors):
+                raise PipelineError(f"{ckpt}: the checkpoint holds non-finite weights or optimizer state; remove "
+                                    f"{ckpt.parent} to train from the start")
+
+
+class Stop:
+    """SIGINT/SIGTERM noted, not obeyed at once: training stops after the current optimizer step, with a
+    checkpoint. A second signal acts as usual. All processes agree, so that the checkpoint is collective."""
+
+    def __init__(self, acc: Any):
+        self.acc, self.signal, self._old = acc, None, {}
+
+    def __enter__(self) -> "Stop":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._note)
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+        for s, old in self._old.items():   # a second signal is not caught
+            signal.signal(s, old)
+
+    def requested(self) -> Optional[str]:
+        """The signal's name on every process if any process got one, else None."""
+        flag = self.signal is not None
+        if self.acc.num_processes > 1:
+            flag = bool(self.acc.reduce(torch.tensor(int(flag), device=self.acc.device), reduction="sum") > 0)
+        return (signal.Signals(self.signal).name if self.signal else "a signal to another process") if flag else None
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def mean_over_processes(acc: Any, value: float) -> float:

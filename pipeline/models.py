@@ -15,8 +15,41 @@ from tqdm.auto import tqdm
 from .errors import PipelineError
 
 
+def check_reachable(name_or_path: str) -> None:
+    """Fail fast, before anything is loaded or written, for a model that is neither a local folder nor
+    obtainable: a path that does not exist, or a hub name when the hub cannot be reached and the name is not in
+    the local cache (transformers would otherwise retry for minutes, then blame another file)."""
+    if Path(name_or_path).exists():
+        return
+    parts = name_or_path.split("/")
+    if name_or_path.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts):
+        raise PipelineError(f"{name_or_path}: no such model folder")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            return
+    except (ValueError, OSError):  # not a valid hub name, or no cache: the loader will say so
+        return
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError:
+        raise PipelineError(f"{name_or_path}: not a local folder, not in the local cache, and the Hugging Face hub "
+                            f"({constants.ENDPOINT}) cannot be reached; pass a local folder (save_pretrained) or "
+                            "set HF_HUB_OFFLINE=1 to use a cached copy") from None
+
+
 def model_identity(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
     """What a fingerprint records of a model: a local folder's file hashes, or a hub name and revision."""
+    check_reachable(name_or_path)
     path = Path(name_or_path)
     if path.is_dir():
         files = {}
@@ -179,6 +212,20 @@ class DualEncoder:
                 chunks.append(self.text_features(tokens).cpu().numpy())
                 bar.update(len(texts[s: s + batch_size]))
         return np.concatenate(chunks).astype(np.float32)
+
+
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """save_pretrained of a copy without the truncation and padding state its last call left in a fast
+    tokenizer's tokenizer.json, so that the saved file does not depend on which batch came last (or, after a
+    resume at the end, on none)."""
+    import copy
+
+    clean = copy.deepcopy(tokenizer)
+    backend = getattr(clean, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_truncation()
+        backend.no_padding()
+    clean.save_pretrained(folder)
 
 
 def write_st_modules(folder: Path, max_length: int) -> None:

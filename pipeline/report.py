@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from .artifacts import MANIFEST, SUCCESS, atomic_write_bytes, read_json
+from .artifacts import MANIFEST, SUCCESS, atomic_write_bytes, read_json, read_jsonl
 from .metrics import KS, kendall_tau
 
 MAX_QUERIES = 20000
@@ -224,23 +223,11 @@ def agreement_section(teacher: Optional[Found], dirs: dict[str, Direction], eval
 
 
 # ---------------------------------------------------------------------------------------------- training
-def read_metrics_jsonl(path: Path) -> list[dict]:
-    """The lines of a metrics.jsonl; a torn last line (a run killed mid-write) is left out."""
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
 TRAINING_SKIP = {"step", "epoch", "false_negatives", "dropped_by_margin"}
 
 
 def training_section(students: list[Found], root: Path) -> Section:
-    runs = [(s, read_metrics_jsonl(s.path / "metrics.jsonl")) for s in students]
+    runs = [(s, read_jsonl(s.path / "metrics.jsonl")) for s in students]
     runs = [(s, rows) for s, rows in runs if rows]
     if not runs:
         return Section("training", "Training", missing="no distilled student with metrics.jsonl "

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import stage_state
+from .artifacts import read_json, read_jsonl, stage_state
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,9 @@ class StageDir:
 
 
 def describe(run: Path, stages: list[StageDir]) -> list[str]:
-    lines, fingerprints = [], {}
+    """One line per stage. A stage is stale when its input changed since it was made, or when its input is
+    itself stale (so is everything after it)."""
+    lines, fingerprints, stale = [], {}, set()
     width = max(len(s.name) for s in stages)
     for s in stages:
         st = stage_state(run / s.directory)
@@ -26,12 +28,26 @@ def describe(run: Path, stages: list[StageDir]) -> list[str]:
         if st["state"] == "absent":
             text = "absent"
         elif st["state"] == "partial":
-            text = f"partial {st['done']}/{st['total']} shards"
+            text = _progress(run / s.directory) or f"partial {st['done']}/{st['total']} shards"
         else:
             text = f"complete ({st['total']} shards, fingerprint {m['fingerprint'][:12]})"
             recorded = (m.get("identity") or {}).get("upstream")
             for up in s.upstream:
-                if recorded and up in fingerprints and recorded != fingerprints[up]:
+                if up in stale:
+                    text = f"stale: {up} is stale (rerun it, then this)"
+                elif recorded and up in fingerprints and recorded != fingerprints[up]:
                     text = f"stale: {up} changed since it was made (run it again, or with --force)"
+            if text.startswith("stale"):
+                stale.add(s.name)
         lines.append(f"{s.name:<{width}} {text}")
     return lines
+
+
+def _progress(directory: Path) -> str | None:
+    """A training stage's progress: the last checkpoint's step and the last logged step."""
+    latest = read_json(directory / "checkpoints" / "latest.json")
+    logged = read_jsonl(directory / "metrics.jsonl")
+    if latest is None and not logged:
+        return None
+    saved = f"checkpoint at step {latest['step']}" if latest else "no checkpoint yet"
+    return f"training: {saved}, logged to step {logged[-1]['step'] if logged else 0} (rerun to resume)"

@@ -41,8 +41,9 @@ from pipeline.corpus import load_tables
 from pipeline.data import BatchSpec, DistillBatches, Processors
 from pipeline.dist import Dist
 from pipeline.errors import PipelineError
+from pipeline.log import make_result
 from pipeline.losses import DistillInputs, DistillLoss, itc_loss, registry
-from pipeline.models import DualEncoder, model_identity, write_st_modules
+from pipeline.models import DualEncoder, model_identity, save_tokenizer, write_st_modules
 from pipeline.loop import StepLoop, accelerator, check_length, run_loop, tracker_config
 from pipeline.training import backward_step, param_groups, warmup_cosine
 from pipeline.validation import Validator
@@ -142,16 +143,19 @@ def run(cfg: DistillConfig) -> Path:
     acc, dist, log = accelerator(cfg, out)
     paths = layout.Run(Path(cfg.run))
     mine, teacher = _upstream(cfg, paths)
-    cfg = dataclasses.replace(cfg, student=cfg.student or mine["config"]["student"])
+    # the student that mined, by the absolute path mine recorded (a relative one may not resolve from here)
+    mined_by = mine["identity"]["student"].get("path") or mine["config"]["student"]
+    cfg = dataclasses.replace(cfg, student=cfg.student or mined_by)
     log("[distill] resolved config:\n" + cfgmod.render(cfg))
     identity = {"stage": "distill", "config": cfgmod.fingerprinted(cfg), "upstream": teacher["fingerprint"],
                 "student": model_identity(cfg.student), "world_size": dist.world_size}
-    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log)
+    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log,
+                         reads=[paths.mine, paths.teacher])
     if not writer.begin():
         return out
     run_loop(lambda: Training.setup(cfg, acc, dist, paths, mine, teacher, identity["student"], out, log), writer,
              acc, cfg.report_to)
-    log(f"[distill] done: {out / 'final'}")
+    make_result(acc.is_main_process)(f"[distill] done: {out / 'final'}")
     return out
 
 
@@ -308,7 +312,7 @@ class Training(StepLoop):
         shutil.rmtree(tmp, ignore_errors=True)
         self.acc.unwrap_model(self.towers).model.save_pretrained(tmp)
         self.encoder.image_processor.save_pretrained(tmp)
-        self.encoder.tokenizer.save_pretrained(tmp)
+        save_tokenizer(self.encoder.tokenizer, tmp)
         write_st_modules(tmp, self.encoder.max_length)
         teacher = self.upstream["teacher"]
         last = next((json.loads(l) for l in reversed(self.metrics_path.read_text().splitlines())), {}) \

@@ -27,7 +27,7 @@ from pipeline.config import option, runtime
 from pipeline.corpus import FORMATS, read_corpus
 from pipeline.dist import init, resolve_device
 from pipeline.errors import PipelineError
-from pipeline.log import make_log
+from pipeline.log import make_log, make_result
 from pipeline.metrics import KS
 from pipeline.retrieval import ScoreCache, evaluate_retrieval
 from pipeline.models import DualEncoder, model_identity, torch_dtype
@@ -36,7 +36,7 @@ from pipeline.teachers import load_teacher
 
 @dataclass
 class EvalConfig:
-    run: str = runtime(None, "run directory (the model defaults to RUN/distill/final; results go to RUN/eval)")
+    run: Optional[str] = runtime(None, "run directory (the model defaults to RUN/distill/final; results go to RUN/eval)")
     data: str = runtime(None, "test annotation file, dataset folder or Hugging Face dataset name")
     format: str = option("auto", "input format", choices=FORMATS)
     image_root: Optional[str] = runtime(None, "folder that relative image paths are resolved against")
@@ -55,6 +55,8 @@ class EvalConfig:
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     dtype: str = runtime("auto", "teacher dtype: auto = bf16 on a GPU that supports it, else fp32",
                          choices=("auto", "fp32", "bf16", "fp16"))
+    allow_overlap: bool = option(False, "evaluate even if test images are in the corpus the model was trained on "
+                                        "(the overlap is then reported in metrics.json)", added=True)
     teacher_cache: Optional[str] = runtime(None, "folder of teacher pair scores kept across evaluations: students "
                                                  "of one teacher on one test set share most re-rank pairs")
     force: bool = runtime(False, "replace an evaluation made of another model, data or settings")
@@ -101,28 +103,61 @@ def run(cfg: EvalConfig) -> Path:
     out = Path(cfg.out) if cfg.out else layout.Run(Path(cfg.run)).eval
     corpus = read_corpus(cfg.data, cfg.format, cfg.image_root, cfg.split, cfg.image_column, cfg.caption_column,
                          cfg.id_column, bytes_dir=Path(cfg.run or out) / "images", log=log)
+    overlap = train_test_overlap(corpus, model, cfg)
+    if overlap and overlap["images"] and not cfg.allow_overlap:
+        raise PipelineError(f"{overlap['images']} of the {corpus.num_images} test images are in the corpus "
+                            f"{overlap['train']} that the model was trained on (e.g. {overlap['example']}); evaluate "
+                            "on held-out data, or pass --allow-overlap to report it")
     identity = {"stage": "evaluate", "config": cfgmod.fingerprinted(cfg), "corpus": corpus.content_hash(),
                 "model": model_identity(model), "upstream": upstream,
                 "teacher": model_identity(cfg.rerank_teacher) if cfg.rerank_teacher else None}
     # load both models before the output is touched: a bad --model fails here, with nothing replaced
     encoder = DualEncoder(model, device=device)
     teacher = load_teacher(cfg.rerank_teacher, device, torch_dtype(cfg.dtype, device)) if cfg.rerank_teacher else None
-    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log)
+    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log,
+                         reads=[layout.Run(Path(cfg.run)).distill] if upstream else [])
     if not writer.begin():
         return out
     try:
         metrics = _evaluate(cfg, corpus, model, encoder, teacher, identity, dist)
+        if overlap:
+            metrics["overlap"] = {k: overlap[k] for k in ("images", "captions", "train")}
         if dist.is_main:
             atomic_write_json(out / "metrics.json", metrics)
             (out / "report.md").write_text(report(metrics))
             writer.record_file("metrics.json")
             writer.record_file("report.md")
-            log(report(metrics))
+            make_result(True)(report(metrics))
         writer.finish(["metrics.json", "report.md"])
     except BaseException:
         writer.abort()
         raise
     return out
+
+
+def train_test_overlap(corpus, model: str, cfg: EvalConfig) -> Optional[dict]:
+    """Test images (same file) and captions (same text) that are in the corpus the model was trained on: the
+    mine corpus of --run, or of the run that distilled --model (its manifest names it). None if unknown.
+    Copies of an image under another path are not detected; identical captions of different images are
+    counted but allowed (templated captions repeat)."""
+    import os
+
+    from pipeline.artifacts import read_json
+    from pipeline.corpus import load_tables
+
+    run = cfg.run
+    made = read_json(Path(model).parent / "manifest.json") if Path(model).name in ("final", "best") else None
+    if made is not None and made.get("stage") == "distill":
+        run = (made.get("config") or {}).get("run") or run
+    train_dir = layout.Run(Path(run)).corpus if run else None
+    if train_dir is None or not (train_dir / "images.parquet").exists():
+        return None
+    train = load_tables(train_dir)
+    seen = {os.path.realpath(p) for p in train.image_paths}
+    shared = [p for p in corpus.image_paths if os.path.realpath(p) in seen]
+    captions = set(train.texts)
+    return {"images": len(shared), "captions": sum(t in captions for t in corpus.texts), "train": str(train_dir),
+            "example": shared[0] if shared else None}
 
 
 def _evaluate(cfg: EvalConfig, corpus, model: str, encoder: DualEncoder, teacher, identity: dict, dist) -> dict:

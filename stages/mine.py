@@ -23,7 +23,7 @@ from pipeline.corpus import FORMATS, Corpus, read_corpus
 from pipeline.dist import Dist, init, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.index import INDEX_KINDS, build_index, search_excluding
-from pipeline.log import make_log
+from pipeline.log import make_log, make_result
 from pipeline.models import DualEncoder, model_identity
 
 DIRECTIONS = ("i2t", "t2i")
@@ -194,5 +194,5 @@ def run(cfg: MineConfig) -> Path:
     except BaseException:
         writer.abort()
         raise
-    log(f"[mine] done: {out}")
+    make_result(dist.is_main)(f"[mine] done: {out}")
     return out

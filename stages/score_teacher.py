@@ -30,7 +30,7 @@ from pipeline.config import option, runtime
 from pipeline.corpus import load_tables
 from pipeline.dist import init, resolve_device
 from pipeline.errors import PipelineError
-from pipeline.log import make_log
+from pipeline.log import make_log, make_result
 from pipeline.models import model_identity, torch_dtype
 from pipeline.teachers import load_teacher, resolve_teacher, score_pairs
 
@@ -112,7 +112,8 @@ def run(cfg: TeacherConfig) -> Path:
         identity["lineage"] = lineage
         log(f"[teacher] scoring with the fine-tuned teacher {teacher_path} (train-teacher "
             f"{lineage['fingerprint'][:12]})")
-    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log)
+    reads = [mine_dir] + ([Path(lineage["output"])] if lineage else [])
+    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log, reads=reads)
     if not writer.begin():
         return out
     try:
@@ -120,7 +121,7 @@ def run(cfg: TeacherConfig) -> Path:
     except BaseException:
         writer.abort()
         raise
-    log(f"[teacher] done: {out}")
+    make_result(dist.is_main)(f"[teacher] done: {out}")
     return out
 
 

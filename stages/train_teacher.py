@@ -36,9 +36,10 @@ from pipeline.corpus import load_tables
 from pipeline.data import BatchSpec, MatchingBatches, Processors
 from pipeline.dist import Dist
 from pipeline.errors import PipelineError
+from pipeline.log import make_result
 from pipeline.loop import StepLoop, accelerator, check_length, run_loop, tracker_config
 from pipeline.losses import itc_loss
-from pipeline.models import model_identity
+from pipeline.models import model_identity, save_tokenizer
 from pipeline.teachers import BlipITM, CrossEncoder, blip_itc_features, load_teacher
 from pipeline.training import backward_step, param_groups, warmup_cosine
 
@@ -130,12 +131,13 @@ def run(cfg: TrainTeacherConfig) -> Path:
                             "leave it at 0")
     identity = {"stage": "train-teacher", "config": cfgmod.fingerprinted(cfg), "upstream": mine["fingerprint"],
                 "teacher": model_identity(cfg.teacher, cfg.revision), "world_size": dist.world_size}
-    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log)
+    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log,
+                         reads=[paths.mine])
     if not writer.begin():
         return out
     run_loop(lambda: TeacherTraining.setup(cfg, acc, dist, paths, mine, teacher, out, log), writer, acc,
              cfg.report_to)
-    log(f"[train-teacher] done: {out / 'final'}")
+    make_result(acc.is_main_process)(f"[train-teacher] done: {out / 'final'}")
     return out
 
 
@@ -217,7 +219,7 @@ class TeacherTraining(StepLoop):
             shutil.rmtree(tmp, ignore_errors=True)
             self.acc.unwrap_model(self.scorer).model.save_pretrained(tmp)
             self.teacher.image_processor.save_pretrained(tmp)
-            self.teacher.tokenizer.save_pretrained(tmp)
+            save_tokenizer(self.teacher.tokenizer, tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for f in sorted(final.iterdir()):

@@ -78,3 +78,21 @@ def test_no_branch_on_a_loss_name_outside_the_registry():
             if isinstance(node, ast.Compare):
                 consts = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
                 assert not names & set(consts), f"{f.relative_to(REPO)}:{node.lineno} compares with a loss name"
+
+
+def test_help_marks_required_options_and_shows_every_default():
+    from conftest import cli
+
+    out = " ".join(cli("mine", "--help").output.split())
+    assert "--data TEXT [required] annotation file" in out
+    assert "[default: false]" in out and "[default: 0]" in out          # --trust-remote-code, --seed
+
+
+def test_a_storage_error_is_one_line(tmp_path):
+    from conftest import cli
+
+    (tmp_path / "file").write_text("x")
+    result = cli("mine", "--run", tmp_path / "file" / "run", "--data", tmp_path / "ann.json", "--student", "s",
+                 expect=2)
+    assert result.output.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in result.output

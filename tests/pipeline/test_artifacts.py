@@ -98,3 +98,63 @@ def test_attempt_without_finished_shards_is_replaced_without_force(tmp_path):
     w2 = _writer(tmp_path / "s", k=2)
     assert w2.begin() is True
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["identity"]["config"]["k"] == 2
+
+
+@pytest.mark.parametrize("content", [b"", b"{", b"[]", b"{}", b"\xff\xfe"])
+def test_a_damaged_manifest_is_one_line_and_force_recovers(tmp_path, content):
+    _complete(tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").write_bytes(content)
+    with pytest.raises(PipelineError, match=r"manifest\.json: .*--force"):
+        stage_state(tmp_path / "s")
+    with pytest.raises(PipelineError, match=r"manifest\.json: .*--force"):
+        _writer(tmp_path / "s").begin()
+    assert _writer(tmp_path / "s", force=True).begin()            # replaced: the stage starts over
+    assert not (tmp_path / "s" / "a.parquet").exists()
+
+
+def test_orphan_temporary_files_of_killed_writers_are_removed(tmp_path):
+    _complete(tmp_path / "s")
+    orphans = [tmp_path / "s" / ".a.parquet.tmp-99999", tmp_path / "s" / "sub" / ".x.json.tmp-1",
+               tmp_path / "s" / ".final.tmp"]
+    for p in orphans[:2]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
+    orphans[2].mkdir()
+    assert not _writer(tmp_path / "s").begin()                     # up to date, and tidied
+    assert not any(p.exists() for p in orphans)
+    assert (tmp_path / "s" / "a.parquet").exists()
+
+
+def test_a_torn_last_line_of_a_log_is_dropped_and_a_damaged_middle_line_named(tmp_path):
+    from pipeline.artifacts import read_jsonl
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    assert read_jsonl(log) == [{"step": 1}, {"step": 2}]
+    log.write_text('{"step": 1}\nxx\n{"step": 3}\n')
+    with pytest.raises(PipelineError, match="metrics.jsonl: line 2 is not JSON"):
+        read_jsonl(log)
+
+
+def test_an_upstream_is_locked_while_read_and_checked_before_success(tmp_path):
+    _complete(tmp_path / "up")
+    down = StageWriter(tmp_path / "down", {"stage": "d", "config": {}}, force=False, dist=ONE, log=quiet,
+                       reads=[tmp_path / "up"])
+    assert down.begin()
+    with pytest.raises(PipelineError, match="is being read by another stage"):
+        _writer(tmp_path / "up", k=2, force=True).begin()           # a --force rerun of the input waits
+    down.plan([])
+    down.finish([])                                                 # releases the shared lock
+    assert _writer(tmp_path / "up", k=2, force=True).begin()
+
+    # the input changed under a reader (between its start and its end): no _SUCCESS
+    _complete(tmp_path / "up2")
+    down2 = StageWriter(tmp_path / "down2", {"stage": "d", "config": {}}, force=False, dist=ONE, log=quiet,
+                        reads=[tmp_path / "up2"])
+    assert down2.begin()
+    manifest = json.loads((tmp_path / "up2" / "manifest.json").read_text())
+    (tmp_path / "up2" / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "other"}))
+    down2.plan([])
+    with pytest.raises(PipelineError, match="changed while this stage read it"):
+        down2.finish([])
+    assert not (tmp_path / "down2" / SUCCESS).exists()

@@ -237,3 +237,74 @@ def test_a_non_finite_loss_stops_training_naming_the_step(run, monkeypatch):
     line = _error(distill(run, "--max-steps", "5", expect=None))
     assert line.startswith("error: non-finite loss at step 3 (itc=") and "distill=nan" in line
     assert not (run / "distill" / SUCCESS).exists()
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file(run):
+    args = ("--max-steps", "4", "--save-every", "2")
+    proc = cli_subprocess("distill", "--run", run, *FAST, *args, env={"CPRD_FAULT": "step:3"})
+    assert proc.returncode == -signal.SIGKILL
+    weights = run / "distill" / "checkpoints" / "step-2" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:-56] = bytes(8)                                        # 8 bytes of a tensor zeroed
+    weights.write_bytes(bytes(data))
+    result = distill(run, *args, expect=2)
+    assert f"{weights}: damaged" in result.output and not (run / "distill" / SUCCESS).exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resume_ends_as_an_uninterrupted_run(run, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    ref = tmp_path / "ref"
+    shutil.copytree(run, ref)
+    args = ("--max-steps", "40", "--batch-size", "4", "--save-every", "1000")
+    distill(ref, *args)
+    proc = subprocess.Popen([sys.executable, "-m", "cprd_pipeline", "distill", "--run", str(run), *FAST, *args],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run / "distill" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    steps = len(metrics(run))
+    assert 3 <= steps < 40 and "SIGTERM: saved a checkpoint at step" in err
+    assert json.loads((run / "distill" / "checkpoints" / "latest.json").read_text())["step"] == steps
+    distill(run, *args)
+    a, b = final_weights(run), final_weights(ref)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_resume_at_the_last_step_writes_the_same_final_folder(run, tmp_path):
+    ref = tmp_path / "ref"
+    shutil.copytree(run, ref)
+    args = ("--max-steps", "3")
+    distill(ref, *args)
+    proc = cli_subprocess("distill", "--run", run, *FAST, *args, env={"CPRD_FAULT": "step:3"})  # after its checkpoint
+    assert proc.returncode == -signal.SIGKILL and not (run / "distill" / "final").exists()
+    with open(run / "distill" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')                                 # a torn line, as a kill mid-write leaves
+    distill(run, *args)
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3]
+    final, want = run / "distill" / "final", ref / "distill" / "final"
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "preprocessor_config.json"):
+        assert (final / name).read_text() == (want / name).read_text(), name
+
+
+def test_status_shows_training_progress_and_staleness_down_the_chain(run):
+    proc = cli_subprocess("distill", "--run", run, *FAST, "--max-steps", "4", "--save-every", "2",
+                          env={"CPRD_FAULT": "step:3"})
+    assert proc.returncode == -signal.SIGKILL
+    lines = {l.split()[0]: l for l in cli("status", "--run", run).output.splitlines()}
+    assert "training: checkpoint at step 2, logged to step 3" in lines["distill"]
+    distill(run, "--max-steps", "4", "--save-every", "2")
+    manifest = json.loads((run / "mine" / "manifest.json").read_text())
+    (run / "mine" / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "0" * 64}))  # mine redone
+    lines = {l.split()[0]: l for l in cli("status", "--run", run).output.splitlines()}
+    assert "stale: mine changed" in lines["score-teacher"]
+    assert "stale: score-teacher is stale" in lines["distill"]

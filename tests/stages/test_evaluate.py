@@ -81,7 +81,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
     ann = write_albef_corpus(tmp_path / "test", n_images=5)
     r = cli("evaluate", "--data", ann, "--model", tmp_path / "nope", "--out", tmp_path / "e", expect=2)
     line = r.output.strip().splitlines()[-1]
-    assert line.startswith("error: ") and f"{tmp_path / 'nope'}: cannot load" in line
+    assert line.startswith("error: ") and f"{tmp_path / 'nope'}: no such model folder" in line
     assert not (tmp_path / "e" / "metrics.json").exists()
 
 
@@ -135,3 +135,22 @@ def test_teacher_cache_scores_each_pair_once_and_changes_nothing(tmp_path, tiny_
         assert m["rerank"]["rsum"] == want["rerank"]["rsum"]
         for d in ("i2t", "t2i"):
             assert m["agreement"][d]["kendall_tau"] == pytest.approx(want["agreement"][d]["kendall_tau"], abs=1e-6)
+
+
+def test_test_images_from_the_training_corpus_are_refused_or_reported(tmp_path, scored_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(scored_run, run)
+    cli("distill", "--run", run, "--max-steps", "1", "--batch-size", "16", "--num-negatives", "4", "--device", "cpu")
+    train = json.loads((run / "mine" / "manifest.json").read_text())["config"]["data"]
+    result = cli("evaluate", "--run", run, "--data", train, "--device", "cpu", expect=2)
+    assert "24 of the 24 test images are in the corpus" in result.output and "--allow-overlap" in result.output
+    assert not (run / "eval").exists()
+    # through --model too: the distill output names its run
+    result = cli("evaluate", "--model", run / "distill" / "final", "--data", train, "--out", tmp_path / "e",
+                 "--device", "cpu", expect=2)
+    assert "test images are in the corpus" in result.output
+    cli("evaluate", "--run", run, "--data", train, "--allow-overlap", "--device", "cpu")
+    overlap = json.loads((run / "eval" / "metrics.json").read_text())["overlap"]
+    assert overlap["images"] == 24 and overlap["captions"] == 120
