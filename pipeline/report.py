@@ -341,7 +341,11 @@ def build(root: Path, extra: Optional[list[Section]] = None, max_queries: int = 
     root = Path(root)
     found = discover(root)
     mines = [f for f in found.get("mine", []) if f.complete]
-    teachers = [f for f in found.get("teacher", []) if f.complete]
+    # the teacher cache drawn: one scored by the given teacher (not a fine-tuned one), the shallowest (a run's
+    # own, before those of later rounds nested below it), the first made
+    teachers = sorted((f for f in found.get("teacher", []) if f.complete),
+                      key=lambda f: ("lineage" in f.manifest.get("identity", {}), len(f.path.relative_to(root).parts),
+                                     str(f.manifest.get("created", ""))))
     students = found.get("distill", [])
     evaluations = read_evaluations(found.get("evaluate", []), mines, students, root)
     sections = list(extra or [])
