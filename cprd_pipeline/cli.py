@@ -145,10 +145,20 @@ def demo_assets() -> click.Command:
     @click.option("--work", default="runs/demo-assets", show_default=True, type=click.Path(file_okay=False),
                   help="scratch folder (corpus, full models, validation results)")
     @click.option("--seed", default=0, show_default=True, type=int)
-    def command(out: str, work: str, seed: int) -> None:
+    @click.option("--student-size", default="64x2", show_default=True,
+                  help="the student's width x layers (a student-size study: e.g. 128x4)")
+    @click.option("--teacher-from", type=click.Path(file_okay=False, exists=True),
+                  help="reuse the packed teacher of this assets folder (e.g. data/demo): train only a student")
+    def command(out: str, work: str, seed: int, student_size: str, teacher_from: str | None) -> None:
         from pipeline.demo.models import build_assets
 
-        build_assets(Path(out), Path(work), seed=seed)
+        try:
+            hidden, layers = (int(x) for x in student_size.lower().split("x"))
+        except ValueError:
+            click.echo(f"error: --student-size {student_size!r}: expected WIDTHxLAYERS, e.g. 128x4", err=True)
+            sys.exit(2)
+        build_assets(Path(out), Path(work), seed=seed, student_size=dict(hidden=hidden, layers=layers, heads=4),
+                     teacher_from=Path(teacher_from) if teacher_from else None)
 
     return command
 

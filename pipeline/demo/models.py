@@ -37,8 +37,8 @@ STUDENT = dict(hidden=64, layers=2, heads=4)
 TEACHER = dict(hidden=128, layers=4, heads=4)
 
 
-def new_student(path: Path, seed: int) -> Path:
-    return save_tiny_clip(path, seed=seed, projection_dim=128, max_positions=16, **STUDENT)
+def new_student(path: Path, seed: int, size: dict | None = None) -> Path:
+    return save_tiny_clip(path, seed=seed, projection_dim=128, max_positions=16, **(size or STUDENT))
 
 
 def new_teacher(path: Path, seed: int) -> Path:
@@ -257,8 +257,13 @@ ITC_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
 
 def build_assets(out: Path, work: Path, seed: int = 0, student_steps: int = 1200, itc_steps: int = 2400,
-                 itm_steps: int = 2000, log: Callable = print) -> dict:
-    """Generate the pretrain/val splits, train student and teacher, pick the ITC weight on val, pack both."""
+                 itm_steps: int = 2000, log: Callable = print, student_size: dict | None = None,
+                 teacher_from: Path | None = None) -> dict:
+    """Generate the pretrain/val splits, train student and teacher, pick the ITC weight on val, pack both.
+
+    student_size: the student's hidden/layers/heads (default STUDENT). teacher_from: an assets folder whose
+    packed teacher (and ITC weight) is reused as it is, so that only a student is trained (a student-size study).
+    """
     from ..corpus import read_corpus
     from ..models import DualEncoder
     from ..retrieval import evaluate_retrieval
@@ -268,9 +273,15 @@ def build_assets(out: Path, work: Path, seed: int = 0, student_steps: int = 1200
     torch.set_num_threads(2)
     spec = DemoCorpusSpec(seed=seed)
     data = generate(spec, work / "data", splits=("pretrain", "val"))
-    student, teacher = new_student(work / "student", seed), new_teacher(work / "teacher", seed)
+    student = new_student(work / "student", seed, student_size)
     train_student(student, data["pretrain"], student_steps, seed, log, images=spec.student_images)
-    train_teacher(teacher, data["pretrain"], itc_steps, itm_steps, seed, log)
+    if teacher_from is not None:
+        teacher = work / "teacher"
+        unpack(Path(teacher_from) / "teacher.safetensors", teacher)
+        reused = json.loads((Path(teacher_from) / "assets.json").read_text())
+    else:
+        teacher = new_teacher(work / "teacher", seed)
+        train_teacher(teacher, data["pretrain"], itc_steps, itm_steps, seed, log)
 
     val_corpus = read_corpus(str(data["val"]), "auto", None, None, "image", "text", None, log=log)
     encoder, cross = DualEncoder(str(student), device="cpu"), load_teacher(str(teacher))
@@ -282,14 +293,17 @@ def build_assets(out: Path, work: Path, seed: int = 0, student_steps: int = 1200
         return m if itc_weight is None else m["rerank"]
 
     results = {"student": val()}
-    for w in ITC_WEIGHTS:
+    log(f"[assets] val student RSUM {results['student']['rsum']:.1f}")
+    for w in ((reused["itc_weight"],) if teacher_from is not None else ITC_WEIGHTS):
         results[f"itm+{w:g}itc"] = val(w)
         log(f"[assets] val rerank itc_weight {w:g}: RSUM {results[f'itm+{w:g}itc']['rsum']:.1f} "
             f"(student {results['student']['rsum']:.1f})")
-    best = max(ITC_WEIGHTS, key=lambda w: results[f"itm+{w:g}itc"]["rsum"])
+    best = reused["itc_weight"] if teacher_from is not None else \
+        max(ITC_WEIGHTS, key=lambda w: results[f"itm+{w:g}itc"]["rsum"])
     meta = {"seed": seed, "student_images": spec.student_images, "teacher_images": spec.pretrain_images,
             "student_steps": student_steps, "itc_steps": itc_steps, "itm_steps": itm_steps,
-            "itc_weight": best, "torch": torch.__version__,
+            "itc_weight": best, "torch": torch.__version__, "student_size": student_size or STUDENT,
+            "teacher_from": str(teacher_from) if teacher_from else None,
             "val_rsum": {k: v["rsum"] for k, v in results.items()}}
     tokens = demo_token_ids([c for combo in combinations() for c in captions(combo)])
     out.mkdir(parents=True, exist_ok=True)
