@@ -27,7 +27,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -271,6 +271,8 @@ class StageWriter:
         config: dict[str, Any] | None = None,
         log=print,
         reads: Iterable[Path] = (),
+        precheck: Callable[[], Any] | None = None,
+        derived: Iterable[str] = (),
     ):
         self.dir = Path(directory)
         self.identity = {"schema_version": SCHEMA_VERSION, **identity}
@@ -283,6 +285,10 @@ class StageWriter:
         self._lock = StageLock(self.dir)
         # upstream stage directories this stage reads: locked shared from begin to the end, re-checked at finish
         self._reads = [ReadLock(d) for d in reads]
+        # run before an existing output is deleted (--force, or an attempt with other settings): loads the new
+        # models, so that a bad one fails with the old output still there
+        self.precheck = precheck
+        self.derived = list(derived)   # shards that do not count as finished work (see _has_finished_work)
 
     # -- start
     def begin(self) -> bool:
@@ -370,15 +376,21 @@ class StageWriter:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def _has_finished_work(self) -> bool:
-        """Anything beyond a manifest, the lock and an empty record folder (shards, checkpoints, logs)."""
+        """Anything beyond a manifest, the lock, kept folders and the `derived` shards (made from the inputs
+        alone, in seconds): other shards, checkpoints, logs."""
+        cheap = {_record_path(self.dir, rel).name for rel in self.derived}
         records = self.dir / RECORDS
-        if records.is_dir() and any(records.iterdir()):
+        if records.is_dir() and any(p.name not in cheap for p in records.iterdir()):
             return True
-        return any(p.name not in {MANIFEST, LOCK, RECORDS} for p in self.dir.iterdir())
+        top = {rel.split("/")[0] for rel in self.derived} | {MANIFEST, RECORDS} | self.keep
+        return any(p.name not in top for p in self.dir.iterdir())
 
     def _wipe(self) -> None:
         if not self.dir.exists():
             return
+        if self.precheck is not None:   # the new inputs must load before the old output goes
+            self.precheck()
+            self.precheck = None
         for p in self.dir.iterdir():
             if p.name in self.keep:
                 continue

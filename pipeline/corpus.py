@@ -130,8 +130,17 @@ class _Builder:
 
     def add_text(self, text_id: Any, image_id: str, text: Any, where: str) -> None:
         text_id = str(text_id)
-        if not isinstance(text, str) or not text.strip():
+        if isinstance(text, (int, float)) and not isinstance(text, bool):
+            text = str(text)   # a caption that YAML/JSON read as a number ("1984") is still a caption
+        if not isinstance(text, str):
+            raise PipelineError(f"{self.source}: caption is a {type(text).__name__}, not text ({where})")
+        if not text.strip():
             raise PipelineError(f"{self.source}: empty caption ({where})")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PipelineError(f"{self.source}: caption holds an unpaired surrogate (broken UTF-16 escape, e.g. "
+                                f"\\ud83d alone) ({where})") from None
         if text_id in self._seen_text:
             raise PipelineError(f"{self.source}: duplicate text id '{text_id}' ({where})")
         self._seen_text.add(text_id)
@@ -157,10 +166,13 @@ class _Builder:
 # ---------------------------------------------------------------- readers
 def _load_json(path: Path) -> Any:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise PipelineError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start}); save the "
+                            "annotation file as UTF-8") from None
 
 
 def read_albef(data: Path, b: _Builder, split: str | None) -> None:

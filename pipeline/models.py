@@ -75,12 +75,16 @@ def load_image(path: str) -> Image.Image:
         raise PipelineError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise PipelineError(f"unreadable image {path}: {e.__class__.__name__}") from None
+    except Image.DecompressionBombError as e:   # more pixels than PIL allows: likely hostile or broken
+        raise PipelineError(f"unreadable image {path}: {e}") from None
 
 
 def _pretrained(loader: Callable, name_or_path: str, what: str, **kwargs: Any) -> Any:
+    from safetensors import SafetensorError   # a truncated or damaged weights file
+
     try:
         return loader(name_or_path, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise PipelineError(f"{name_or_path}: cannot load its {what} ({first})") from None
 

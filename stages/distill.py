@@ -150,7 +150,7 @@ def run(cfg: DistillConfig) -> Path:
     identity = {"stage": "distill", "config": cfgmod.fingerprinted(cfg), "upstream": teacher["fingerprint"],
                 "student": model_identity(cfg.student), "world_size": dist.world_size}
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log,
-                         reads=[paths.mine, paths.teacher])
+                         reads=[paths.mine, paths.teacher], precheck=lambda: DualEncoder(cfg.student))
     if not writer.begin():
         return out
     run_loop(lambda: Training.setup(cfg, acc, dist, paths, mine, teacher, identity["student"], out, log), writer,

@@ -91,21 +91,25 @@ def _embed(cfg: MineConfig, corpus: Corpus, student_id: dict, corpus_hash: str, 
             for s in range(0, n, EMBED_SHARD)]
     files = [f"{kind}-{s // EMBED_SHARD:05d}.npy" for kind, s, _ in plan]
     if writer.begin():
-        writer.plan(files)
-        todo = [(f, p) for f, p in layout.rank_share(list(zip(files, plan)), dist.rank, dist.world_size)
-                if not writer.is_done(f)]
-        if todo:
-            encoder = DualEncoder(cfg.student, device=device, revision=cfg.revision,
-                                  trust_remote_code=cfg.trust_remote_code)
-            for f, (kind, s, e) in todo:
-                if kind == "images":
-                    emb = encoder.encode_images(corpus.image_paths[s:e], cfg.batch_size, cfg.num_workers,
-                                                progress=dist.is_main)
-                else:
-                    emb = encoder.encode_texts(corpus.texts[s:e], 4 * cfg.batch_size, progress=dist.is_main)
-                writer.write_npy(f, emb)
-                log(f"[mine] embedded {kind} {s}:{e}")
-        writer.finish(files)
+        try:
+            writer.plan(files)
+            todo = [(f, p) for f, p in layout.rank_share(list(zip(files, plan)), dist.rank, dist.world_size)
+                    if not writer.is_done(f)]
+            if todo:
+                encoder = DualEncoder(cfg.student, device=device, revision=cfg.revision,
+                                      trust_remote_code=cfg.trust_remote_code)
+                for f, (kind, s, e) in todo:
+                    if kind == "images":
+                        emb = encoder.encode_images(corpus.image_paths[s:e], cfg.batch_size, cfg.num_workers,
+                                                    progress=dist.is_main)
+                    else:
+                        emb = encoder.encode_texts(corpus.texts[s:e], 4 * cfg.batch_size, progress=dist.is_main)
+                    writer.write_npy(f, emb)
+                    log(f"[mine] embedded {kind} {s}:{e}")
+            writer.finish(files)
+        except BaseException:
+            writer.abort()   # releases the lock: a retry in the same process (the Python API) can start
+            raise
     else:
         log("[mine] embeddings up to date; re-using them")
     load = lambda kind: np.concatenate([np.load(writer.dir / f, allow_pickle=False)
@@ -143,7 +147,9 @@ def run(cfg: MineConfig) -> Path:
     expected = list(layout.CORPUS_FILES) + shard_files
 
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, keep=["embeddings"],
-                         config=cfgmod.as_dict(cfg), log=log)
+                         config=cfgmod.as_dict(cfg), log=log, derived=layout.CORPUS_FILES,
+                         precheck=lambda: DualEncoder(cfg.student, revision=cfg.revision,
+                                                      trust_remote_code=cfg.trust_remote_code))
     if not writer.begin():
         return out
     try:

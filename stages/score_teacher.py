@@ -113,7 +113,8 @@ def run(cfg: TeacherConfig) -> Path:
         log(f"[teacher] scoring with the fine-tuned teacher {teacher_path} (train-teacher "
             f"{lineage['fingerprint'][:12]})")
     reads = [mine_dir] + ([Path(lineage["output"])] if lineage else [])
-    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log, reads=reads)
+    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log, reads=reads,
+                         precheck=lambda: load_teacher(cfg.teacher, "cpu", dtype, cfg.revision, cfg.trust_remote_code))
     if not writer.begin():
         return out
     try:

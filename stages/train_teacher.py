@@ -132,7 +132,7 @@ def run(cfg: TrainTeacherConfig) -> Path:
     identity = {"stage": "train-teacher", "config": cfgmod.fingerprinted(cfg), "upstream": mine["fingerprint"],
                 "teacher": model_identity(cfg.teacher, cfg.revision), "world_size": dist.world_size}
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log,
-                         reads=[paths.mine])
+                         reads=[paths.mine])   # the teacher is loaded above, before anything is touched
     if not writer.begin():
         return out
     run_loop(lambda: TeacherTraining.setup(cfg, acc, dist, paths, mine, teacher, out, log), writer, acc,

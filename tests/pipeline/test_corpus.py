@@ -150,3 +150,41 @@ def test_karpathy_without_a_split_is_refused_not_mined_whole(tmp_path):
     path = _karpathy(tmp_path)
     with pytest.raises(PipelineError, match=r"holds several splits \(.*test.*train.*\); pass --split"):
         read_corpus(str(path), "karpathy", **quiet)
+
+
+def _albef(tmp_path, caption):
+    ann = write_albef_corpus(tmp_path / "d", n_images=3)
+    records = json.loads(ann.read_text())
+    records[1]["caption"][0] = caption
+    ann.write_text(json.dumps(records))
+    return ann
+
+
+def test_a_caption_that_reads_as_a_number_is_text(tmp_path):
+    corpus = read_corpus(str(_albef(tmp_path, 1984)), log=lambda *_: None)
+    assert "1984" in corpus.texts
+
+
+def test_an_unpaired_surrogate_in_a_caption_is_named(tmp_path):
+    ann = _albef(tmp_path, "x")
+    ann.write_text(ann.read_text().replace('"x"', '"a dog \\ud83d"'))     # a broken UTF-16 escape
+    with pytest.raises(PipelineError, match="unpaired surrogate .*record 1"):
+        read_corpus(str(ann), log=lambda *_: None)
+
+
+def test_an_annotation_file_that_is_not_utf8_is_named(tmp_path):
+    ann = _albef(tmp_path, "caf\u00e9")
+    ann.write_bytes(ann.read_text().replace("caf\\u00e9", "café").encode("latin-1"))
+    with pytest.raises(PipelineError, match=r"ann\.json: not UTF-8 text \(byte 0xe9"):
+        read_corpus(str(ann), log=lambda *_: None)
+
+
+def test_a_decompression_bomb_is_an_unreadable_image(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from pipeline.models import load_image
+
+    names = write_images(tmp_path, 1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)              # every image is now "too large"
+    with pytest.raises(PipelineError, match="unreadable image .*exceeds limit"):
+        load_image(str(tmp_path / names[0]))

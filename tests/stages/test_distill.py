@@ -308,3 +308,13 @@ def test_status_shows_training_progress_and_staleness_down_the_chain(run):
     lines = {l.split()[0]: l for l in cli("status", "--run", run).output.splitlines()}
     assert "stale: mine changed" in lines["score-teacher"]
     assert "stale: score-teacher is stale" in lines["distill"]
+
+
+def test_force_loads_the_new_student_before_it_deletes_anything(run, tiny_blip):
+    distill(run, "--max-steps", "1")
+    before = final_weights(run)
+    result = distill(run, "--max-steps", "1", "--force", "--student", tiny_blip, expect=2)
+    assert "it is not a trained dual encoder" in result.output or "has no get_image_features" in result.output
+    assert (run / "distill" / SUCCESS).exists()                      # the finished student is still there
+    after = final_weights(run)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -163,10 +163,16 @@ def _assert_clean_error(result, pattern, run):
     assert not (run / "mine" / SUCCESS).exists()
 
 
-def test_unreadable_image(tmp_path, corpus_file, tiny_clip):
-    (corpus_file.parent / "images" / "img0003.png").write_bytes(b"not a png at all")
+def test_unreadable_image_and_the_retry_once_it_is_fixed(tmp_path, corpus_file, tiny_clip):
+    bad = corpus_file.parent / "images" / "img0003.png"
+    good = bad.read_bytes()
+    bad.write_bytes(b"not a png at all")
     run = tmp_path / "run"
     _assert_clean_error(mine(run, corpus_file, tiny_clip, expect=None), r"unreadable image .*img0003\.png", run)
+    # fixed: the corpus changed, but the failed attempt finished only its corpus tables, so no --force is needed
+    bad.write_bytes(good)
+    assert "replacing an attempt with other settings that finished no shard" in mine(run, corpus_file, tiny_clip).output
+    assert (run / "mine" / SUCCESS).exists()
 
 
 def test_missing_image(tmp_path, corpus_file, tiny_clip):
