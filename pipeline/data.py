@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .errors import PipelineError
-from .models import load_image
+from .models import load_image, pad_images
 
 COLUMNS = ["direction", "query_id", "positive_ids", "candidate_ids", "teacher_scores", "positive_teacher_scores"]
 
@@ -202,13 +202,17 @@ class DistillBatches(torch.utils.data.IterableDataset):
 
     def pixels(self, rows: list[int]) -> torch.Tensor:
         """[len(rows), 3, H, W]: cached images reused, the rest decoded and processed in one call."""
+        return torch.stack(self.processed(rows))
+
+    def processed(self, rows: list[int]) -> list[torch.Tensor]:
+        """Each row's processed image [3, H, W]: cached ones reused, the rest decoded and processed in one call."""
         missing = [r for r in rows if r not in self._cache]
         fresh: dict[int, torch.Tensor] = {}
         if missing:
             pixels = self.processors.image_processor(images=[load_image(self.corpus.image_paths[r]) for r in missing],
                                           return_tensors="pt")["pixel_values"]
             fresh = dict(zip(missing, pixels.clone().unbind(0)))  # own storage: a cached view would pin the batch
-        out = torch.stack([self._cache[r] if r in self._cache else fresh[r] for r in rows])
+        out = [self._cache[r] if r in self._cache else fresh[r] for r in rows]
         for r in rows:
             if r in self._cache:
                 self._cache.move_to_end(r)
@@ -307,7 +311,9 @@ class MatchingBatches(DistillBatches):
                 if not self._false_negative(i2t, qid, pos, cand):
                     pair_img.append(img(qid) if i2t else img(cand)), pair_txt.append(txt(cand) if i2t else txt(qid))
                     label.append(0.0)
-        pixels, mask = self.padded([self.row_of_path[path] for path in images])
+        # images of any size (ViLT keeps aspect ratios), each processed alone (a batched call would pad them
+        # without telling which pixels are real), then zero-padded to the largest with the pixel mask
+        pixels, mask = pad_images([self.processed([self.row_of_path[path]])[0] for path in images])
         proc = self.processors
         tokens = proc.tokenizer(list(texts), padding=True, truncation=True, max_length=proc.max_length,
                                 return_tensors="pt")
@@ -319,16 +325,6 @@ class MatchingBatches(DistillBatches):
                 "positive_mask": (pos_i[:, None] == pos_i[None, :]) | (pos_t[:, None] == pos_t[None, :]),
                 "false_negatives": torch.tensor(false_negatives)}
 
-    def padded(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images of any size (ViLT keeps aspect ratios): zero-padded to the largest, with the pixel mask."""
-        cached = [self.pixels([r])[0] for r in rows]
-        h, w = max(p.shape[1] for p in cached), max(p.shape[2] for p in cached)
-        out = torch.zeros(len(cached), cached[0].shape[0], h, w, dtype=cached[0].dtype)
-        mask = torch.zeros(len(cached), h, w, dtype=torch.long)
-        for i, p in enumerate(cached):
-            out[i, :, : p.shape[1], : p.shape[2]] = p
-            mask[i, : p.shape[1], : p.shape[2]] = 1
-        return out, mask
 
 
 def loader(dataset: DistillBatches, num_workers: int) -> torch.utils.data.DataLoader:

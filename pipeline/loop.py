@@ -44,6 +44,7 @@ class StepLoop:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.batches_per_epoch, self.total_steps = batches_per_epoch, total_steps   # no half-accumulated step
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+        self.last_row: dict[str, Any] = {}   # the last line of metrics.jsonl (main process)
 
     # ------------------------------------------------------------------ supplied by the stage
     def batches(self, epoch: int, skip: int, stop: int) -> Any:
@@ -87,6 +88,7 @@ class StepLoop:
         if self.acc.is_main_process:
             kept = [row for row in read_jsonl(self.metrics_path) if row.get("step", 0) <= self.state["step"]]
             atomic_write_bytes(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept).encode())
+            self.last_row = kept[-1] if kept else {}
             self.after_resume()
 
     def train(self) -> None:
@@ -137,6 +139,7 @@ class StepLoop:
         if self.acc.is_main_process:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            self.last_row = row
             bar.set_postfix(self.postfix(row))
             bar.update(1)
 
@@ -160,6 +163,19 @@ class StepLoop:
             if previous and previous["dir"] != ckpt.name:  # keep only the newest complete checkpoint
                 shutil.rmtree(out / "checkpoints" / previous["dir"], ignore_errors=True)
         acc.wait_for_everyone()
+
+
+    def finish_outputs(self, writer: Any, folders: tuple[str, ...], extra: Optional[dict] = None) -> None:
+        """Record the saved model folders' files and metrics.jsonl (main process), then finish the stage."""
+        def files() -> list[str]:
+            return [f"{d}/{f.name}" for d in folders if (self.out / d).exists()
+                    for f in sorted((self.out / d).iterdir())] + ["metrics.jsonl"]
+
+        if self.acc.is_main_process:
+            for rel in files():
+                writer.record_file(rel)
+        self.acc.wait_for_everyone()
+        writer.finish(files(), extra={"steps": self.state["step"], "final": "final", **(extra or {})})
 
 
 def accelerator(cfg: Any, out: Path) -> tuple[Any, Any, Any]:

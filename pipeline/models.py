@@ -121,19 +121,22 @@ class _ImageDataset(torch.utils.data.Dataset):
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0], None
 
 
+def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack [3, H, W] images, zero-padding to the largest H and W; pixel_mask [N, H, W] marks real pixels (1)."""
+    h, w = max(px.shape[1] for px in images), max(px.shape[2] for px in images)
+    pixels = torch.zeros(len(images), images[0].shape[0], h, w, dtype=images[0].dtype)
+    mask = torch.zeros(len(images), h, w, dtype=torch.long)
+    for i, px in enumerate(images):
+        pixels[i, :, : px.shape[1], : px.shape[2]] = px
+        mask[i, : px.shape[1], : px.shape[2]] = 1
+    return pixels, mask
+
+
 def _collate(batch):
-    """Stack [3, H, W] images, zero-padding to the largest H and W; pixel_mask marks real pixels (1)."""
     for _, err in batch:
         if err is not None:
             return None, None, err
-    h = max(px.shape[1] for px, _ in batch)
-    w = max(px.shape[2] for px, _ in batch)
-    pixels = torch.zeros(len(batch), batch[0][0].shape[0], h, w, dtype=batch[0][0].dtype)
-    mask = torch.zeros(len(batch), h, w, dtype=torch.long)
-    for i, (px, _) in enumerate(batch):
-        pixels[i, :, : px.shape[1], : px.shape[2]] = px
-        mask[i, : px.shape[1], : px.shape[2]] = 1
-    return pixels, mask, None
+    return (*pad_images([px for px, _ in batch]), None)
 
 
 def image_batches(paths: Sequence[str], processor: Any, batch_size: int, num_workers: int):
@@ -230,6 +233,23 @@ def save_tokenizer(tokenizer: Any, folder: Path) -> None:
         backend.no_truncation()
         backend.no_padding()
     clean.save_pretrained(folder)
+
+
+def save_pretrained_folder(folder: Path, model: Any, image_processor: Any, tokenizer: Any,
+                           extra: Callable[[Path], None] | None = None) -> None:
+    """model, image processor and tokenizer (`save_tokenizer`), plus whatever `extra(tmp)` writes, saved into a
+    temporary folder that then replaces `folder`: a kill leaves the old folder or the new one, never half of one."""
+    import shutil
+
+    tmp = Path(folder).with_name(f".{Path(folder).name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    image_processor.save_pretrained(tmp)
+    save_tokenizer(tokenizer, tmp)
+    if extra is not None:
+        extra(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def write_st_modules(folder: Path, max_length: int) -> None:

@@ -22,9 +22,7 @@ time, checkpointing), finish.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +41,7 @@ from pipeline.dist import Dist
 from pipeline.errors import PipelineError
 from pipeline.log import make_result
 from pipeline.losses import DistillInputs, DistillLoss, itc_loss, registry
-from pipeline.models import DualEncoder, model_identity, save_tokenizer, write_st_modules
+from pipeline.models import DualEncoder, model_identity, save_pretrained_folder, write_st_modules
 from pipeline.loop import StepLoop, accelerator, check_length, run_loop, tracker_config
 from pipeline.training import backward_step, param_groups, warmup_cosine
 from pipeline.validation import Validator
@@ -306,43 +304,31 @@ class Training(StepLoop):
         return val
 
     def save_model(self, folder: Path, which: str, step: int, val: Optional[dict]) -> None:
-        """save_pretrained with processor, tokenizer, model card and sentence-transformers files, into a temp
-        folder renamed into place (main process)."""
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.acc.unwrap_model(self.towers).model.save_pretrained(tmp)
-        self.encoder.image_processor.save_pretrained(tmp)
-        save_tokenizer(self.encoder.tokenizer, tmp)
-        write_st_modules(tmp, self.encoder.max_length)
+        """save_pretrained with processor, tokenizer, model card and sentence-transformers files, replacing
+        `folder` at once (main process)."""
         teacher = self.upstream["teacher"]
-        last = next((json.loads(l) for l in reversed(self.metrics_path.read_text().splitlines())), {}) \
-            if self.metrics_path.exists() else {}
-        write_card(tmp, title=f"{Path(self.cfg.student).name}, distilled ({self.cfg.loss})",
-                   config=cfgmod.fingerprinted(self.cfg), student=self.upstream["student"],
-                   teacher={**teacher["config"], "identity": teacher["identity"]["teacher"]},
-                   mine=self.upstream["mine"]["config"], steps=step, last=last, val=val, val_step=step, which=which)
-        if which == "best":
-            atomic_write_json(tmp / "best.json", {"step": step, "val": val})
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+
+        def extra(tmp: Path) -> None:
+            write_st_modules(tmp, self.encoder.max_length)
+            write_card(tmp, title=f"{Path(self.cfg.student).name}, distilled ({self.cfg.loss})",
+                       config=cfgmod.fingerprinted(self.cfg), student=self.upstream["student"],
+                       teacher={**teacher["config"], "identity": teacher["identity"]["teacher"]},
+                       mine=self.upstream["mine"]["config"], steps=step, last=self.last_row, val=val, val_step=step,
+                       which=which)
+            if which == "best":
+                atomic_write_json(tmp / "best.json", {"step": step, "val": val})
+
+        save_pretrained_folder(folder, self.acc.unwrap_model(self.towers).model, self.encoder.image_processor,
+                               self.encoder.tokenizer, extra)
 
     def finish(self, writer: StageWriter) -> None:
-        final, best = self.out / "final", self.out / "best"
         if self.acc.is_main_process:
             val = self.last_val if self.last_val and self.last_val["step"] == self.state["step"] else None
-            self.save_model(final, "final", self.state["step"], val and {k: v for k, v in val.items() if k != "step"})
-            for f in sorted(final.iterdir()):
-                writer.record_file(f"final/{f.name}")
-            if best.exists():
-                for f in sorted(best.iterdir()):
-                    writer.record_file(f"best/{f.name}")
-            writer.record_file("metrics.jsonl")
-        self.acc.wait_for_everyone()
-        expected = [f"{d.name}/{f.name}" for d in (final, best) if d.exists() for f in sorted(d.iterdir())]
-        extra = {"steps": self.state["step"], "final": "final"}
-        if self.state["best"]:
-            extra["best"] = {"dir": "best", "step": self.state["best"]["step"], "val_rsum": self.state["best"]["rsum"]}
-        writer.finish(expected + ["metrics.jsonl"], extra=extra)
+            self.save_model(self.out / "final", "final", self.state["step"],
+                            val and {k: v for k, v in val.items() if k != "step"})
+        best = self.state["best"]
+        self.finish_outputs(writer, ("final", "best"), {"best": {"dir": "best", "step": best["step"],
+                                                                 "val_rsum": best["rsum"]}} if best else None)
 
 
 def _validator(cfg: DistillConfig, teacher: dict, out: Path, acc, log) -> Validator:

@@ -20,8 +20,6 @@ The file reads top to bottom: config, the loss of one batch, then `run` = setup,
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -39,7 +37,7 @@ from pipeline.errors import PipelineError
 from pipeline.log import make_result
 from pipeline.loop import StepLoop, accelerator, check_length, run_loop, tracker_config
 from pipeline.losses import itc_loss
-from pipeline.models import model_identity, save_tokenizer
+from pipeline.models import model_identity, save_pretrained_folder
 from pipeline.teachers import BlipITM, CrossEncoder, blip_itc_features, load_teacher
 from pipeline.training import backward_step, param_groups, warmup_cosine
 
@@ -213,19 +211,8 @@ class TeacherTraining(StepLoop):
         return {**{k: float(v.detach()) / cfg.grad_accum for k, v in terms.items()}, **counts}
 
     def finish(self, writer: StageWriter) -> None:
-        final = self.out / "final"
         if self.acc.is_main_process:
-            tmp = final.with_name(".final.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.acc.unwrap_model(self.scorer).model.save_pretrained(tmp)
-            self.teacher.image_processor.save_pretrained(tmp)
-            save_tokenizer(self.teacher.tokenizer, tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for f in sorted(final.iterdir()):
-                writer.record_file(f"final/{f.name}")
-            writer.record_file("metrics.jsonl")
-        self.acc.wait_for_everyone()
-        expected = [f"final/{f.name}" for f in sorted(final.iterdir())] + ["metrics.jsonl"]
-        writer.finish(expected, extra={"steps": self.state["step"], "final": "final"})
+            save_pretrained_folder(self.out / "final", self.acc.unwrap_model(self.scorer).model,
+                                   self.teacher.image_processor, self.teacher.tokenizer)
+        self.finish_outputs(writer, ("final",))
 
