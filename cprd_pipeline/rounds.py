@@ -33,7 +33,8 @@ class LoopConfig:
     rounds: int = option(2, "rounds to run (a later call with more rounds continues)")
     pipeline: Optional[str] = runtime(None, "the pipeline file: a section per verb (mine:, train-teacher:, "
                                             "score-teacher:, distill:, evaluate:) over shared top-level options")
-    device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    device: Optional[str] = runtime(None, "auto | cpu | cuda (default: the pipeline file's `device:`, else auto)",
+                                    choices=("auto", "cpu", "cuda"))
     force: bool = runtime(False, "let each stage replace an output made with other settings")
 
 
@@ -80,7 +81,7 @@ def run(cfg: LoopConfig) -> Path:
     log = make_log(True)
     plan = sections(Path(cfg.pipeline))
     root = Path(cfg.run)
-    common = {"device": cfg.device, "force": cfg.force}
+    common = {"force": cfg.force, **({"device": cfg.device} if cfg.device else {})}   # a flag beats the file
     if "evaluate" in plan:   # the starting point, for the per-round table
         stage("evaluate").run(**{**plan["evaluate"], **common, "model": plan["mine"]["student"],
                                  "out": str(root / "eval-start")})

@@ -26,6 +26,7 @@ import os
 import shutil
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -257,6 +258,18 @@ def _record_ok(directory: Path, rel: str) -> bool:
 
 
 # ---------------------------------------------------------------- writer
+@dataclass(frozen=True)
+class Growth:
+    """How a training output may continue instead of being replaced: when its identity differs only in `keys`
+    (the length options) and the new length, `steps`, is not below the steps it has trained (the checkpoint that
+    `checkpoints` names, or the finished run's `steps`), the run resumes from that checkpoint; `outputs` (made at
+    the end, e.g. final/) are removed since the manifest no longer vouches for them."""
+    keys: tuple[str, ...]
+    steps: int
+    checkpoints: str          # the file naming the last complete checkpoint, {"step": N, ...}
+    outputs: tuple[str, ...]
+
+
 class StageWriter:
     """Writes one stage directory under the contract. See the module docstring for the call sequence."""
 
@@ -273,6 +286,8 @@ class StageWriter:
         reads: Iterable[Path] = (),
         precheck: Callable[[], Any] | None = None,
         derived: Iterable[str] = (),
+        growth: Growth | None = None,
+        explain: dict[str, Callable[[], str | None]] | None = None,
     ):
         self.dir = Path(directory)
         self.identity = {"schema_version": SCHEMA_VERSION, **identity}
@@ -289,6 +304,9 @@ class StageWriter:
         # models, so that a bad one fails with the old output still there
         self.precheck = precheck
         self.derived = list(derived)   # shards that do not count as finished work (see _has_finished_work)
+        self.growth = growth
+        self.explain = explain or {}   # identity key -> what changed in it, in words (mine: the files by name)
+        self.extended: list[dict[str, Any]] = []   # the runs this one continues: [{"fingerprint", "steps"}]
 
     # -- start
     def begin(self) -> bool:
@@ -342,8 +360,13 @@ class StageWriter:
             if not self.force and not self._has_finished_work():
                 self.log(f"[{self.dir.name}] replacing an attempt with other settings that finished no shard")
                 self._wipe()
+            elif not self.force and self._continues(old):
+                pass
             elif not self.force:
                 changes = diff(old.get("identity", {}), self.identity) or ["(fingerprint only)"]
+                for key, words in self.explain.items():
+                    if any(c.startswith(f"{key}:") for c in changes) and (said := words()):
+                        changes = [f"{key}: {said}"] + [c for c in changes if not c.startswith(f"{key}:")]
                 shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
                 raise PipelineError(
                     f"{self.dir} was made with different settings ({shown}); "
@@ -365,6 +388,31 @@ class StageWriter:
                 self.log(f"[{self.dir.name}] resuming an incomplete run (fingerprint {self.fingerprint[:12]})")
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_manifest(status="running", shards=None)
+
+    def _continues(self, old: dict[str, Any]) -> bool:
+        """True when the new settings only lengthen the old run (see Growth): it is then set to continue."""
+        g = self.growth
+        if g is None or not isinstance(old.get("identity"), dict):
+            return False
+        strip = lambda identity: {**identity, "config": {k: v for k, v in identity.get("config", {}).items()
+                                                         if k not in g.keys}}
+        if strip(old["identity"]) != strip(self.identity):
+            return False
+        finished = (self.dir / SUCCESS).exists() and old.get("status") == "complete"
+        latest = read_json(self.dir / g.checkpoints)
+        trained = int(old.get("steps", 0)) if finished else int((latest or {}).get("step", 0))
+        if g.steps < trained:
+            flags = " / ".join("--" + k.replace("_", "-") for k in g.keys)
+            raise PipelineError(f"{self.dir} has trained {trained} steps and {flags} now ask for {g.steps}: a run "
+                                "can be extended, not shortened; use --force to train again from the start, or "
+                                "another output folder")
+        self.log(f"[{self.dir.name}] extending: {trained} steps trained, continuing to {g.steps} from its last "
+                 "checkpoint (the learning-rate schedule is recomputed for the new length)")
+        (self.dir / SUCCESS).unlink(missing_ok=True)
+        for name in g.outputs:
+            shutil.rmtree(self.dir / name, ignore_errors=True)
+        self.extended = list(old.get("extended", [])) + [{"fingerprint": old.get("fingerprint"), "steps": trained}]
+        return True
 
     def _remove_orphans(self) -> None:
         """Temporary files and folders of writers that were killed (this process holds the lock, so no writer
@@ -409,6 +457,7 @@ class StageWriter:
             "updated": _dt.datetime.now().isoformat(timespec="seconds"),
             "expected_shards": expected if expected is not None else old.get("expected_shards", []),
             "shards": shards if shards is not None else old.get("shards", {}),
+            **({"extended": self.extended or old.get("extended")} if self.extended or old.get("extended") else {}),
             **(extra or {}),
         }
         manifest["created"] = manifest["created"] or manifest["updated"]

@@ -1,7 +1,15 @@
 """Corpus readers: every input format becomes the two tables of docs/design.md ("Data model").
 
-    images: image_id (str, unique), path (absolute)
+    images: image_id (str, unique), path, size, mtime_ns, sha256 (of the file's bytes)
     texts:  text_id (str, unique), image_id (its positive image), text
+
+In memory every path is absolute. On disk (RUN/mine/corpus/images.parquet) a path under the image root
+(--image-root, else the annotation file's folder) is stored relative to it, and the root is kept in the table's
+metadata, so a later stage can find a moved image folder with its own --image-root.
+
+The corpus hash covers ids, stored paths, captions and each image's size and SHA-256, not its mtime: a copied
+or touched folder is the same corpus, a re-encoded image is not. (size, mtime) is only the key under which a
+rerun re-uses the digests of the last run instead of reading every file again.
 
 Formats (`--format`): `albef` (ALBEF/BLIP annotation JSON, per-caption train records or per-image caption
 lists), `karpathy` (dataset_flickr30k.json / dataset_coco.json, filtered by split), `coco` (captions_*.json),
@@ -14,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +40,8 @@ class Corpus:
     text_ids: list[str]
     text_image_ids: list[str]
     texts: list[str]
+    image_root: Optional[str] = None            # absolute; paths under it are stored relative to it
+    image_files: Optional[list[tuple[int, int, str]]] = None   # (size, mtime_ns, sha256) per image: file_stats()
 
     # --- derived views
     @property
@@ -53,28 +63,120 @@ class Corpus:
         counts = np.bincount(self.text_image_rows(), minlength=self.num_images)
         return np.split(order, np.cumsum(counts)[:-1])
 
-    def images_table(self) -> pa.Table:
-        return pa.table({"image_id": self.image_ids, "path": self.image_paths})
+    def stored_path(self, path: str) -> str:
+        """`path` as images.parquet keeps it: relative (POSIX) under the image root, else absolute."""
+        if self.image_root:
+            try:
+                return Path(path).relative_to(self.image_root).as_posix()
+            except ValueError:
+                pass
+        return path
 
-    def texts_table(self) -> pa.Table:
-        return pa.table({"text_id": self.text_ids, "image_id": self.text_image_ids, "text": self.texts})
+    def file_stats(self, known: Optional[dict[str, tuple[int, int, str]]] = None,
+                   progress: bool = False) -> list[tuple[int, int, str]]:
+        """(size, mtime_ns, sha256) of every image file; a digest in `known` (stored path -> the last run's
+        stats) is re-used when size and mtime are unchanged, every other file is read."""
+        from tqdm.auto import tqdm
+
+        known = known or {}
+        stats, todo = [], []
+        for i, path in enumerate(self.image_paths):
+            st = os.stat(path)
+            old = known.get(self.stored_path(path))
+            same = old is not None and (old[0], old[1]) == (st.st_size, st.st_mtime_ns)
+            stats.append((st.st_size, st.st_mtime_ns, old[2] if same else ""))
+            if not same:
+                todo.append(i)
+        for i in tqdm(todo, desc="hash images", unit="img", disable=not progress or len(todo) < 1000, leave=False):
+            with open(self.image_paths[i], "rb") as f:
+                stats[i] = (*stats[i][:2], hashlib.file_digest(f, "sha256").hexdigest())
+        self.image_files = stats
+        return stats
 
     def content_hash(self) -> str:
-        """SHA-256 over the normalised tables plus each image file's size and mtime (not its bytes)."""
+        """SHA-256 over ids, stored paths, captions and each image file's size and SHA-256 (not its mtime)."""
+        stats = self.image_files if self.image_files is not None else self.file_stats()
         h = hashlib.sha256()
-        for iid, path in zip(self.image_ids, self.image_paths):
-            st = os.stat(path)
-            h.update(f"I\t{iid}\t{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        for iid, path, (size, _, digest) in zip(self.image_ids, self.image_paths, stats):
+            h.update(f"I\t{iid}\t{self.stored_path(path)}\t{size}\t{digest}\n".encode())
         for tid, iid, text in zip(self.text_ids, self.text_image_ids, self.texts):
             h.update(f"T\t{tid}\t{iid}\t{text}\n".encode())
         return h.hexdigest()
 
+    def images_table(self) -> pa.Table:
+        stats = self.image_files if self.image_files is not None else self.file_stats()
+        table = pa.table({"image_id": self.image_ids, "path": [self.stored_path(p) for p in self.image_paths],
+                          "size": [s[0] for s in stats], "mtime_ns": [s[1] for s in stats],
+                          "sha256": [s[2] for s in stats]})
+        return table.replace_schema_metadata({"image_root": self.image_root or ""})
 
-def load_tables(directory: Path) -> Corpus:
-    """Read a normalised corpus written by `mine` (RUN/mine/corpus)."""
-    images = pq.read_table(directory / "images.parquet").to_pydict()
+    def texts_table(self) -> pa.Table:
+        return pa.table({"text_id": self.text_ids, "image_id": self.text_image_ids, "text": self.texts})
+
+
+def load_tables(directory: Path, image_root: str | None = None, check_root: bool = True) -> Corpus:
+    """Read a normalised corpus written by `mine` (RUN/mine/corpus). Relative paths resolve against
+    `image_root` (a stage's --image-root, for a moved image folder), else the root mine recorded."""
+    images = pq.read_table(directory / "images.parquet")
     texts = pq.read_table(directory / "texts.parquet").to_pydict()
-    return Corpus(images["image_id"], images["path"], texts["text_id"], texts["image_id"], texts["text"])
+    recorded = recorded_root(images.schema)
+    root = str(Path(image_root).resolve()) if image_root else recorded
+    if image_root and not Path(root).is_dir():
+        raise PipelineError(f"--image-root: not a directory: {image_root}")
+    columns = images.to_pydict()
+    stored = columns["path"]
+    if root is None and any(not Path(p).is_absolute() for p in stored):
+        raise PipelineError(f"{directory / 'images.parquet'}: relative image paths but no image root recorded; "
+                            "pass --image-root")
+    if check_root and root and not image_root and not Path(root).is_dir():
+        raise PipelineError(f"{directory / 'images.parquet'}: the images were under {root}, which is gone; pass "
+                            "--image-root with the folder they are in now")
+    paths = [p if Path(p).is_absolute() else str(Path(root) / p) for p in stored]
+    stats = (list(zip(columns["size"], columns["mtime_ns"], columns["sha256"])) if "sha256" in columns else None)
+    return Corpus(columns["image_id"], paths, texts["text_id"], texts["image_id"], texts["text"], root, stats)
+
+
+def recorded_root(schema_or_dir: pa.Schema | Path) -> Optional[str]:
+    """The image root mine recorded in images.parquet (a schema, or the corpus folder), if any."""
+    schema = schema_or_dir if isinstance(schema_or_dir, pa.Schema) else \
+        pq.read_schema(schema_or_dir / "images.parquet")
+    return (schema.metadata or {}).get(b"image_root", b"").decode() or None
+
+
+def known_files(directory: Path) -> dict[str, tuple[int, int, str]]:
+    """The last run's image stats by stored path (empty if there is no readable table with them)."""
+    try:
+        table = pq.read_table(directory / "images.parquet", columns=["path", "size", "mtime_ns", "sha256"])
+    except (OSError, pa.ArrowInvalid, KeyError):
+        return {}
+    c = table.to_pydict()
+    return {p: (s, m, d) for p, s, m, d in zip(c["path"], c["size"], c["mtime_ns"], c["sha256"]) if d}
+
+
+def changes(directory: Path, corpus: Corpus, limit: int = 3) -> Optional[str]:
+    """What differs between the corpus recorded in `directory` and `corpus`, naming files: 'images changed:
+    a.jpg, b.jpg; 1 added (c.jpg); 2 captions changed'. None if the old tables cannot be read."""
+    try:
+        old = pq.read_table(directory / "images.parquet").to_pydict()
+        old_texts = pq.read_table(directory / "texts.parquet").to_pydict()
+    except (OSError, pa.ArrowInvalid):
+        return None
+    before = {i: (p, d) for i, p, d in zip(old["image_id"], old["path"], old.get("sha256") or [None] * len(old["path"]))}
+    stats = corpus.image_files or corpus.file_stats()
+    now = {i: (corpus.stored_path(p), s[2]) for i, p, s in zip(corpus.image_ids, corpus.image_paths, stats)}
+    named = lambda ids, table: ", ".join(table[i][0] for i in sorted(ids)[:limit]) + (", ..." if len(ids) > limit else "")
+    parts = []
+    changed = [i for i in before.keys() & now.keys() if before[i] != now[i]]
+    for what, ids, table in (("changed", changed, now), ("added", now.keys() - before.keys(), now),
+                             ("removed", before.keys() - now.keys(), before)):
+        if ids:
+            parts.append(f"{len(ids)} image file(s) {what} ({named(ids, table)})")
+    old_caps = dict(zip(old_texts["text_id"], zip(old_texts["image_id"], old_texts["text"])))
+    new_caps = dict(zip(corpus.text_ids, zip(corpus.text_image_ids, corpus.texts)))
+    captions = sum(old_caps.get(t) != v for t, v in new_caps.items()) + len(old_caps.keys() - new_caps.keys())
+    if captions:
+        parts.append(f"{captions} caption(s) changed, added or removed")
+    return "; ".join(parts) or None
 
 
 # ---------------------------------------------------------------- building and checking
@@ -125,7 +227,7 @@ class _Builder:
             os.replace(tmp, path)
         if image_id in self.images:
             raise PipelineError(f"{self.source}: duplicate image id '{image_id}' ({where})")
-        self.images[image_id] = str(path)
+        self.images[image_id] = str(path.resolve())
         return image_id
 
     def add_text(self, text_id: Any, image_id: str, text: Any, where: str) -> None:
@@ -160,7 +262,9 @@ class _Builder:
                     hint = (f" (relative paths resolve against --image-root {self.image_root})" if self.root_given
                             else " (relative paths resolve against the annotation file's folder; pass --image-root)")
                     raise PipelineError(f"{self.source}: image file not found: {path} (image id '{iid}'){hint}")
-        return Corpus(ids, paths, self.text_ids, self.text_image_ids, self.texts)
+        root = self.image_root or (self.bytes_dir.resolve() if self.bytes_dir is not None and paths
+                                   and all(Path(p).parent == self.bytes_dir.resolve() for p in paths) else None)
+        return Corpus(ids, paths, self.text_ids, self.text_image_ids, self.texts, str(root) if root else None)
 
 
 # ---------------------------------------------------------------- readers

@@ -36,6 +36,15 @@ class Dist:
         tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
         return bool(t.item())
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (work done once, e.g. hashing the image files, shared)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0, device=torch.device("cuda", torch.cuda.current_device())
+                                    if tdist.get_backend() == "nccl" else None)
+        return box[0]
+
 
 def init(device: str = "cpu") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))

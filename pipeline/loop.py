@@ -18,19 +18,24 @@ It expects `self.cfg` to have grad_accum, save_every, num_workers and report_to,
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import threading
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from . import faults
-from .artifacts import atomic_write_bytes, atomic_write_json, read_json, read_jsonl, sha256_file
+from .artifacts import Growth, atomic_write_bytes, atomic_write_json, read_json, read_jsonl, sha256_file
 from .data import loader
 from .errors import PipelineError
+
+
+LATEST = "checkpoints/latest.json"    # names the last complete checkpoint: {"dir": "step-N", "step": N}
 
 
 class StepLoop:
@@ -74,7 +79,7 @@ class StepLoop:
 
     def resume(self) -> None:
         """Load the last complete checkpoint of this fingerprint, if any; drop metric lines after it."""
-        latest = read_json(self.out / "checkpoints" / "latest.json")
+        latest = read_json(self.out / LATEST)
         if latest is not None:
             ckpt = self.out / "checkpoints" / latest["dir"]
             saved = verified(ckpt)
@@ -158,8 +163,8 @@ class StepLoop:
             atomic_write_json(ckpt / "trainer_state.json", {"step": step, "epoch": epoch,
                                                             "batch_in_epoch": batch_in_epoch, **self.extra_state(),
                                                             "scheduler": self.scheduler.state_dict(), "files": files})
-            previous = read_json(out / "checkpoints" / "latest.json")
-            atomic_write_json(out / "checkpoints" / "latest.json", {"dir": ckpt.name, "step": step})
+            previous = read_json(out / LATEST)
+            atomic_write_json(out / LATEST, {"dir": ckpt.name, "step": step})
             if previous and previous["dir"] != ckpt.name:  # keep only the newest complete checkpoint
                 shutil.rmtree(out / "checkpoints" / previous["dir"], ignore_errors=True)
         acc.wait_for_everyone()
@@ -192,6 +197,27 @@ def accelerator(cfg: Any, out: Path) -> tuple[Any, Any, Any]:
         raise PipelineError("--device cuda: CUDA is not available on this machine (use --device cpu)")
     dist = Dist(rank=acc.process_index, world_size=acc.num_processes, local_rank=acc.local_process_index)
     return acc, dist, make_log(acc.is_main_process)
+
+
+@dataclass(frozen=True)
+class Length:
+    """How long a training stage runs, from its rows, --batch-size, --grad-accum, --max-steps / --epochs."""
+    batches_per_epoch: int    # micro-batches per epoch and process (whole optimizer steps only)
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, cfg: Any, rows: int, world_size: int, what: str) -> "Length":
+        batches = math.ceil(rows / cfg.batch_size) // world_size   # per rank, equal on every rank
+        if batches < cfg.grad_accum:
+            raise PipelineError(f"{rows} {what} make {batches} batch(es) of {cfg.batch_size} per process, fewer "
+                                f"than --grad-accum {cfg.grad_accum}; lower --batch-size")
+        per_epoch = batches // cfg.grad_accum
+        return cls(per_epoch * cfg.grad_accum, per_epoch, cfg.max_steps or per_epoch * (cfg.epochs or 1))
+
+    def growth(self) -> Growth:
+        """What lets a finished (or interrupted) run of this stage continue when only its length grew."""
+        return Growth(keys=("max_steps", "epochs"), steps=self.total_steps, checkpoints=LATEST, outputs=("final",))
 
 
 def run_loop(setup: Any, writer: Any, acc: Any, report_to: Optional[str]) -> None:

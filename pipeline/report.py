@@ -116,26 +116,25 @@ def read_teacher(teacher_dir: Path, manifest: dict, max_queries: int = MAX_QUERI
 
     from .layout import teacher_shards
 
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     cols = ["direction", "student_scores", "teacher_scores", "positive_teacher_scores"]
-    tables = [pq.read_table(teacher_dir / f, columns=cols) for f in teacher_shards(manifest)]
+    table = pa.concat_tables([pq.read_table(teacher_dir / f, columns=cols) for f in teacher_shards(manifest)])
     out = {}
     for d in ("i2t", "t2i"):
-        s, t, p = [], [], []
-        for tab in tables:
-            keep = np.asarray(tab["direction"].to_pylist()) == d
-            if keep.any():
-                sub = tab.filter(keep)
-                s += sub["student_scores"].to_pylist()
-                t += sub["teacher_scores"].to_pylist()
-                p += sub["positive_teacher_scores"].to_pylist()
-        if not s:
+        sub = table.filter(pc.equal(table["direction"], d))
+        if sub.num_rows == 0:
             continue
-        k = max(len(r) for r in s)
-        full = [i for i, r in enumerate(s) if len(r) == k]   # rows with fewer candidates (tiny corpora) are left out
+        lengths = pc.list_value_length(sub["student_scores"]).to_numpy(zero_copy_only=False)
+        full = np.flatnonzero(lengths == lengths.max())   # rows with fewer candidates (tiny corpora) are left out
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(full, size=min(max_queries, len(full)), replace=False))
-        out[d] = Direction(np.array([s[i] for i in pick], np.float32), np.array([t[i] for i in pick], np.float32),
-                           [np.asarray(p[i], np.float32) for i in pick], total=len(s))
+        rows = sub.take(pa.array(pick))                    # only the sampled rows become Python lists
+        out[d] = Direction(np.array(rows["student_scores"].to_pylist(), np.float32),
+                           np.array(rows["teacher_scores"].to_pylist(), np.float32),
+                           [np.asarray(r, np.float32) for r in rows["positive_teacher_scores"].to_pylist()],
+                           total=sub.num_rows)
     return out
 
 

@@ -22,7 +22,6 @@ time, checkpointing), finish.
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from pipeline.errors import PipelineError
 from pipeline.log import make_result
 from pipeline.losses import DistillInputs, DistillLoss, itc_loss, registry
 from pipeline.models import DualEncoder, model_identity, save_pretrained_folder, write_st_modules
-from pipeline.loop import StepLoop, accelerator, check_length, run_loop, tracker_config
+from pipeline.loop import Length, StepLoop, accelerator, check_length, run_loop, tracker_config
 from pipeline.training import backward_step, param_groups, warmup_cosine
 from pipeline.validation import Validator
 
@@ -85,6 +84,8 @@ class DistillConfig:
     save_every: int = runtime(500, "save a resumable checkpoint every N optimizer steps (and at the end)")
     num_workers: int = runtime(0, "DataLoader workers that load images")
     image_cache_mb: float = runtime(512, "processed images kept per loader worker (LRU), in MB")
+    image_root: Optional[str] = runtime(None, "where RUN/mine's images are now, if their folder moved since mine "
+                                              "ran (default: the folder mine recorded)")
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     force: bool = runtime(False, "replace an output made with other settings (and ignore its checkpoints)")
 
@@ -147,12 +148,14 @@ def run(cfg: DistillConfig) -> Path:
     log("[distill] resolved config:\n" + cfgmod.render(cfg))
     identity = {"stage": "distill", "config": cfgmod.fingerprinted(cfg), "upstream": teacher["fingerprint"],
                 "student": model_identity(cfg.student), "world_size": dist.world_size}
+    length = Length.of(cfg, teacher_rows(teacher), dist.world_size, "teacher rows")
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log,
-                         reads=[paths.mine, paths.teacher], precheck=lambda: DualEncoder(cfg.student))
+                         reads=[paths.mine, paths.teacher], precheck=lambda: DualEncoder(cfg.student),
+                         growth=length.growth())
     if not writer.begin():
         return out
-    run_loop(lambda: Training.setup(cfg, acc, dist, paths, mine, teacher, identity["student"], out, log), writer,
-             acc, cfg.report_to)
+    run_loop(lambda: Training.setup(cfg, acc, dist, paths, mine, teacher, identity["student"], out, log, length),
+             writer, acc, cfg.report_to)
     make_result(acc.is_main_process)(f"[distill] done: {out / 'final'}")
     return out
 
@@ -171,6 +174,10 @@ def _check(cfg: DistillConfig) -> None:
     for name in ("eval_every", "keep_best"):
         if getattr(cfg, name) and not cfg.val_data:
             raise PipelineError(f"--{name.replace('_', '-')} needs --val-data (a held-out corpus to validate on)")
+
+
+def teacher_rows(teacher: dict) -> int:
+    return sum(teacher["shards"][f]["rows"] for f in layout.teacher_shards(teacher))
 
 
 def _upstream(cfg: DistillConfig, paths: layout.Run) -> tuple[dict, dict]:
@@ -211,34 +218,29 @@ class Training(StepLoop):
 
     @classmethod
     def setup(cls, cfg: DistillConfig, acc, dist: Dist, paths: layout.Run, mine: dict, teacher: dict, student: dict,
-              out: Path, log) -> "Training":
+              out: Path, log, length: Length) -> "Training":
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
-        corpus = load_tables(paths.corpus)
+        corpus = load_tables(paths.corpus, cfg.image_root)
         validator = _validator(cfg, teacher, out, acc, log) if cfg.val_data and acc.is_main_process else None
         encoder = DualEncoder(cfg.student, device="cpu")
         towers = StudentTowers(encoder).train()
         optimizer = torch.optim.AdamW(param_groups(towers, cfg.weight_decay), lr=cfg.lr)
 
         files = [paths.teacher / f for f in layout.teacher_shards(teacher)]
-        rows = sum(teacher["shards"][f]["rows"] for f in layout.teacher_shards(teacher))
-        batches_per_epoch = math.ceil(rows / cfg.batch_size) // dist.world_size   # per rank, equal on every rank
-        if batches_per_epoch < cfg.grad_accum:
-            raise PipelineError(f"{rows} teacher rows make {batches_per_epoch} batch(es) of {cfg.batch_size} per "
-                                f"process, fewer than --grad-accum {cfg.grad_accum}; lower --batch-size")
-        steps_per_epoch = batches_per_epoch // cfg.grad_accum
-        total_steps = cfg.max_steps or steps_per_epoch * (cfg.epochs or 1)
+        total_steps = length.total_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps))
         towers, optimizer = acc.prepare(towers, optimizer)
         encoder.device = str(acc.device)   # validation encodes with the training model, wherever it now is
-        log(f"[distill] {rows} teacher rows, {steps_per_epoch} steps/epoch x {dist.world_size} process(es), "
+        log(f"[distill] {teacher_rows(teacher)} teacher rows, {length.steps_per_epoch} steps/epoch x "
+            f"{dist.world_size} process(es), "
             f"{total_steps} steps, loss itc + {cfg.distill_weight} x {cfg.loss}")
         if cfg.report_to:
             acc.init_trackers("distill", config=tracker_config(cfgmod.as_dict(cfg)))
         return cls(cfg, acc, dist, out, log, encoder, towers, optimizer, scheduler, corpus, files,
-                   steps_per_epoch * cfg.grad_accum, total_steps, {"mine": mine, "teacher": teacher, "student": student},
+                   length.batches_per_epoch, total_steps, {"mine": mine, "teacher": teacher, "student": student},
                    validator)
 
     def extra_state(self) -> dict:

@@ -136,10 +136,9 @@ def run(cfg: EvalConfig) -> Path:
 
 
 def train_test_overlap(corpus, model: str, cfg: EvalConfig) -> Optional[dict]:
-    """Test images (same file) and captions (same text) that are in the corpus the model was trained on: the
-    mine corpus of --run, or of the run that distilled --model (its manifest names it). None if unknown.
-    Copies of an image under another path are not detected; identical captions of different images are
-    counted but allowed (templated captions repeat)."""
+    """Test images (same bytes: SHA-256) and captions (same text) that are in the corpus the model was trained
+    on: the mine corpus of --run, or of the run that distilled --model (its manifest names it). None if unknown.
+    Identical captions of different images are counted but allowed (templated captions repeat)."""
     import os
 
     from pipeline.artifacts import read_json
@@ -152,9 +151,14 @@ def train_test_overlap(corpus, model: str, cfg: EvalConfig) -> Optional[dict]:
     train_dir = layout.Run(Path(run)).corpus if run else None
     if train_dir is None or not (train_dir / "images.parquet").exists():
         return None
-    train = load_tables(train_dir)
-    seen = {os.path.realpath(p) for p in train.image_paths}
-    shared = [p for p in corpus.image_paths if os.path.realpath(p) in seen]
+    train = load_tables(train_dir, check_root=False)
+    if train.image_files is not None:   # the same bytes, wherever the file is now
+        seen = {digest for _, _, digest in train.image_files}
+        stats = corpus.image_files if corpus.image_files is not None else corpus.file_stats()
+        shared = [p for p, (_, _, digest) in zip(corpus.image_paths, stats) if digest in seen]
+    else:                               # a corpus recorded before digests: the same file
+        seen = {os.path.realpath(p) for p in train.image_paths}
+        shared = [p for p in corpus.image_paths if os.path.realpath(p) in seen]
     captions = set(train.texts)
     return {"images": len(shared), "captions": sum(t in captions for t in corpus.texts), "train": str(train_dir),
             "example": shared[0] if shared else None}

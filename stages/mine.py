@@ -19,7 +19,8 @@ from pipeline import config as cfgmod
 from pipeline import layout
 from pipeline.artifacts import StageWriter
 from pipeline.config import option, runtime
-from pipeline.corpus import FORMATS, Corpus, read_corpus
+from pipeline.corpus import FORMATS, Corpus, known_files, read_corpus, recorded_root
+from pipeline.corpus import changes as corpus_changes
 from pipeline.dist import Dist, init, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.index import INDEX_KINDS, build_index, search_excluding
@@ -134,6 +135,9 @@ def run(cfg: MineConfig) -> Path:
     corpus = read_corpus(cfg.data, cfg.format, cfg.image_root, cfg.split, cfg.image_column,
                          cfg.caption_column, cfg.id_column, bytes_dir=paths.images, log=log)
     _check_k(cfg, corpus, dirs)
+    # each image's SHA-256, hashed once (rank 0) and re-used from the last run where size and mtime are unchanged
+    corpus.image_files = dist.broadcast(corpus.file_stats(known_files(paths.corpus), progress=True)
+                                        if dist.is_main else None)
     corpus_hash = corpus.content_hash()
     student_id = model_identity(cfg.student, cfg.revision)
     identity = {"stage": "mine", "config": cfgmod.fingerprinted(cfg), "corpus": corpus_hash, "student": student_id}
@@ -148,9 +152,14 @@ def run(cfg: MineConfig) -> Path:
 
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, keep=["embeddings"],
                          config=cfgmod.as_dict(cfg), log=log, derived=layout.CORPUS_FILES,
+                         explain={"corpus": lambda: corpus_changes(paths.corpus, corpus)},
                          precheck=lambda: DualEncoder(cfg.student, revision=cfg.revision,
                                                       trust_remote_code=cfg.trust_remote_code))
     if not writer.begin():
+        recorded = recorded_root(paths.corpus) if dist.is_main else None
+        if recorded and corpus.image_root and recorded != corpus.image_root:
+            log(f"[mine] the images are now under {corpus.image_root} (mine recorded {recorded}): pass "
+                f"--image-root {corpus.image_root} to the stages that read RUN/mine")
         return out
     try:
         writer.plan(expected)

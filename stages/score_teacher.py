@@ -55,6 +55,8 @@ class TeacherConfig:
                                    "pairs, not once per pair (an exact rewrite; off: transformers' own forward)")
     image_batch_size: int = runtime(64, "images per image-side forward")
     num_workers: int = runtime(0, "DataLoader workers that decode images")
+    image_root: Optional[str] = runtime(None, "where RUN/mine's images are now, if their folder moved since mine "
+                                              "ran (default: the folder mine recorded)")
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     force: bool = runtime(False, "replace an output made with other settings")
 
@@ -103,7 +105,7 @@ def run(cfg: TeacherConfig) -> Path:
     paths = layout.Run(run_dir)
     mine_dir, out = paths.mine, paths.teacher
     mine = require_complete(mine_dir, "mine", f"run `cprd-pipeline mine --run {run_dir} ...` first")
-    corpus = load_tables(paths.corpus)
+    corpus = load_tables(paths.corpus, cfg.image_root)
     teacher_path, lineage = resolve_teacher(cfg.teacher, run_dir)
     cfg = dataclasses.replace(cfg, teacher=teacher_path)
     identity = {"stage": "teacher", "config": cfgmod.fingerprinted(cfg), "upstream": mine["fingerprint"],

@@ -19,7 +19,6 @@ The file reads top to bottom: config, the loss of one batch, then `run` = setup,
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -35,7 +34,7 @@ from pipeline.data import BatchSpec, MatchingBatches, Processors
 from pipeline.dist import Dist
 from pipeline.errors import PipelineError
 from pipeline.log import make_result
-from pipeline.loop import StepLoop, accelerator, check_length, run_loop, tracker_config
+from pipeline.loop import Length, StepLoop, accelerator, check_length, run_loop, tracker_config
 from pipeline.losses import itc_loss
 from pipeline.models import model_identity, save_pretrained_folder
 from pipeline.teachers import BlipITM, CrossEncoder, blip_itc_features, load_teacher
@@ -75,6 +74,8 @@ class TrainTeacherConfig:
     image_cache_mb: float = runtime(512, "processed images kept per loader worker (LRU), in MB")
     report_to: Optional[str] = runtime(None, "trackers that receive every logged value, comma-separated "
                                              "(tensorboard, wandb, mlflow, ...); local logs go to OUT/trackers")
+    image_root: Optional[str] = runtime(None, "where RUN/mine's images are now, if their folder moved since mine "
+                                              "ran (default: the folder mine recorded)")
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     force: bool = runtime(False, "replace an output made with other settings (and ignore its checkpoints)")
 
@@ -129,11 +130,14 @@ def run(cfg: TrainTeacherConfig) -> Path:
                             "leave it at 0")
     identity = {"stage": "train-teacher", "config": cfgmod.fingerprinted(cfg), "upstream": mine["fingerprint"],
                 "teacher": model_identity(cfg.teacher, cfg.revision), "world_size": dist.world_size}
+    length = Length.of(cfg, sum(mine["shards"][p["file"]]["rows"] for p in mine["shard_plan"]), dist.world_size,
+                       "mined queries")
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log,
-                         reads=[paths.mine])   # the teacher is loaded above, before anything is touched
+                         reads=[paths.mine], growth=length.growth())   # the teacher is loaded above
+
     if not writer.begin():
         return out
-    run_loop(lambda: TeacherTraining.setup(cfg, acc, dist, paths, mine, teacher, out, log), writer, acc,
+    run_loop(lambda: TeacherTraining.setup(cfg, acc, dist, paths, mine, teacher, out, log, length), writer, acc,
              cfg.report_to)
     make_result(acc.is_main_process)(f"[train-teacher] done: {out / 'final'}")
     return out
@@ -159,11 +163,11 @@ class TeacherTraining(StepLoop):
 
     @classmethod
     def setup(cls, cfg: TrainTeacherConfig, acc, dist: Dist, paths: layout.Run, mine: dict, teacher: CrossEncoder,
-              out: Path, log) -> "TeacherTraining":
+              out: Path, log, length: Length) -> "TeacherTraining":
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
-        corpus = load_tables(paths.corpus)
+        corpus = load_tables(paths.corpus, cfg.image_root)
         scorer = Scorer(teacher, cfg).train()
         if cfg.train == "head":
             for name, p in scorer.named_parameters():
@@ -173,24 +177,18 @@ class TeacherTraining(StepLoop):
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
 
         files = [paths.mine / p["file"] for p in mine["shard_plan"]]
-        rows = sum(mine["shards"][p["file"]]["rows"] for p in mine["shard_plan"])
-        batches_per_epoch = math.ceil(rows / cfg.batch_size) // dist.world_size   # per rank, equal on every rank
-        if batches_per_epoch < cfg.grad_accum:
-            raise PipelineError(f"{rows} mined queries make {batches_per_epoch} batch(es) of {cfg.batch_size} per "
-                                f"process, fewer than --grad-accum {cfg.grad_accum}; lower --batch-size")
-        steps_per_epoch = batches_per_epoch // cfg.grad_accum
-        total_steps = cfg.max_steps or steps_per_epoch * (cfg.epochs or 1)
+        total_steps = length.total_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps))
         scorer, optimizer = acc.prepare(scorer, optimizer)
         teacher.device = str(acc.device)
         trained = sum(p.numel() for p in scorer.parameters() if p.requires_grad)
-        log(f"[train-teacher] {rows} mined queries, {steps_per_epoch} steps/epoch x {dist.world_size} process(es), "
+        log(f"[train-teacher] {length.steps_per_epoch} steps/epoch x {dist.world_size} process(es), "
             f"{total_steps} steps, training {trained:,} parameters ({cfg.train})")
         if cfg.report_to:
             acc.init_trackers("train-teacher", config=tracker_config(cfgmod.as_dict(cfg)))
         return cls(cfg, acc, dist, out, log, teacher, scorer, optimizer, scheduler, corpus, files,
-                   steps_per_epoch * cfg.grad_accum, total_steps)
+                   length.batches_per_epoch, total_steps)
 
     def batches(self, epoch: int, skip: int, stop: int) -> MatchingBatches:
         cfg, t = self.cfg, self.teacher

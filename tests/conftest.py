@@ -53,9 +53,11 @@ def captions(i: int, per_image: int = 5) -> list[str]:
             f"number {i} variant {j}" for j in range(per_image)]
 
 
-def write_albef_corpus(root: Path, n_images: int = 24, per_image: int = 5, layout: str = "list") -> Path:
-    """An ALBEF/BLIP annotation file: 'list' = one record per image, 'train' = one record per caption."""
-    names = write_images(root / "images", n_images)
+def write_albef_corpus(root: Path, n_images: int = 24, per_image: int = 5, layout: str = "list",
+                       seed: int = 0) -> Path:
+    """An ALBEF/BLIP annotation file: 'list' = one record per image, 'train' = one record per caption.
+    Corpora with the same seed share image bytes (a held-out test corpus needs another seed)."""
+    names = write_images(root / "images", n_images, seed)
     if layout == "list":
         records = [{"image": f"images/{name}", "caption": captions(i, per_image)} for i, name in enumerate(names)]
     else:

@@ -9,7 +9,7 @@ from conftest import cli, cli_subprocess, write_albef_corpus
 
 
 def pipeline_file(tmp_path, corpus_file, tiny_clip, tiny_blip, **extra):
-    test = write_albef_corpus(tmp_path / "test", n_images=10)
+    test = write_albef_corpus(tmp_path / "test", n_images=10, seed=1)
     spec = {
         "device": "cpu",
         "mine": {"data": str(corpus_file), "student": str(tiny_clip), "k": 6, "shard-size": 7},
@@ -69,3 +69,20 @@ def test_the_pipeline_file_is_checked(tmp_path, corpus_file, tiny_clip, tiny_bli
     assert "top-level option 'devcie' belongs to no verb" in cli("loop", "--run", tmp_path / "l", "--config", bad,
                                                                  expect=2).output
     assert not (tmp_path / "l").exists()
+
+
+def test_the_pipeline_files_device_reaches_every_stage_unless_a_flag_overrides_it(tmp_path, monkeypatch, corpus_file,
+                                                                                 tiny_clip, tiny_blip):
+    from cprd_pipeline import rounds
+    from stages import Stage
+
+    calls = []
+    monkeypatch.setattr(Stage, "run", lambda self, config_file=None, **values: calls.append((self.verb, values))
+                        or tmp_path)
+    config = pipeline_file(tmp_path, corpus_file, tiny_clip, tiny_blip)
+    rounds.run(rounds.LoopConfig(run=str(tmp_path / "l"), rounds=1, pipeline=str(config)))
+    assert [verb for verb, _ in calls] == ["evaluate", "mine", "train-teacher", "score-teacher", "distill", "evaluate"]
+    assert all(values["device"] == "cpu" for _, values in calls)            # the file's `device: cpu`, not auto
+    calls.clear()
+    rounds.run(rounds.LoopConfig(run=str(tmp_path / "l"), rounds=1, pipeline=str(config), device="cuda"))
+    assert len(calls) == 6 and all(values["device"] == "cuda" for _, values in calls)

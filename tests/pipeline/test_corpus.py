@@ -84,13 +84,49 @@ def test_detect_format(tmp_path):
         detect_format(str(tmp_path / "x.json"))
 
 
-def test_corpus_hash_tracks_image_stat_not_bytes(tmp_path):
-    ann = write_albef_corpus(tmp_path, n_images=3)
-    h1 = read_corpus(str(ann), **quiet).content_hash()
+def test_corpus_hash_tracks_image_bytes_not_mtime_or_location(tmp_path):
+    import hashlib
+    import shutil
+
+    ann = write_albef_corpus(tmp_path / "a", n_images=3)
+    first = read_corpus(str(ann), **quiet)
+    h1 = first.content_hash()
+    img = tmp_path / "a" / "images" / "img0001.png"
+    # each image's digest is the SHA-256 of its bytes, computed here with hashlib directly
+    assert first.image_files[1][2] == hashlib.sha256(img.read_bytes()).hexdigest()
+    os.utime(img, ns=(0, 123456789))                                       # touched: the same corpus
     assert read_corpus(str(ann), **quiet).content_hash() == h1
-    img = tmp_path / "images" / "img0001.png"
-    os.utime(img, ns=(0, 123456789))
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")                    # copied elsewhere (new mtimes too)
+    moved = read_corpus(str(tmp_path / "moved" / ann.name), **quiet)
+    assert moved.image_paths[0].startswith(str(tmp_path / "moved")) and moved.content_hash() == h1
+    data = bytearray(img.read_bytes())
+    data[-5] ^= 0xFF                                                        # same size, other bytes
+    img.write_bytes(bytes(data))
+    os.utime(img, ns=(0, 123456789))                                       # and the same mtime as before
     assert read_corpus(str(ann), **quiet).content_hash() != h1
+
+
+def test_known_digests_are_reused_only_while_size_and_mtime_match(tmp_path, monkeypatch):
+    import hashlib
+
+    from pipeline.corpus import known_files
+
+    ann = write_albef_corpus(tmp_path, n_images=3)
+    corpus = read_corpus(str(ann), **quiet)
+    corpus.file_stats()
+    (tmp_path / "corpus").mkdir()
+    import pyarrow.parquet as pq
+    pq.write_table(corpus.images_table(), tmp_path / "corpus" / "images.parquet")
+    known = known_files(tmp_path / "corpus")
+    assert set(known) == {"images/img0000.png", "images/img0001.png", "images/img0002.png"}   # relative to the root
+    read = []
+    real = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda f, name: read.append(f.name) or real(f, name))
+    again = read_corpus(str(ann), **quiet)
+    assert again.file_stats(known) == corpus.image_files and read == []    # nothing read again
+    os.utime(tmp_path / "images" / "img0002.png", ns=(0, 5))
+    again.file_stats(known)
+    assert read == [str(tmp_path / "images" / "img0002.png")]              # only the touched file
 
 
 # ------------------------------------------------------------------ bad input

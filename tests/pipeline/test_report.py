@@ -20,7 +20,7 @@ def full_run(tmp_path_factory, scored_run, tiny_clip, tiny_blip):
     shutil.copytree(scored_run, root / "run")
     run = root / "run"
     cli("distill", "--run", run, "--max-steps", "3", "--batch-size", "16", "--num-negatives", "4", "--device", "cpu")
-    test = write_albef_corpus(root / "test", n_images=12)
+    test = write_albef_corpus(root / "test", n_images=12, seed=1)
     cli("evaluate", "--run", run, "--data", test, "--rerank-teacher", tiny_blip, "--k-test", "4", "--device", "cpu")
     cli("evaluate", "--model", tiny_clip, "--data", test, "--out", run / "eval-student", "--device", "cpu")
     return run

@@ -296,6 +296,47 @@ def test_a_resume_at_the_last_step_writes_the_same_final_folder(run, tmp_path):
         assert (final / name).read_text() == (want / name).read_text(), name
 
 
+def test_a_finished_run_is_extended_from_its_last_checkpoint_not_retrained(run):
+    import math
+
+    distill(run, "--max-steps", "4", "--save-every", "2")
+    first = (run / "distill" / "metrics.jsonl").read_text()
+    before = final_weights(run)
+    fp4 = json.loads((run / "distill" / "manifest.json").read_text())["fingerprint"]
+    out = distill(run, "--max-steps", "7", "--save-every", "2").output
+    assert "extending: 4 steps trained, continuing to 7 from its last checkpoint" in out
+    assert "resuming from step-4: step 4" in out
+    rows = metrics(run)
+    assert (run / "distill" / "metrics.jsonl").read_text().startswith(first)      # steps 1-4 kept as they were
+    assert [m["step"] for m in rows] == list(range(1, 8))
+    # steps 5-7 follow the cosine of the new length (lr 2e-3, no warm-up), computed here from its formula
+    assert [m["lr"] for m in rows[4:]] == pytest.approx([2e-3 * 0.5 * (1 + math.cos(math.pi * k / 7))
+                                                          for k in (5, 6, 7)], rel=1e-9)
+    manifest = json.loads((run / "distill" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["steps"] == 7 and (run / "distill" / SUCCESS).exists()
+    assert manifest["extended"] == [{"fingerprint": fp4, "steps": 4}]
+    assert manifest["identity"]["config"]["max_steps"] == 7
+    after = final_weights(run)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert "after 7 optimizer steps" in (run / "distill" / "final" / "README.md").read_text()
+    assert "up to date" in distill(run, "--max-steps", "7", "--save-every", "2").output
+    # by epochs too: one epoch of this cache is 9 steps (144 rows / 16), so it continues to step 9, in epoch 0
+    out = distill(run, "--epochs", "1", "--save-every", "2").output
+    assert "extending: 7 steps trained, continuing to 9" in out
+    assert [(m["step"], m["epoch"]) for m in metrics(run)][-3:] == [(7, 0), (8, 0), (9, 0)]
+
+
+def test_a_run_is_not_shortened_and_other_changes_still_need_force(run):
+    distill(run, "--max-steps", "4")
+    line = _error(distill(run, "--max-steps", "2", expect=2))
+    assert "has trained 4 steps" in line and "extended, not shortened" in line and "--force" in line
+    line = _error(distill(run, "--max-steps", "6", "--lr", "1e-3", expect=2))
+    assert "made with different settings" in line and "lr" in line
+    # nothing was touched: still complete, final/ intact
+    assert (run / "distill" / SUCCESS).exists() and (run / "distill" / "final" / "model.safetensors").exists()
+    assert "up to date" in distill(run, "--max-steps", "4").output
+
+
 def test_status_shows_training_progress_and_staleness_down_the_chain(run):
     proc = cli_subprocess("distill", "--run", run, *FAST, "--max-steps", "4", "--save-every", "2",
                           env={"CPRD_FAULT": "step:3"})

@@ -22,7 +22,7 @@ def run(tmp_path, scored_run):
 
 @pytest.fixture(scope="module")
 def val_data(tmp_path_factory):
-    return write_albef_corpus(tmp_path_factory.mktemp("val") / "data", n_images=12)
+    return write_albef_corpus(tmp_path_factory.mktemp("val") / "data", n_images=12, seed=1)
 
 
 def metrics(out):

@@ -1,5 +1,6 @@
 """evaluate against a brute-force numpy recall over the same embeddings, and the teacher re-rank."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +155,18 @@ def test_test_images_from_the_training_corpus_are_refused_or_reported(tmp_path, 
     cli("evaluate", "--run", run, "--data", train, "--allow-overlap", "--device", "cpu")
     overlap = json.loads((run / "eval" / "metrics.json").read_text())["overlap"]
     assert overlap["images"] == 24 and overlap["captions"] == 120
+    # copies of 5 training images under other names, among 7 new ones: found by their bytes
+    copies = tmp_path / "copies"
+    (copies / "images").mkdir(parents=True)
+    records = json.loads(Path(train).read_text())[:5]
+    for i, r in enumerate(records):
+        shutil.copy(Path(train).parent / r["image"], copies / "images" / f"copy{i}.png")
+        r["image"] = f"images/copy{i}.png"
+    fresh = write_albef_corpus(tmp_path / "fresh", n_images=7, seed=3)
+    for r in json.loads(fresh.read_text()):
+        shutil.copy(fresh.parent / r["image"], copies / "images" / Path(r["image"]).name)
+        records.append(r)
+    (copies / "ann.json").write_text(json.dumps(records))
+    result = cli("evaluate", "--run", run, "--data", copies / "ann.json", "--out", tmp_path / "c", "--device", "cpu",
+                 expect=2)
+    assert "5 of the 12 test images are in the corpus" in result.output

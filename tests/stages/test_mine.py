@@ -1,5 +1,7 @@
 """The mine stage through its CLI: equivalence with brute force, the artifact contract, bad input."""
 import json
+import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -77,6 +79,43 @@ def test_rerun_is_a_no_op_and_changed_config_is_refused(tmp_path, corpus_file, t
     assert all(len(r["candidate_ids"]) == 4 for r in candidates(run))
     manifest = json.loads((run / "mine" / "manifest.json").read_text())
     assert manifest["config"]["k"] == 4 and manifest["status"] == "complete"
+
+
+def test_a_changed_corpus_names_its_files_and_a_touched_one_is_unchanged(tmp_path, corpus_file, tiny_clip):
+    run = tmp_path / "run"
+    mine(run, corpus_file, tiny_clip)
+    images = corpus_file.parent / "images"
+    for name in ("img0003.png", "img0007.png"):                    # touched: same bytes, new mtime
+        os.utime(images / name, ns=(0, 42))
+    assert "up to date" in mine(run, corpus_file, tiny_clip).output
+    data = bytearray((images / "img0005.png").read_bytes())
+    data[-5] ^= 0xFF                                               # same size, other bytes
+    (images / "img0005.png").write_bytes(bytes(data))
+    records = json.loads(corpus_file.read_text())
+    records[2]["caption"][0] = "an edited caption"
+    corpus_file.write_text(json.dumps(records))
+    line = mine(run, corpus_file, tiny_clip, expect=2).output.strip().splitlines()[-1]
+    assert "corpus: 1 image file(s) changed (images/img0005.png); 1 caption(s) changed" in line, line
+
+
+def test_a_moved_image_folder_is_found_with_image_root(tmp_path, corpus_file, tiny_clip, tiny_blip):
+    run = tmp_path / "run"
+    mine(run, corpus_file, tiny_clip)
+    stored = pq.read_table(run / "mine" / "corpus" / "images.parquet")
+    assert stored.column("path")[0].as_py() == "images/img0000.png"                 # relative to the root
+    assert stored.schema.metadata[b"image_root"].decode() == str(corpus_file.parent.resolve())
+    moved = tmp_path / "elsewhere"
+    shutil.move(corpus_file.parent, moved)
+    teacher = ("score-teacher", "--run", run, "--teacher", tiny_blip, "--device", "cpu")
+    line = cli(*teacher, expect=2).output.strip().splitlines()[-1]
+    assert "the images were under" in line and "--image-root" in line
+    assert not (run / "teacher").exists()
+    cli(*teacher, "--image-root", moved)
+    cli("distill", "--run", run, "--image-root", moved, "--max-steps", "1", "--batch-size", "8", "--num-negatives", "4",
+        "--device", "cpu")
+    # the same corpus, wherever it is: mine is up to date and says where the later stages should look
+    out = mine(run, moved / corpus_file.name, tiny_clip).output
+    assert "up to date" in out and f"pass --image-root {moved.resolve()}" in out
 
 
 def test_config_file_and_flag_precedence(tmp_path, corpus_file, tiny_clip):
@@ -232,8 +271,9 @@ def test_hf_dataset_with_embedded_image_bytes(tmp_path, tiny_clip):
     run = tmp_path / "run"
     argv = ("mine", "--run", run, "--data", tmp_path / "hf", "--student", tiny_clip, "--k", "4")
     cli(*argv)
-    images = pq.read_table(run / "mine" / "corpus" / "images.parquet").to_pydict()
-    assert len(images["path"]) == 12 and all(Path(p).is_file() and str(run / "images") in p for p in images["path"])
+    from pipeline.corpus import load_tables
+    paths = load_tables(run / "mine" / "corpus").image_paths     # stored relative to the extracted-images folder
+    assert len(paths) == 12 and all(Path(p).is_file() and str((run / "images").resolve()) in p for p in paths)
     assert "up to date" in cli(*argv).output
     cli("mine", "--run", run, "--data", tmp_path / "hf", "--student", tiny_clip, "--k", "3", "--force")
     assert all(len(r["candidate_ids"]) == 3 for r in candidates(run))

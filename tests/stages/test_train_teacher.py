@@ -71,6 +71,11 @@ def test_killed_run_resumes_to_the_same_weights(run, tiny_blip, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     assert "up to date" in cli("train-teacher", "--run", run, *args).output
+    # a longer run continues from the last checkpoint (step 6) instead of asking for --force
+    longer = [a if a != "6" else "8" for a in args]
+    assert "extending: 6 steps trained, continuing to 8" in cli("train-teacher", "--run", run, *longer).output
+    rows = [json.loads(l) for l in (run / "teacher-train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
 
 
 def test_score_teacher_takes_the_fine_tuned_teacher_and_records_its_lineage(run, tiny_blip):
