@@ -155,6 +155,24 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- lock
+def _flock(path: Path, mode: int) -> tuple[int | None, str]:
+    """Open `path` and take a non-blocking flock in `mode`: (fd, "") or (None, the holder it names)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip()
+        os.close(fd)
+        return None, holder
+    return fd, ""
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 class StageLock:
     """An exclusive `flock` on DIR/.lock; the file names the holder. The OS drops it if the holder dies."""
 
@@ -164,15 +182,11 @@ class StageLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip()
-            os.close(fd)
+        fd, holder = _flock(self.path, fcntl.LOCK_EX)
+        if fd is None:   # a reader (ReadLock) holds it shared and writes no name
             raise PipelineError(f"{self.path.parent} is being written by another process ({holder})" if holder else
                                 f"{self.path.parent} is being read by another stage (as its input); wait for it "
-                                "to finish") from None
+                                "to finish")
         holder = (
             f"pid {os.getpid()} on {socket.gethostname()} since "
             f"{_dt.datetime.now().isoformat(timespec='seconds')}: {' '.join(sys.argv[:3])}"
@@ -185,9 +199,8 @@ class StageLock:
     def release(self) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        _unlock(self._fd)
+        self._fd = None
 
 
 class ReadLock:
@@ -198,14 +211,10 @@ class ReadLock:
         self.dir, self._fd, self.fingerprint = Path(directory), None, None
 
     def acquire(self) -> None:
-        fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
-            os.close(fd)
-            raise PipelineError(f"{self.dir} is being written by another process ({holder}); wait for it to "
-                                "finish, then rerun") from None
+        fd, holder = _flock(self.dir / LOCK, fcntl.LOCK_SH)
+        if fd is None:
+            raise PipelineError(f"{self.dir} is being written by another process ({holder or 'unknown process'}); "
+                                "wait for it to finish, then rerun")
         self._fd = fd
         self.fingerprint = (read_manifest(self.dir) or {}).get("fingerprint")
 
@@ -215,10 +224,8 @@ class ReadLock:
             raise PipelineError(f"{self.dir} changed while this stage read it; rerun this stage")
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        _unlock(self._fd)
+        self._fd = None
 
 
 # ---------------------------------------------------------------- stage state (read side)
@@ -517,3 +524,11 @@ class StageWriter:
     def abort(self) -> None:
         if self.dist.is_main:
             self._release()
+
+    def __enter__(self) -> "StageWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        """An error inside `with writer:` releases the locks (a retry in the same process can start)."""
+        if exc_type is not None:
+            self.abort()

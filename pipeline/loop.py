@@ -223,13 +223,11 @@ class Length:
 def run_loop(setup: Any, writer: Any, acc: Any, report_to: Optional[str]) -> None:
     """setup() -> a StepLoop with a finish(writer); resume, train, finish; an error aborts the writer."""
     try:
-        loop = setup()
-        loop.resume()
-        loop.train()
-        loop.finish(writer)
-    except BaseException:
-        writer.abort()
-        raise
+        with writer:
+            loop = setup()
+            loop.resume()
+            loop.train()
+            loop.finish(writer)
     finally:
         if report_to:
             acc.end_training()

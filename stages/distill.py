@@ -22,6 +22,7 @@ time, checkpointing), finish.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,12 +150,14 @@ def run(cfg: DistillConfig) -> Path:
     identity = {"stage": "distill", "config": cfgmod.fingerprinted(cfg), "upstream": teacher["fingerprint"],
                 "student": model_identity(cfg.student), "world_size": dist.world_size}
     length = Length.of(cfg, teacher_rows(teacher), dist.world_size, "teacher rows")
+    student = functools.cache(lambda: DualEncoder(cfg.student, device="cpu"))   # loaded once: precheck, then setup
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log,
-                         reads=[paths.mine, paths.teacher], precheck=lambda: DualEncoder(cfg.student),
+                         reads=[paths.mine, paths.teacher], precheck=student,
                          growth=length.growth())
     if not writer.begin():
         return out
-    run_loop(lambda: Training.setup(cfg, acc, dist, paths, mine, teacher, identity["student"], out, log, length),
+    run_loop(lambda: Training.setup(cfg, acc, dist, paths, mine, teacher, identity["student"], out, log, length,
+                                    student()),
              writer, acc, cfg.report_to)
     make_result(acc.is_main_process)(f"[distill] done: {out / 'final'}")
     return out
@@ -218,13 +221,12 @@ class Training(StepLoop):
 
     @classmethod
     def setup(cls, cfg: DistillConfig, acc, dist: Dist, paths: layout.Run, mine: dict, teacher: dict, student: dict,
-              out: Path, log, length: Length) -> "Training":
+              out: Path, log, length: Length, encoder: DualEncoder) -> "Training":
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
         corpus = load_tables(paths.corpus, cfg.image_root)
         validator = _validator(cfg, teacher, out, acc, log) if cfg.val_data and acc.is_main_process else None
-        encoder = DualEncoder(cfg.student, device="cpu")
         towers = StudentTowers(encoder).train()
         optimizer = torch.optim.AdamW(param_groups(towers, cfg.weight_decay), lr=cfg.lr)
 

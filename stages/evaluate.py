@@ -118,7 +118,7 @@ def run(cfg: EvalConfig) -> Path:
                          reads=[layout.Run(Path(cfg.run)).distill] if upstream else [])
     if not writer.begin():
         return out
-    try:
+    with writer:
         metrics = _evaluate(cfg, corpus, model, encoder, teacher, identity, dist)
         if overlap:
             metrics["overlap"] = {k: overlap[k] for k in ("images", "captions", "train")}
@@ -129,9 +129,6 @@ def run(cfg: EvalConfig) -> Path:
             writer.record_file("report.md")
             make_result(True)(report(metrics))
         writer.finish(["metrics.json", "report.md"])
-    except BaseException:
-        writer.abort()
-        raise
     return out
 
 

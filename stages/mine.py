@@ -92,7 +92,7 @@ def _embed(cfg: MineConfig, corpus: Corpus, student_id: dict, corpus_hash: str, 
             for s in range(0, n, EMBED_SHARD)]
     files = [f"{kind}-{s // EMBED_SHARD:05d}.npy" for kind, s, _ in plan]
     if writer.begin():
-        try:
+        with writer:
             writer.plan(files)
             todo = [(f, p) for f, p in layout.rank_share(list(zip(files, plan)), dist.rank, dist.world_size)
                     if not writer.is_done(f)]
@@ -108,9 +108,6 @@ def _embed(cfg: MineConfig, corpus: Corpus, student_id: dict, corpus_hash: str, 
                     writer.write_npy(f, emb)
                     log(f"[mine] embedded {kind} {s}:{e}")
             writer.finish(files)
-        except BaseException:
-            writer.abort()   # releases the lock: a retry in the same process (the Python API) can start
-            raise
     else:
         log("[mine] embeddings up to date; re-using them")
     load = lambda kind: np.concatenate([np.load(writer.dir / f, allow_pickle=False)
@@ -161,7 +158,7 @@ def run(cfg: MineConfig) -> Path:
             log(f"[mine] the images are now under {corpus.image_root} (mine recorded {recorded}): pass "
                 f"--image-root {corpus.image_root} to the stages that read RUN/mine")
         return out
-    try:
+    with writer:
         writer.plan(expected)
         if dist.is_main:
             for rel, table in zip(layout.CORPUS_FILES, (corpus.images_table(), corpus.texts_table())):
@@ -206,8 +203,5 @@ def run(cfg: MineConfig) -> Path:
                                        "num_texts": corpus.num_texts,
                                        "shard_plan": [{"file": f, "direction": d, "start": s, "end": e}
                                                       for f, (d, s, e) in zip(shard_files, plan)]})
-    except BaseException:
-        writer.abort()
-        raise
     make_result(dist.is_main)(f"[mine] done: {out}")
     return out

@@ -119,11 +119,8 @@ def run(cfg: TeacherConfig) -> Path:
                          precheck=lambda: load_teacher(cfg.teacher, "cpu", dtype, cfg.revision, cfg.trust_remote_code))
     if not writer.begin():
         return out
-    try:
+    with writer:
         _run(cfg, writer, mine, mine_dir, corpus, dist, device, dtype, log)
-    except BaseException:
-        writer.abort()
-        raise
     make_result(dist.is_main)(f"[teacher] done: {out}")
     return out
 

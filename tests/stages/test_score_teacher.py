@@ -12,6 +12,14 @@ from conftest import assert_rows_match, cli, cli_subprocess, save_tiny_blip, tor
 from pipeline.artifacts import SUCCESS
 
 
+def corpus_images(run):
+    """RUN/mine's image table with absolute paths (stored relative to the image root it records)."""
+    from pipeline.corpus import load_tables
+
+    c = load_tables(run / "mine" / "corpus")
+    return {"image_id": c.image_ids, "path": c.image_paths}
+
+
 @pytest.fixture
 def run(tmp_path, mined_run) -> Path:
     dst = tmp_path / "run"
@@ -35,7 +43,7 @@ def reference_scores(kind: str, model_dir: Path, run: Path, pairs: list[tuple[st
     from transformers import (AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval,
                               ViltForImageAndTextRetrieval)
 
-    images = pq.read_table(run / "mine" / "corpus" / "images.parquet").to_pydict()
+    images = corpus_images(run)
     texts = pq.read_table(run / "mine" / "corpus" / "texts.parquet").to_pydict()
     path = dict(zip(images["image_id"], images["path"]))
     text = dict(zip(texts["text_id"], texts["text"]))
@@ -111,7 +119,7 @@ def test_itm_plus_itc_adds_the_contrastive_cosine(run, tiny_blip, tmp_path):
     # independent ITC: BLIP's own forward with use_itm_head=False returns the cosine
     from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval
     from PIL import Image
-    images = pq.read_table(run / "mine" / "corpus" / "images.parquet").to_pydict()
+    images = corpus_images(run)
     texts = pq.read_table(run / "mine" / "corpus" / "texts.parquet").to_pydict()
     path, text = dict(zip(images["image_id"], images["path"])), dict(zip(texts["text_id"], texts["text"]))
     model = BlipForImageTextRetrieval.from_pretrained(tiny_blip).eval()
@@ -188,7 +196,7 @@ def test_teacher_without_itm_head(run, tmp_path, tiny_blip, tiny_clip):
 
 
 def test_missing_image_file(run, tiny_blip):
-    images = pq.read_table(run / "mine" / "corpus" / "images.parquet").to_pydict()
+    images = corpus_images(run)
     Path(images["path"][7]).unlink()
     line = _error_line(score(run, tiny_blip, expect=None))
     assert "image file not found" in line and images["path"][7] in line
