@@ -161,7 +161,9 @@ def changes(directory: Path, corpus: Corpus, limit: int = 3) -> Optional[str]:
         old_texts = pq.read_table(directory / "texts.parquet").to_pydict()
     except (OSError, pa.ArrowInvalid):
         return None
-    before = {i: (p, d) for i, p, d in zip(old["image_id"], old["path"], old.get("sha256") or [None] * len(old["path"]))}
+    if "sha256" not in old:
+        return "recorded by an earlier version, without image digests (--force records them)"
+    before = {i: (p, d) for i, p, d in zip(old["image_id"], old["path"], old["sha256"])}
     stats = corpus.image_files or corpus.file_stats()
     now = {i: (corpus.stored_path(p), s[2]) for i, p, s in zip(corpus.image_ids, corpus.image_paths, stats)}
     named = lambda ids, table: ", ".join(table[i][0] for i in sorted(ids)[:limit]) + (", ..." if len(ids) > limit else "")

@@ -96,6 +96,11 @@ def test_a_changed_corpus_names_its_files_and_a_touched_one_is_unchanged(tmp_pat
     corpus_file.write_text(json.dumps(records))
     line = mine(run, corpus_file, tiny_clip, expect=2).output.strip().splitlines()[-1]
     assert "corpus: 1 image file(s) changed (images/img0005.png); 1 caption(s) changed" in line, line
+    # a corpus recorded before image digests is not reported as every file changed
+    table = pq.read_table(run / "mine" / "corpus" / "images.parquet")
+    pq.write_table(table.drop(["sha256"]), run / "mine" / "corpus" / "images.parquet")
+    line = mine(run, corpus_file, tiny_clip, expect=2).output.strip().splitlines()[-1]
+    assert "corpus: recorded by an earlier version, without image digests (--force records them)" in line, line
 
 
 def test_a_moved_image_folder_is_found_with_image_root(tmp_path, corpus_file, tiny_clip, tiny_blip):
