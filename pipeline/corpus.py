@@ -143,11 +143,14 @@ def recorded_root(schema_or_dir: pa.Schema | Path) -> Optional[str]:
     return (schema.metadata or {}).get(b"image_root", b"").decode() or None
 
 
-def known_files(directory: Path) -> dict[str, tuple[int, int, str]]:
-    """The last run's image stats by stored path (empty if there is no readable table with them)."""
+def known_files(directory: Path, image_root: Optional[str]) -> dict[str, tuple[int, int, str]]:
+    """The last run's image stats by stored path, if it recorded them for the same image root (a folder that
+    moved is read again: another root's files of equal name, size and mtime may hold other bytes)."""
     try:
         table = pq.read_table(directory / "images.parquet", columns=["path", "size", "mtime_ns", "sha256"])
     except (OSError, pa.ArrowInvalid, KeyError):
+        return {}
+    if recorded_root(table.schema) != image_root:
         return {}
     c = table.to_pydict()
     return {p: (s, m, d) for p, s, m, d in zip(c["path"], c["size"], c["mtime_ns"], c["sha256"]) if d}

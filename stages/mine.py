@@ -133,8 +133,8 @@ def run(cfg: MineConfig) -> Path:
                          cfg.caption_column, cfg.id_column, bytes_dir=paths.images, log=log)
     _check_k(cfg, corpus, dirs)
     # each image's SHA-256, hashed once (rank 0) and re-used from the last run where size and mtime are unchanged
-    corpus.image_files = dist.broadcast(corpus.file_stats(known_files(paths.corpus), progress=True)
-                                        if dist.is_main else None)
+    known = known_files(paths.corpus, corpus.image_root) if dist.is_main else {}
+    corpus.image_files = dist.broadcast(corpus.file_stats(known, progress=True) if dist.is_main else None)
     corpus_hash = corpus.content_hash()
     student_id = model_identity(cfg.student, cfg.revision)
     identity = {"stage": "mine", "config": cfgmod.fingerprinted(cfg), "corpus": corpus_hash, "student": student_id}

@@ -117,7 +117,8 @@ def test_known_digests_are_reused_only_while_size_and_mtime_match(tmp_path, monk
     (tmp_path / "corpus").mkdir()
     import pyarrow.parquet as pq
     pq.write_table(corpus.images_table(), tmp_path / "corpus" / "images.parquet")
-    known = known_files(tmp_path / "corpus")
+    known = known_files(tmp_path / "corpus", corpus.image_root)
+    assert known_files(tmp_path / "corpus", str(tmp_path / "elsewhere")) == {}   # another root: read again
     assert set(known) == {"images/img0000.png", "images/img0001.png", "images/img0002.png"}   # relative to the root
     read = []
     real = hashlib.file_digest
