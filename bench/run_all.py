@@ -1,12 +1,13 @@
 """`make bench`: every benchmark, each writing bench/results/NAME.json. `--quick` shrinks the corpora."""
 import sys
 
-from bench import distill_bench, mine_bench, teacher_bench, teacher_kv_bench
+from bench import corpus_hash_bench, distill_bench, mine_bench, teacher_bench, teacher_kv_bench
 from bench.common import write
 
 if __name__ == "__main__":
     quick = "--quick" in sys.argv
     write("mine", mine_bench.main(n_images=4000 if quick else 40000, batch=4096))
+    write("corpus_hash" + ("_quick" if quick else ""), corpus_hash_bench.main(n_files=500 if quick else 5000))
     write("score_teacher", teacher_bench.main())
     write("score_teacher_kv" + ("_quick" if quick else ""), teacher_kv_bench.main(quick=quick))
     write("distill", distill_bench.main())
