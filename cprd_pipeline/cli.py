@@ -171,10 +171,11 @@ def loop() -> click.Command:
                   help="pipeline file: a section per verb (mine:, train-teacher:, score-teacher:, distill:, "
                        "evaluate:) over shared top-level options")
     @click.option("--rounds", default=2, show_default=True, type=int, help="rounds to run")
-    @click.option("--device", default="auto", show_default=True, type=click.Choice(("auto", "cpu", "cuda")))
+    @click.option("--device", default=None, type=click.Choice(("auto", "cpu", "cuda")),
+                  help="every stage's device  [default: the pipeline file's `device:`, else auto]")
     @click.option("--force/--no-force", default=False, show_default=True,
                   help="let each stage replace an output made with other settings")
-    def command(run_dir: str, pipeline: str, rounds: int, device: str, force: bool) -> None:
+    def command(run_dir: str, pipeline: str, rounds: int, device: str | None, force: bool) -> None:
         from .rounds import LoopConfig, run
 
         _call(run, LoopConfig(run=run_dir, rounds=rounds, pipeline=pipeline, device=device, force=force))

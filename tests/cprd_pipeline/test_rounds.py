@@ -80,7 +80,7 @@ def test_the_pipeline_files_device_reaches_every_stage_unless_a_flag_overrides_i
     monkeypatch.setattr(Stage, "run", lambda self, config_file=None, **values: calls.append((self.verb, values))
                         or tmp_path)
     config = pipeline_file(tmp_path, corpus_file, tiny_clip, tiny_blip)
-    rounds.run(rounds.LoopConfig(run=str(tmp_path / "l"), rounds=1, pipeline=str(config)))
+    cli("loop", "--run", tmp_path / "l", "--config", config, "--rounds", "1")      # the command line, no --device
     assert [verb for verb, _ in calls] == ["evaluate", "mine", "train-teacher", "score-teacher", "distill", "evaluate"]
     assert all(values["device"] == "cpu" for _, values in calls)            # the file's `device: cpu`, not auto
     calls.clear()
