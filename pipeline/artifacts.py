@@ -454,6 +454,7 @@ class StageWriter:
     def _write_manifest(self, status: str, shards: dict[str, Any] | None, expected: list[str] | None = None,
                         extra: dict[str, Any] | None = None) -> None:
         old = read_json(self.dir / MANIFEST) or {}
+        extended = self.extended or old.get("extended")   # this writer's continuation, else the one recorded
         manifest = {
             "stage": self.identity.get("stage"),
             "status": status,
@@ -464,7 +465,7 @@ class StageWriter:
             "updated": _dt.datetime.now().isoformat(timespec="seconds"),
             "expected_shards": expected if expected is not None else old.get("expected_shards", []),
             "shards": shards if shards is not None else old.get("shards", {}),
-            **({"extended": self.extended or old.get("extended")} if self.extended or old.get("extended") else {}),
+            **({"extended": extended} if extended else {}),
             **(extra or {}),
         }
         manifest["created"] = manifest["created"] or manifest["updated"]

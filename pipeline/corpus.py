@@ -93,9 +93,13 @@ class Corpus:
         self.image_files = stats
         return stats
 
+    def stats(self) -> list[tuple[int, int, str]]:
+        """Each image's (size, mtime_ns, sha256): the ones file_stats() computed, else computed now."""
+        return self.image_files if self.image_files is not None else self.file_stats()
+
     def content_hash(self) -> str:
         """SHA-256 over ids, stored paths, captions and each image file's size and SHA-256 (not its mtime)."""
-        stats = self.image_files if self.image_files is not None else self.file_stats()
+        stats = self.stats()
         h = hashlib.sha256()
         for iid, path, (size, _, digest) in zip(self.image_ids, self.image_paths, stats):
             h.update(f"I\t{iid}\t{self.stored_path(path)}\t{size}\t{digest}\n".encode())
@@ -104,7 +108,7 @@ class Corpus:
         return h.hexdigest()
 
     def images_table(self) -> pa.Table:
-        stats = self.image_files if self.image_files is not None else self.file_stats()
+        stats = self.stats()
         table = pa.table({"image_id": self.image_ids, "path": [self.stored_path(p) for p in self.image_paths],
                           "size": [s[0] for s in stats], "mtime_ns": [s[1] for s in stats],
                           "sha256": [s[2] for s in stats]})
@@ -167,7 +171,7 @@ def changes(directory: Path, corpus: Corpus, limit: int = 3) -> Optional[str]:
     if "sha256" not in old:
         return "recorded by an earlier version, without image digests (--force records them)"
     before = {i: (p, d) for i, p, d in zip(old["image_id"], old["path"], old["sha256"])}
-    stats = corpus.image_files or corpus.file_stats()
+    stats = corpus.stats()
     now = {i: (corpus.stored_path(p), s[2]) for i, p, s in zip(corpus.image_ids, corpus.image_paths, stats)}
     named = lambda ids, table: ", ".join(table[i][0] for i in sorted(ids)[:limit]) + (", ..." if len(ids) > limit else "")
     parts = []

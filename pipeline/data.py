@@ -326,7 +326,6 @@ class MatchingBatches(DistillBatches):
                 "false_negatives": torch.tensor(false_negatives)}
 
 
-
 def loader(dataset: DistillBatches, num_workers: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                        persistent_workers=False, prefetch_factor=4 if num_workers else None)

@@ -22,8 +22,8 @@ import math
 import shutil
 import signal
 import threading
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -168,7 +168,6 @@ class StepLoop:
             if previous and previous["dir"] != ckpt.name:  # keep only the newest complete checkpoint
                 shutil.rmtree(out / "checkpoints" / previous["dir"], ignore_errors=True)
         acc.wait_for_everyone()
-
 
     def finish_outputs(self, writer: Any, folders: tuple[str, ...], extra: Optional[dict] = None) -> None:
         """Record the saved model folders' files and metrics.jsonl (main process), then finish the stage."""

@@ -151,8 +151,7 @@ def train_test_overlap(corpus, model: str, cfg: EvalConfig) -> Optional[dict]:
     train = load_tables(train_dir, check_root=False)
     if train.image_files is not None:   # the same bytes, wherever the file is now
         seen = {digest for _, _, digest in train.image_files}
-        stats = corpus.image_files if corpus.image_files is not None else corpus.file_stats()
-        shared = [p for p, (_, _, digest) in zip(corpus.image_paths, stats) if digest in seen]
+        shared = [p for p, (_, _, digest) in zip(corpus.image_paths, corpus.stats()) if digest in seen]
     else:                               # a corpus recorded before digests: the same file
         seen = {os.path.realpath(p) for p in train.image_paths}
         shared = [p for p in corpus.image_paths if os.path.realpath(p) in seen]

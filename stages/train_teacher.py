@@ -134,7 +134,6 @@ def run(cfg: TrainTeacherConfig) -> Path:
                        "mined queries")
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log,
                          reads=[paths.mine], growth=length.growth())   # the teacher is loaded above
-
     if not writer.begin():
         return out
     run_loop(lambda: TeacherTraining.setup(cfg, acc, dist, paths, mine, teacher, out, log, length), writer, acc,
