@@ -130,8 +130,7 @@ def run(cfg: TrainTeacherConfig) -> Path:
                             "leave it at 0")
     identity = {"stage": "train-teacher", "config": cfgmod.fingerprinted(cfg), "upstream": mine["fingerprint"],
                 "teacher": model_identity(cfg.teacher, cfg.revision), "world_size": dist.world_size}
-    length = Length.of(cfg, sum(mine["shards"][p["file"]]["rows"] for p in mine["shard_plan"]), dist.world_size,
-                       "mined queries")
+    length = Length.of(cfg, mined_queries(mine), dist.world_size, "mined queries")
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log,
                          reads=[paths.mine], growth=length.growth())   # the teacher is loaded above
     if not writer.begin():
@@ -140,6 +139,10 @@ def run(cfg: TrainTeacherConfig) -> Path:
              cfg.report_to)
     make_result(acc.is_main_process)(f"[train-teacher] done: {out / 'final'}")
     return out
+
+
+def mined_queries(mine: dict) -> int:
+    return sum(mine["shards"][p["file"]]["rows"] for p in mine["shard_plan"])
 
 
 def _check(cfg: TrainTeacherConfig) -> None:
@@ -182,7 +185,8 @@ class TeacherTraining(StepLoop):
         scorer, optimizer = acc.prepare(scorer, optimizer)
         teacher.device = str(acc.device)
         trained = sum(p.numel() for p in scorer.parameters() if p.requires_grad)
-        log(f"[train-teacher] {length.steps_per_epoch} steps/epoch x {dist.world_size} process(es), "
+        log(f"[train-teacher] {mined_queries(mine)} mined queries, {length.steps_per_epoch} steps/epoch x "
+            f"{dist.world_size} process(es), "
             f"{total_steps} steps, training {trained:,} parameters ({cfg.train})")
         if cfg.report_to:
             acc.init_trackers("train-teacher", config=tracker_config(cfgmod.as_dict(cfg)))
