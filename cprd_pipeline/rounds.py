@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.artifacts import read_json
-from pipeline.config import load_yaml, option, runtime
+from pipeline.config import load_yaml, option, runtime, section_of
 from pipeline.errors import PipelineError
 from pipeline.log import make_log
 from stages import STAGES, stage
@@ -39,38 +39,35 @@ class LoopConfig:
 
 
 def sections(path: Path) -> dict[str, dict[str, Any]]:
-    """Each verb's options from the pipeline file (shared top-level options merged in where the verb has them)."""
+    """Each verb's section of the pipeline file over its shared top-level options, as the stage reads it
+    (`config.section_of`; the stage itself then drops the shared options it does not have), checked for what the
+    loop sets."""
     from pipeline.config import flags
 
     raw = load_yaml(path)
-    verbs = {s.verb: s for s in STAGES}
-    shared = {k: v for k, v in raw.items() if k not in verbs}
-    out: dict[str, dict[str, Any]] = {}
-    known_anywhere: set[str] = set()
-    for verb, s in verbs.items():
-        known = {f.name for f in flags(s.load()[0])}
-        known_anywhere |= known
-        if verb not in raw:
-            continue
-        own = {str(k).replace("-", "_"): v for k, v in (raw[verb] or {}).items()}
-        values = {**{str(k).replace("-", "_"): v for k, v in shared.items() if str(k).replace("-", "_") in known},
-                  **own}
+    verbs = tuple(s.verb for s in STAGES)
+    known_anywhere = {f.name for s in STAGES for f in flags(s.load()[0])}
+    unknown = [k for k in raw if k not in verbs and _name(k) not in known_anywhere]
+    if unknown:
+        raise PipelineError(f"{path}: top-level option '{unknown[0]}' belongs to no verb")
+    out = {verb: {_name(k): v for k, v in section_of(raw, verb, verbs, path).items()} for verb in verbs if verb in raw}
+    for verb, values in out.items():
         clash = SET_BY_LOOP & set(values)
         if clash:
             raise PipelineError(f"{path}: `{verb}: {sorted(clash)[0]}` is set by the loop (each round's folder); "
                                 "remove it")
-        out[verb] = values
-    unknown = [k for k in shared if str(k).replace("-", "_") not in known_anywhere]
-    if unknown:
-        raise PipelineError(f"{path}: top-level option '{unknown[0]}' belongs to no verb")
     for need in ("mine", "score-teacher"):
         if need not in out:
             raise PipelineError(f"{path}: no `{need}:` section (the loop needs mine, score-teacher and distill)")
     if "student" not in out["mine"] or "teacher" not in out["score-teacher"]:
         raise PipelineError(f"{path}: `mine: student` and `score-teacher: teacher` are required (round 1's models)")
-    if "student" in out.get("distill", {}):
+    if "student" in (raw.get("distill") or {}):
         raise PipelineError(f"{path}: `distill: student` is set by the loop (the round's mining student); remove it")
     return out
+
+
+def _name(key: Any) -> str:
+    return str(key).replace("-", "_")
 
 
 def run(cfg: LoopConfig) -> Path:
@@ -79,26 +76,30 @@ def run(cfg: LoopConfig) -> Path:
     if cfg.rounds < 1:
         raise PipelineError(f"--rounds must be at least 1, got {cfg.rounds}")
     log = make_log(True)
-    plan = sections(Path(cfg.pipeline))
+    path = Path(cfg.pipeline)
+    plan = sections(path)
     root = Path(cfg.run)
     common = {"force": cfg.force, **({"device": cfg.device} if cfg.device else {})}   # a flag beats the file
+
+    def run_stage(verb: str, **values: Any) -> None:   # the file's section for the verb, under the loop's values
+        stage(verb).run(str(path), section=verb, **common, **values)
+
     if "evaluate" in plan:   # the starting point, for the per-round table
-        stage("evaluate").run(**{**plan["evaluate"], **common, "model": plan["mine"]["student"],
-                                 "out": str(root / "eval-start")})
+        run_stage("evaluate", model=plan["mine"]["student"], out=str(root / "eval-start"))
     for r in range(1, cfg.rounds + 1):
         here, before = root / f"round-{r}", root / f"round-{r - 1}"
         log(f"[loop] round {r} of {cfg.rounds}: {here}")
         student = plan["mine"]["student"] if r == 1 else str(before / "distill" / "final")
-        stage("mine").run(**{**plan["mine"], **common, "run": str(here), "student": student})
+        run_stage("mine", run=str(here), student=student)
         teacher = plan["score-teacher"]["teacher"]
         if "train-teacher" in plan:
             base = plan["train-teacher"].get("teacher", teacher) if r == 1 else str(before / "teacher-train" / "final")
-            stage("train-teacher").run(**{**plan["train-teacher"], **common, "run": str(here), "teacher": base})
+            run_stage("train-teacher", run=str(here), teacher=base)
             teacher = "train-teacher"
-        stage("score-teacher").run(**{**plan["score-teacher"], **common, "run": str(here), "teacher": teacher})
-        stage("distill").run(**{**plan.get("distill", {}), **common, "run": str(here)})
+        run_stage("score-teacher", run=str(here), teacher=teacher)
+        run_stage("distill", run=str(here))
         if "evaluate" in plan:
-            stage("evaluate").run(**{**plan["evaluate"], **common, "run": str(here)})
+            run_stage("evaluate", run=str(here))
     if "evaluate" in plan:
         log("\n" + summary(root, cfg.rounds))
     return root

@@ -12,8 +12,8 @@ accumulation completes; returns this micro-batch's share of the logged values). 
 SIGINT and SIGTERM (a cluster's notice before a kill) end training at the next optimizer step with a checkpoint
 of it; the run then exits as interrupted, and the same command resumes.
 
-It expects `self.cfg` to have grad_accum, save_every, num_workers and report_to, and the attributes set in
-`__init__`. Resume is exact: the same batches in the same order, mid-epoch included.
+`self.cfg` is the stage's config, built on `TrainingOptions` and `TrainingRuntime` (below). Resume is exact: the
+same batches in the same order, mid-epoch included.
 """
 from __future__ import annotations
 
@@ -31,11 +31,45 @@ from tqdm.auto import tqdm
 
 from . import faults
 from .artifacts import Growth, atomic_write_bytes, atomic_write_json, read_json, read_jsonl, sha256_file
+from .config import option, runtime
 from .data import loader
 from .errors import PipelineError
 
 
 LATEST = "checkpoints/latest.json"    # names the last complete checkpoint: {"dir": "step-N", "step": N}
+
+
+# A training stage's config is `class XConfig(TrainingRuntime, TrainingOptions, XOptions)`: a dataclass lists the
+# fields of its last base first, so `--help` shows the stage's own options, then these, then how it runs.
+@dataclass
+class TrainingOptions:
+    """What every training stage's output depends on, beyond its own options: optimizer, length, precision."""
+    lr: float = option(1e-5, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.02, "AdamW weight decay (not on biases, norms, embeddings, the logit scale)")
+    warmup_steps: int = option(0, "linear warm-up steps, then cosine decay to zero")
+    max_steps: Optional[int] = option(None, "optimizer steps to train (exclusive with --epochs)")
+    epochs: Optional[int] = option(None, "passes over the training rows (default 1)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    mixed_precision: str = option("no", "no | bf16 | fp16", choices=("no", "bf16", "fp16"))
+    seed: int = option(0, "seed for initialisation, shuffling, the positive used and sampled negatives")
+    shuffle_buffer: int = option(10000, "rows in the streaming shuffle buffer")
+    max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
+
+
+@dataclass
+class TrainingRuntime:
+    """How a training stage runs, not what it makes (kept out of the fingerprint)."""
+    save_every: int = runtime(500, "save a resumable checkpoint every N optimizer steps (and at the end)")
+    num_workers: int = runtime(0, "DataLoader workers that load images")
+    image_cache_mb: float = runtime(512, "processed images kept per loader worker (LRU), in MB")
+    report_to: Optional[str] = runtime(None, "trackers that receive every logged value, comma-separated: "
+                                             "tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, ... "
+                                             "(Accelerate's; install the tracker's package); local logs go to "
+                                             "OUT/trackers")
+    image_root: Optional[str] = runtime(None, "where RUN/mine's images are now, if their folder moved since mine "
+                                              "ran (default: the folder mine recorded)")
+    device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    force: bool = runtime(False, "replace an output made with other settings (and ignore its checkpoints)")
 
 
 class StepLoop:

@@ -30,13 +30,13 @@ class Stage:
         module = importlib.import_module(self.module)
         return getattr(module, self.config), module.run
 
-    def run(self, config_file: str | None = None, **values: Any) -> Path:
+    def run(self, config_file: str | None = None, section: str | None = None, **values: Any) -> Path:
         """Resolve a config (defaults < YAML < values, plug-in options flat as on the command line) and run the
-        stage; returns its output folder."""
+        stage; returns its output folder. `section`: the verb whose section of a pipeline file to read."""
         from pipeline.config import resolve
 
         cls, entry = self.load()
-        return entry(resolve(cls, config_file, values))
+        return entry(resolve(cls, config_file, values, section, tuple(s.verb for s in STAGES)))
 
 
 STAGES: tuple[Stage, ...] = (

@@ -42,13 +42,14 @@ from pipeline.errors import PipelineError
 from pipeline.log import make_result
 from pipeline.losses import DistillInputs, DistillLoss, itc_loss, registry
 from pipeline.models import DualEncoder, model_identity, save_pretrained_folder, write_st_modules
-from pipeline.loop import Length, StepLoop, accelerator, check_length, run_loop, tracker_config
+from pipeline.loop import (Length, StepLoop, TrainingOptions, TrainingRuntime, accelerator, check_length, run_loop,
+                           tracker_config)
 from pipeline.training import backward_step, param_groups, warmup_cosine
 from pipeline.validation import Validator
 
 
 @dataclass
-class DistillConfig:
+class DistillOptions:
     run: str = runtime(None, "run directory: reads RUN/teacher, writes RUN/distill (spell it --run-dir under torchrun)")
     student: Optional[str] = option(None, "student to train (default: the student that mined RUN/mine)")
     loss: str = option("cprd", "distillation loss added to the contrastive loss", choices=registry.names())
@@ -58,16 +59,6 @@ class DistillConfig:
                                                        "positive by more than this (likely false negatives)")
     distill_weight: float = option(1.0, "weight of the distillation term")
     batch_size: int = option(64, "queries per micro-batch, per process")
-    lr: float = option(1e-5, "peak learning rate (AdamW)")
-    weight_decay: float = option(0.02, "AdamW weight decay (not on biases, norms, logit scale)")
-    warmup_steps: int = option(0, "linear warm-up steps, then cosine decay to zero")
-    max_steps: Optional[int] = option(None, "optimizer steps to train (exclusive with --epochs)")
-    epochs: Optional[int] = option(None, "passes over the teacher shards (default 1)")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    mixed_precision: str = option("no", "no | bf16 | fp16", choices=("no", "bf16", "fp16"))
-    seed: int = option(0, "seed for initialisation, shuffling and positive choice")
-    shuffle_buffer: int = option(10000, "rows in the streaming shuffle buffer")
-    max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
     val_data: Optional[str] = option(None, "held-out annotation file, folder or dataset to evaluate on while training "
                                            "(recall, RSUM and, with the teacher, rank agreement)", added=True)
     val_split: Optional[str] = option("val", "split of --val-data to read", added=True)
@@ -76,19 +67,13 @@ class DistillConfig:
                                      "rank agreement (pairs are cached across validations)", added=True)
     val_k_test: int = option(16, "validation candidates per query the teacher scores", added=True)
     keep_best: bool = option(False, "keep the weights of the validation step with the best RSUM as OUT/best", added=True)
-    report_to: Optional[str] = runtime(None, "trackers that receive every logged value, comma-separated: "
-                                             "tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, ... "
-                                             "(Accelerate's; install the tracker's package); local logs go to "
-                                             "OUT/trackers")
     out: Optional[str] = runtime(None, "output folder (default RUN/distill); several students can share one "
                                        "teacher cache")
-    save_every: int = runtime(500, "save a resumable checkpoint every N optimizer steps (and at the end)")
-    num_workers: int = runtime(0, "DataLoader workers that load images")
-    image_cache_mb: float = runtime(512, "processed images kept per loader worker (LRU), in MB")
-    image_root: Optional[str] = runtime(None, "where RUN/mine's images are now, if their folder moved since mine "
-                                              "ran (default: the folder mine recorded)")
-    device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    force: bool = runtime(False, "replace an output made with other settings (and ignore its checkpoints)")
+
+
+@dataclass
+class DistillConfig(TrainingRuntime, TrainingOptions, DistillOptions):
+    """distill's options, then the training stages' shared ones (`pipeline.loop`)."""
 
 
 # ---------------------------------------------------------------------------------------------- the loss

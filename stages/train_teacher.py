@@ -34,7 +34,8 @@ from pipeline.data import BatchSpec, MatchingBatches, Processors
 from pipeline.dist import Dist
 from pipeline.errors import PipelineError
 from pipeline.log import make_result
-from pipeline.loop import Length, StepLoop, accelerator, check_length, run_loop, tracker_config
+from pipeline.loop import (Length, StepLoop, TrainingOptions, TrainingRuntime, accelerator, check_length, run_loop,
+                           tracker_config)
 from pipeline.losses import itc_loss
 from pipeline.models import model_identity, save_pretrained_folder
 from pipeline.teachers import BlipITM, CrossEncoder, blip_itc_features, load_teacher
@@ -42,7 +43,7 @@ from pipeline.training import backward_step, param_groups, warmup_cosine
 
 
 @dataclass
-class TrainTeacherConfig:
+class TrainTeacherOptions:
     run: str = runtime(None, "run directory: reads RUN/mine, writes RUN/teacher-train (--run-dir under torchrun)")
     teacher: str = option(None, "cross-encoder to fine-tune: Hugging Face name or local folder (BLIP ITM, ViLT "
                                 "retrieval)")
@@ -58,26 +59,12 @@ class TrainTeacherConfig:
                                     "(trains the towers the itm+itc score uses)")
     itc_temperature: float = option(0.07, "BLIP: temperature of the ITC loss")
     batch_size: int = option(32, "queries per micro-batch, per process")
-    lr: float = option(1e-5, "peak learning rate (AdamW)")
-    weight_decay: float = option(0.02, "AdamW weight decay (not on biases, norms, embeddings)")
-    warmup_steps: int = option(0, "linear warm-up steps, then cosine decay to zero")
-    max_steps: Optional[int] = option(None, "optimizer steps to train (exclusive with --epochs)")
-    epochs: Optional[int] = option(None, "passes over the mined queries (default 1)")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    mixed_precision: str = option("no", "no | bf16 | fp16", choices=("no", "bf16", "fp16"))
-    seed: int = option(0, "seed for shuffling, positive choice and negative draws")
-    shuffle_buffer: int = option(10000, "rows in the streaming shuffle buffer")
-    max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
     out: Optional[str] = runtime(None, "output folder (default RUN/teacher-train)")
-    save_every: int = runtime(500, "save a resumable checkpoint every N optimizer steps (and at the end)")
-    num_workers: int = runtime(0, "DataLoader workers that load images")
-    image_cache_mb: float = runtime(512, "processed images kept per loader worker (LRU), in MB")
-    report_to: Optional[str] = runtime(None, "trackers that receive every logged value, comma-separated "
-                                             "(tensorboard, wandb, mlflow, ...); local logs go to OUT/trackers")
-    image_root: Optional[str] = runtime(None, "where RUN/mine's images are now, if their folder moved since mine "
-                                              "ran (default: the folder mine recorded)")
-    device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    force: bool = runtime(False, "replace an output made with other settings (and ignore its checkpoints)")
+
+
+@dataclass
+class TrainTeacherConfig(TrainingRuntime, TrainingOptions, TrainTeacherOptions):
+    """train-teacher's options, then the training stages' shared ones (`pipeline.loop`)."""
 
 
 # ---------------------------------------------------------------------------------------------- the loss

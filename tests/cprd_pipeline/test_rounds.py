@@ -76,13 +76,15 @@ def test_the_pipeline_files_device_reaches_every_stage_unless_a_flag_overrides_i
     from cprd_pipeline import rounds
     from stages import Stage
 
-    calls = []
-    monkeypatch.setattr(Stage, "run", lambda self, config_file=None, **values: calls.append((self.verb, values))
-                        or tmp_path)
+    calls = []    # (verb, the config the stage was resolved to): each stage's entry point is replaced, not its resolution
+    real_load = Stage.load
+    monkeypatch.setattr(Stage, "load", lambda self: (real_load(self)[0],
+                                                     lambda cfg, verb=self.verb: calls.append((verb, cfg)) or tmp_path))
     config = pipeline_file(tmp_path, corpus_file, tiny_clip, tiny_blip)
     cli("loop", "--run", tmp_path / "l", "--config", config, "--rounds", "1")      # the command line, no --device
     assert [verb for verb, _ in calls] == ["evaluate", "mine", "train-teacher", "score-teacher", "distill", "evaluate"]
-    assert all(values["device"] == "cpu" for _, values in calls)            # the file's `device: cpu`, not auto
+    assert all(cfg.device == "cpu" for _, cfg in calls)            # the file's `device: cpu`, not auto
+    assert [cfg.run for verb, cfg in calls if verb != "evaluate"] == [str(tmp_path / "l" / "round-1")] * 4
     calls.clear()
     rounds.run(rounds.LoopConfig(run=str(tmp_path / "l"), rounds=1, pipeline=str(config), device="cuda"))
-    assert len(calls) == 6 and all(values["device"] == "cuda" for _, values in calls)
+    assert len(calls) == 6 and all(cfg.device == "cuda" for _, cfg in calls)
