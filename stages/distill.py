@@ -50,6 +50,7 @@ from pipeline.validation import Validator
 
 @dataclass
 class DistillOptions:
+    """distill's own options; its config (below) adds the training options every training stage has."""
     run: str = runtime(None, "run directory: reads RUN/teacher, writes RUN/distill (spell it --run-dir under torchrun)")
     student: Optional[str] = option(None, "student to train (default: the student that mined RUN/mine)")
     loss: str = option("cprd", "distillation loss added to the contrastive loss", choices=registry.names())

@@ -44,6 +44,7 @@ from pipeline.training import backward_step, param_groups, warmup_cosine
 
 @dataclass
 class TrainTeacherOptions:
+    """train-teacher's own options; its config (below) adds the training options every training stage has."""
     run: str = runtime(None, "run directory: reads RUN/mine, writes RUN/teacher-train (--run-dir under torchrun)")
     teacher: str = option(None, "cross-encoder to fine-tune: Hugging Face name or local folder (BLIP ITM, ViLT "
                                 "retrieval)")
