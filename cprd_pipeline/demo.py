@@ -287,6 +287,8 @@ def _report(rows: list[Row], meta: dict, recipe: dict, cfg: DemoConfig, n_galler
         versus = _versus(r.runs, none.runs) if (none and r.seeded and r is not none) else ""
         tau = _cell([_tau(m) for m in r.runs], 3) if "agreement" in r.runs[0] else ""
         fn = f"{np.mean([m['false_negatives_per_epoch'] for m in r.runs]):,.0f}" if r.seeded else ""
+        by_margin = np.mean([m.get("dropped_by_margin_per_epoch", 0) for m in r.runs]) if r.seeded else 0
+        fn += f" + {by_margin:,.0f} by margin" if by_margin else ""
         body += (f"| {r.label} | {seeds} | " + " | ".join(cells) + f" | {_cell([m['rsum'] for m in r.runs])} | "
                  f"{versus} | {tau} | {fn} |\n")
     notes = []
@@ -325,7 +327,8 @@ def _report(rows: list[Row], meta: dict, recipe: dict, cfg: DemoConfig, n_galler
         f"`vs none`: mean RSUM difference to the baseline `{recipe.get('baseline')}`, and in pooled standard deviations. `Kendall tau`: "
         "agreement of the student's order with the teacher's scores over each query's top "
         f"{recipe.get('evaluate', {}).get('k_test', 16)} (mean of both directions). `false neg.`: mined candidates "
-        "dropped per epoch because they match the query (identical caption text, or the same image).\n\n"
+        "dropped per epoch because they match the query (identical caption text, or the same image); `+ N by "
+        "margin`: those a method's `max_teacher_margin` drops as well (the teacher scores them above the positive).\n\n"
         + head + body + "\n" + gap +
         f"Total time {seconds / 60:.1f} min. Pictures: report/index.html. Raw numbers: report.json and eval/*/metrics.json.\n"
     )

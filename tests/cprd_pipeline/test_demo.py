@@ -52,6 +52,7 @@ def test_quick_demo_runs_every_path_and_enforces_the_teacher_check(tmp_path):
     recipe["assets"] = str(ASSETS)
     kl = next(m for m in recipe["methods"] if m["loss"] == "kl")
     kl["teacher_temperature"] = 7.0
+    kl["max_teacher_margin"] = 0.0     # its drops are counted in the report
     (tmp_path / "edited.yaml").write_text(yaml.safe_dump(recipe))
     args = ("demo", "--quick", "--allow-weak-teacher", "--recipe", tmp_path / "edited.yaml", "--out", out,
             "--device", "cpu")
@@ -61,6 +62,8 @@ def test_quick_demo_runs_every_path_and_enforces_the_teacher_check(tmp_path):
     assert forced.output.count("up to date") >= 3  # stage one is still re-used
     manifest = json.loads((out / "students" / "kl-s0" / "manifest.json").read_text())
     assert manifest["config"]["loss_options"]["teacher_temperature"] == 7.0
+    dropped = [m["dropped_by_margin_per_epoch"] for m in json.loads((out / "report.json").read_text())[kl["label"]]]
+    assert all(d > 0 for d in dropped) and f" + {sum(dropped) / 2:,.0f} by margin |" in (out / "report.md").read_text()
 
 
 def test_demo_stops_before_distilling_when_the_teacher_loses(tmp_path, tiny_blip):
