@@ -61,8 +61,9 @@ def sections(path: Path) -> dict[str, dict[str, Any]]:
             raise PipelineError(f"{path}: no `{need}:` section (the loop needs mine, score-teacher and distill)")
     if "student" not in out["mine"] or "teacher" not in out["score-teacher"]:
         raise PipelineError(f"{path}: `mine: student` and `score-teacher: teacher` are required (round 1's models)")
-    if "student" in (raw.get("distill") or {}):
-        raise PipelineError(f"{path}: `distill: student` is set by the loop (the round's mining student); remove it")
+    if "student" in out.get("distill", {}):   # its own section's or a top-level one, which distill would read
+        raise PipelineError(f"{path}: distill's `student` is set by the loop (the round's mining student); give round "
+                            "1's student as `mine: student`")
     return out
 
 

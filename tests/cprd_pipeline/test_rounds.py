@@ -63,8 +63,11 @@ def test_two_rounds_chain_students_and_teachers_and_resume_after_a_kill(tmp_path
 
 def test_the_pipeline_file_is_checked(tmp_path, corpus_file, tiny_clip, tiny_blip):
     bad = pipeline_file(tmp_path, corpus_file, tiny_clip, tiny_blip, distill={"student": "x"})
-    assert "`distill: student` is set by the loop" in cli("loop", "--run", tmp_path / "l", "--config", bad,
-                                                          expect=2).output
+    assert "distill's `student` is set by the loop" in cli("loop", "--run", tmp_path / "l", "--config", bad,
+                                                           expect=2).output
+    bad = pipeline_file(tmp_path, corpus_file, tiny_clip, tiny_blip, student="x")   # top level: distill would read it
+    assert "distill's `student` is set by the loop" in cli("loop", "--run", tmp_path / "l", "--config", bad,
+                                                           expect=2).output
     bad = pipeline_file(tmp_path, corpus_file, tiny_clip, tiny_blip, devcie="cpu")
     assert "top-level option 'devcie' belongs to no verb" in cli("loop", "--run", tmp_path / "l", "--config", bad,
                                                                  expect=2).output
