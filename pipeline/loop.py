@@ -266,15 +266,16 @@ def run_loop(setup: Any, writer: Any, acc: Any, report_to: Optional[str]) -> Non
             acc.end_training()
 
 
-def check_length(cfg: Any, counts: tuple[str, ...], positive: tuple[str, ...]) -> None:
-    """The options every training stage checks: --max-steps or --epochs, counts at least 1, rates positive."""
+def check_length(cfg: Any, counts: tuple[str, ...], positive: tuple[str, ...] = ()) -> None:
+    """The `TrainingOptions`/`TrainingRuntime` every training stage checks (--max-steps or --epochs, counts at least
+    1, --lr positive), with the stage's own `counts` (at least 1) and `positive` rates."""
     if cfg.max_steps is not None and cfg.epochs is not None:
         raise PipelineError("give --max-steps or --epochs, not both")
     for name in counts + ("grad_accum", "save_every", "max_steps", "epochs"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise PipelineError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in positive:
+    for name in ("lr",) + positive:
         if not getattr(cfg, name) > 0:
             raise PipelineError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
 

@@ -152,7 +152,7 @@ def run(cfg: DistillConfig) -> Path:
 def _check(cfg: DistillConfig) -> None:
     if not cfg.run:
         raise PipelineError("distill needs --run")
-    check_length(cfg, ("batch_size", "num_negatives"), ("lr",))
+    check_length(cfg, ("batch_size", "num_negatives"))
     num_valid = getattr(cfg.loss_options, "num_valid", None)
     if num_valid is not None and num_valid < 1:
         raise PipelineError(f"--num-valid must be at least 1 (or unset), got {num_valid}")

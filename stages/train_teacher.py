@@ -136,7 +136,7 @@ def mined_queries(mine: dict) -> int:
 def _check(cfg: TrainTeacherConfig) -> None:
     if not cfg.run or not cfg.teacher:
         raise PipelineError("train-teacher needs --run and --teacher")
-    check_length(cfg, ("batch_size", "num_negatives"), ("lr", "sample_temperature", "itc_temperature"))
+    check_length(cfg, ("batch_size", "num_negatives"), ("sample_temperature", "itc_temperature"))
     if cfg.itc_weight < 0:
         raise PipelineError(f"--itc-weight must be at least 0, got {cfg.itc_weight}")
 
