@@ -14,7 +14,7 @@ from typing import Any, Callable
 import click
 
 from pipeline.errors import PipelineError
-from stages import STAGES, Stage
+from stages import STAGES, VERBS, Stage
 
 APP_VERBS = {  # verbs that are not stages: their help line for the command list, without importing them
     "demo": "The whole pipeline on the bundled demo corpus and models; writes OUT/report.md (see README: make demo).",
@@ -61,7 +61,7 @@ def config_options(cls: type) -> Callable:
 def _run(cls: type, entry: Callable, config_file: str | None, values: dict[str, Any], verb: str | None = None) -> None:
     from pipeline.config import resolve
 
-    _call(lambda: entry(resolve(cls, config_file, values, section=verb, sections=tuple(s.verb for s in STAGES))))
+    _call(lambda: entry(resolve(cls, config_file, values, section=verb, sections=VERBS)))
 
 
 def _call(fn: Callable, *args: Any) -> None:
@@ -95,7 +95,7 @@ class Verbs(click.Group):
     """Commands built on first use: the command list comes from the table, not from importing every stage."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [s.verb for s in STAGES] + sorted(APP_VERBS)
+        return list(VERBS) + sorted(APP_VERBS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         for s in STAGES:

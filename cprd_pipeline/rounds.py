@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.artifacts import read_json
-from pipeline.config import load_yaml, option, runtime, section_of
+from pipeline.config import flags, load_yaml, option, option_name, runtime, section_of
 from pipeline.errors import PipelineError
 from pipeline.log import make_log
-from stages import STAGES, stage
+from stages import STAGES, VERBS, stage
 
 SET_BY_LOOP = {"run", "run_dir", "out"}    # per stage; students and teachers are checked below
 
@@ -42,15 +42,13 @@ def sections(path: Path) -> dict[str, dict[str, Any]]:
     """Each verb's section of the pipeline file over its shared top-level options, as the stage reads it
     (`config.section_of`; the stage itself then drops the shared options it does not have), checked for what the
     loop sets."""
-    from pipeline.config import flags
-
     raw = load_yaml(path)
-    verbs = tuple(s.verb for s in STAGES)
     known_anywhere = {f.name for s in STAGES for f in flags(s.load()[0])}
-    unknown = [k for k in raw if k not in verbs and _name(k) not in known_anywhere]
+    unknown = [k for k in raw if k not in VERBS and option_name(k) not in known_anywhere]
     if unknown:
         raise PipelineError(f"{path}: top-level option '{unknown[0]}' belongs to no verb")
-    out = {verb: {_name(k): v for k, v in section_of(raw, verb, verbs, path).items()} for verb in verbs if verb in raw}
+    out = {verb: {option_name(k): v for k, v in section_of(raw, verb, VERBS, path).items()}
+           for verb in VERBS if verb in raw}
     for verb, values in out.items():
         clash = SET_BY_LOOP & set(values)
         if clash:
@@ -65,10 +63,6 @@ def sections(path: Path) -> dict[str, dict[str, Any]]:
         raise PipelineError(f"{path}: distill's `student` is set by the loop (the round's mining student); give round "
                             "1's student as `mine: student`")
     return out
-
-
-def _name(key: Any) -> str:
-    return str(key).replace("-", "_")
 
 
 def run(cfg: LoopConfig) -> Path:

@@ -102,6 +102,11 @@ def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
     return value
 
 
+def option_name(key: Any) -> str:
+    """A YAML key or flag spelling (`max-steps`) as the config field it sets (`max_steps`)."""
+    return str(key).replace("-", "_")
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping, or a one-line error naming the file."""
     try:
@@ -143,7 +148,7 @@ def resolve(cls: type, config_file: str | Path | None, cli: Mapping[str, Any], s
         loaded = section_of(raw, section, sections, path)
         shared = set(raw) - set(sections) if loaded is not raw else set()
         for key, value in loaded.items():
-            name = str(key).replace("-", "_")
+            name = option_name(key)
             if name not in known and key in shared and key not in (raw.get(section) or {}):
                 continue   # a top-level option of a pipeline file that another verb has
             if name not in known:

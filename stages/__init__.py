@@ -36,7 +36,7 @@ class Stage:
         from pipeline.config import resolve
 
         cls, entry = self.load()
-        return entry(resolve(cls, config_file, values, section, tuple(s.verb for s in STAGES)))
+        return entry(resolve(cls, config_file, values, section, VERBS))
 
 
 STAGES: tuple[Stage, ...] = (
@@ -55,6 +55,7 @@ STAGES: tuple[Stage, ...] = (
 )
 
 BY_VERB = {s.verb: s for s in STAGES}
+VERBS = tuple(BY_VERB)   # the sections a pipeline file may have
 
 
 def stage(verb: str) -> Stage:
