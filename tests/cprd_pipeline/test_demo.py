@@ -1,5 +1,6 @@
 """The demo end to end in --quick mode, with the committed demo models."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ def test_quick_demo_runs_every_path_and_enforces_the_teacher_check(tmp_path):
         assert len(data[label]) == 2, label
         for m in data[label]:
             assert -1 <= m["agreement"]["t2i"]["kendall_tau"] <= 1 and m["false_negatives_per_epoch"] >= 0
+            assert m["rsum_per_gallery"] == [pytest.approx(m["rsum"])]   # quick mode: one gallery
     assert recipe["baseline"] in [m["name"] for m in recipe["methods"]]
     assert "vs none" in report and "sd)" in report  # each row against the baseline, in pooled standard deviations
     assert "Kendall tau" in report and "false neg." in report
@@ -89,3 +91,20 @@ def test_demo_stops_before_distilling_when_the_teacher_loses(tmp_path, tiny_blip
     assert result.exit_code == 2
     assert "does not beat the student" in result.output.strip().splitlines()[-1]
     assert not (out / "students").exists() and not (out / "report.md").exists()
+
+
+def test_per_gallery_difference_is_each_gallerys_seed_mean_minus_the_baselines():
+    from cprd_pipeline.demo import _per_gallery
+
+    runs = [{"rsum_per_gallery": [300.0, 310.0, 290.0]}, {"rsum_per_gallery": [304.0, 300.0, 296.0]}]
+    none = [{"rsum_per_gallery": [301.0, 302.0, 299.0]}, {"rsum_per_gallery": [299.0, 306.0, 295.0]},
+            {"rsum_per_gallery": [300.0, 304.0, 300.0]}]
+    diffs = []
+    for g in range(3):   # a naive loop over galleries, then seeds
+        mine = sum(r["rsum_per_gallery"][g] for r in runs) / len(runs)
+        base = sum(r["rsum_per_gallery"][g] for r in none) / len(none)
+        diffs.append(mine - base)
+    mean = sum(diffs) / 3
+    stderr = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2 / 3)
+    expected = " / ".join(f"{d:+.1f}" for d in diffs) + f" ({mean:+.1f} ± {stderr:.1f})"
+    assert _per_gallery(runs, none) == expected == "+2.0 / +1.0 / -5.0 (-0.7 ± 2.2)"
