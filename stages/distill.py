@@ -48,6 +48,9 @@ from pipeline.training import backward_step, param_groups, warmup_cosine
 from pipeline.validation import Validator
 
 
+DIRECTIONS = ("both", "i2t", "t2i")   # --distill-directions
+
+
 @dataclass
 class DistillOptions:
     """distill's own options; its config (below) adds the training options every training stage has."""
@@ -59,6 +62,9 @@ class DistillOptions:
     max_teacher_margin: Optional[float] = option(None, "drop candidates the teacher scores above the query's "
                                                        "positive by more than this (likely false negatives)")
     distill_weight: float = option(1.0, "weight of the distillation term")
+    distill_directions: str = option("both", "query directions the distillation term is taught on: both, i2t "
+                                             "(image queries ranking captions) or t2i (text queries ranking images); "
+                                             "the contrastive term always uses both", choices=DIRECTIONS, added=True)
     batch_size: int = option(64, "queries per micro-batch, per process")
     val_data: Optional[str] = option(None, "held-out annotation file, folder or dataset to evaluate on while training "
                                            "(recall, RSUM and, with the teacher, rank agreement)", added=True)
@@ -112,12 +118,22 @@ def distill_inputs(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, ba
 
 
 def compute_loss(loss: DistillLoss, options: Any, distill_weight: float, img: torch.Tensor, txt: torch.Tensor,
-                 scale: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-    """Named terms; `loss` is their weighted sum."""
+                 scale: torch.Tensor, batch: dict, directions: str = "both") -> dict[str, torch.Tensor]:
+    """Named terms; `loss` is their weighted sum.
+
+    With `directions` i2t or t2i the distillation term is the loss over that direction's rows times their share
+    of the batch, so each taught row weighs what it weighs with both (the other rows get no distillation).
+    """
     itc = itc_loss(img[batch["pair_image"]], txt[batch["pair_text"]], scale, batch["pair_positive_mask"])
     terms = {"itc": itc}
     if loss.fn is not None:
-        terms["distill"] = loss.fn(distill_inputs(img, txt, scale, batch), options)
+        x = distill_inputs(img, txt, scale, batch)
+        if directions == "both":
+            terms["distill"] = loss.fn(x, options)
+        else:
+            rows = batch["query_is_image"].bool() == (directions == "i2t")           # [B]
+            share = rows.float().mean()
+            terms["distill"] = loss.fn(x.rows(rows), options) * share if rows.any() else x.student.sum() * 0.0
     terms["loss"] = itc + distill_weight * terms.get("distill", 0.0)
     return terms
 
@@ -261,7 +277,7 @@ class Training(StepLoop):
             with acc.autocast():
                 img, txt, scale = self.towers(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
             terms = compute_loss(self.loss, cfg.loss_options, cfg.distill_weight, img.float(), txt.float(),
-                                 scale.float(), batch)
+                                 scale.float(), batch, cfg.distill_directions)
             backward_step(acc, self.towers, self.optimizer, terms, step, cfg.max_grad_norm)
         self.logit_scale = float(scale.detach())
         return {**{k: float(v.detach()) / cfg.grad_accum for k, v in terms.items()}, **counts}

@@ -44,6 +44,10 @@ class DistillInputs:
     student_positive: torch.Tensor
     teacher_positive: torch.Tensor
 
+    def rows(self, keep: torch.Tensor) -> "DistillInputs":
+        """The rows where the bool [B] `keep` is True, every field alike."""
+        return DistillInputs(*(getattr(self, f.name)[keep] for f in dataclasses.fields(self)))
+
     def with_positive(self) -> "DistillInputs":
         """The positive prepended to the list with its teacher score: column 0 of [B, N + 1], always real.
 

@@ -1,5 +1,6 @@
 """distill on a two-layer student over a tiny teacher cache: determinism, learning, resume, outputs, bad input."""
 import dataclasses
+import functools
 import json
 import shutil
 import signal
@@ -50,9 +51,10 @@ def test_first_losses_are_deterministic_and_named(run, tmp_path):
 LOSS_FLAGS = {"cprd": ("--num-valid", "3"), "kl": ("--teacher-temperature", "2")}
 
 
-def _first_batch_reference(run, loss, include_positive=False):
+def _first_batch_reference(run, loss, include_positive=False, direction=None, shuffle_buffer=0):
     """The first step's distillation term recomputed outside the loop: the first batch (shuffle off) through the
-    untouched student, then the plain-loop reference of the named loss."""
+    untouched student, then the plain-loop reference of the named loss (with `direction` "i2t" or "t2i": over
+    that direction's rows only, times their share of the batch)."""
     import sys
     from pathlib import Path
 
@@ -66,7 +68,7 @@ def _first_batch_reference(run, loss, include_positive=False):
     student = json.loads((run / "mine" / "manifest.json").read_text())["config"]["student"]
     enc = DualEncoder(student)
     files = sorted((run / "teacher").glob("part-*.parquet"))
-    spec = BatchSpec(batch_size=16, num_negatives=5, seed=0, shuffle_buffer=0)
+    spec = BatchSpec(batch_size=16, num_negatives=5, seed=0, shuffle_buffer=shuffle_buffer)
     batch = next(iter(DistillBatches(spec, files, load_tables(run / "mine" / "corpus"),
                                      Processors(enc.image_processor, enc.tokenizer, enc.max_length), 0, 1)))
     with torch.no_grad():
@@ -85,7 +87,12 @@ def _first_batch_reference(run, loss, include_positive=False):
     if include_positive:
         s, t = torch.cat([s_pos[:, None], s], 1), torch.cat([t_pos[:, None], t], 1)
         m = torch.cat([torch.ones(len(m), 1, dtype=torch.bool), m], 1)
-    return {"cprd": lambda: ref.cprd_ref(s, t, m, num_valid=3), "listmle": lambda: ref.cprd_ref(s, t, m),
+    share = 1.0
+    if direction is not None:
+        rows = [r for r in range(len(s)) if bool(batch["query_is_image"][r]) == (direction == "i2t")]
+        share = len(rows) / len(s)
+        s, t, m, s_pos, t_pos = s[rows], t[rows], m[rows], s_pos[rows], t_pos[rows]
+    return share * {"cprd": lambda: ref.cprd_ref(s, t, m, num_valid=3), "listmle": lambda: ref.cprd_ref(s, t, m),
             "kl": lambda: ref.kl_ref(s, t, m, T=2.0), "ranknet": lambda: ref.ranknet_ref(s, t, m),
             "margin-mse": lambda: ref.margin_mse_ref(s_pos, s, t_pos, t, m),
             "hard-negatives": lambda: ref.hard_negatives_ref(s_pos, s, m)}[loss]()
@@ -107,6 +114,19 @@ def test_include_positive_reaches_the_loss(run):
     want = float(_first_batch_reference(run, "cprd", include_positive=True))
     assert metrics(run)[0]["distill"] == pytest.approx(want, rel=1e-4)
     assert want != pytest.approx(float(_first_batch_reference(run, "cprd")), rel=1e-3)
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_distill_directions_teaches_one_directions_rows_at_their_share(run, direction):
+    # shuffled, so that the first batch holds both directions (the teacher's shards list them one after the other)
+    distill(run, "--loss", "cprd", "--num-valid", "3", "--distill-directions", direction, "--max-steps", "1")
+    ref = functools.partial(_first_batch_reference, run, "cprd", shuffle_buffer=64)
+    want, other = float(ref(direction=direction)), float(ref(direction={"i2t": "t2i", "t2i": "i2t"}[direction]))
+    assert metrics(run)[0]["distill"] == pytest.approx(want, rel=1e-4)
+    assert 0 < want and 0 < other  # each direction has rows in this batch
+    assert want + other == pytest.approx(float(ref()), rel=1e-6)  # every row has a valid negative here
+    manifest = json.loads((run / "distill" / "manifest.json").read_text())
+    assert manifest["identity"]["config"]["distill_directions"] == direction
 
 
 def test_only_the_chosen_losses_options_enter_the_fingerprint(run, tmp_path):
