@@ -43,6 +43,8 @@ class DemoConfig:
     allow_weak_teacher: bool = option(False, "distil even if the teacher does not beat the student (reported "
                                              "in the table; for studying a teacher, not for results)")
     recipe: str = runtime(str(REPO / "data" / "demo.yaml"), "the demo recipe")
+    methods: str = runtime("", "comma-separated names of the recipe's methods to run (default: all); the "
+                               "recipe's baseline always runs, as every row is compared with it")
     split: str = option("test", "where to evaluate: test (the report) or val (for choosing settings)",
                         choices=("test", "val"))
     corpus_seed: Optional[int] = option(None, "generate the corpus with this seed instead of the recipe's (the same "
@@ -57,7 +59,10 @@ def _digest(path: Path) -> str:
 
 
 def _prepare_data(recipe: dict, quick: bool, split: str, out: Path, log) -> tuple[Path, list[Path]]:
-    """(train annotation file, evaluation galleries of `split`), generated once per corpus spec."""
+    """(train annotation file, evaluation galleries of `split`), each split generated once per corpus spec.
+
+    spec.json lists the splits made with its spec (written after them): a val run and a test run in one folder
+    share the train split, and with it mine, the teacher cache and the students; another spec starts over."""
     from pipeline.demo.corpus import DemoCorpusSpec, generate
 
     c = {**recipe["corpus"], **(recipe["quick"] if quick else {})}
@@ -65,11 +70,13 @@ def _prepare_data(recipe: dict, quick: bool, split: str, out: Path, log) -> tupl
     galleries = [split] + [f"{split}-{g}" for g in range(1, int(c.get("galleries", 1)))]
     marker = out / "data" / "spec.json"
     paths = {s: out / "data" / f"{s}.json" for s in ["train"] + galleries}
-    want = {**spec.__dict__, "splits": sorted(paths)}
-    if read_json(marker) != want or not all(p.exists() for p in paths.values()):
-        log(f"[demo] generating the corpus: {spec}, galleries {', '.join(galleries)}")
-        generate(spec, out / "data", splits=tuple(paths))
-        atomic_write_json(marker, want)
+    have = read_json(marker) or {}
+    made = set(have.get("splits", [])) if all(have.get(k) == v for k, v in spec.__dict__.items()) else set()
+    missing = [s for s, p in paths.items() if s not in made or not p.exists()]
+    if missing:
+        log(f"[demo] generating the corpus: {spec}, splits {', '.join(missing)}")
+        generate(spec, out / "data", splits=tuple(missing))
+        atomic_write_json(marker, {**spec.__dict__, "splits": sorted(made | set(paths))})
     return paths["train"], [paths[g] for g in galleries]
 
 
@@ -181,7 +188,7 @@ def run(cfg: DemoConfig) -> dict:
         return Row(label, runs, name=name)
 
     methods = {}
-    for method in recipe["methods"]:
+    for method in _chosen_methods(recipe, cfg.methods, cfg.recipe):
         method = dict(method)
         name, label, cache = method.pop("name"), method.pop("label"), method.pop("cache", "itm+itc")
         methods[name] = (label, method)
@@ -224,6 +231,18 @@ def run(cfg: DemoConfig) -> dict:
     write(build(out, extra=[table]), out / "report", "cprd-pipeline demo")
     log("\n" + report)
     return {r.label: r.runs for r in rows}
+
+
+def _chosen_methods(recipe: dict, names: str, path: str) -> list[dict]:
+    """The recipe's methods named in the comma-separated `names` (all when empty), in the recipe's order, with
+    its baseline kept."""
+    if not names.strip():
+        return recipe["methods"]
+    want = {n.strip() for n in names.split(",") if n.strip()}
+    known = [m["name"] for m in recipe["methods"]]
+    if unknown := sorted(want - set(known)):
+        raise PipelineError(f"--methods: {', '.join(unknown)} not in {path} (its methods: {', '.join(known)})")
+    return [m for m in recipe["methods"] if m["name"] in want or m["name"] == recipe.get("baseline")]
 
 
 def _mean_metrics(per: list[dict]) -> dict:

@@ -215,8 +215,8 @@ def as_dict(config: Any) -> dict[str, Any]:
 
 
 def fingerprinted(config: Any) -> dict[str, Any]:
-    """The part of a config that defines the stage's output."""
-    return {f.name: as_dict(v) if dataclasses.is_dataclass(v := getattr(config, f.name)) else v
+    """The part of a config that defines the stage's output (nested option dataclasses, such as a loss's, alike)."""
+    return {f.name: fingerprinted(v) if dataclasses.is_dataclass(v := getattr(config, f.name)) else v
             for f in dataclasses.fields(config) if not f.metadata.get("runtime")
             and not (f.metadata.get("added") and getattr(config, f.name) == f.default)}
 

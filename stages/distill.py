@@ -129,11 +129,15 @@ def compute_loss(loss: DistillLoss, options: Any, distill_weight: float, img: to
     if loss.fn is not None:
         x = distill_inputs(img, txt, scale, batch)
         if directions == "both":
-            terms["distill"] = loss.fn(x, options)
+            parts = registry.named_terms(loss.fn(x, options))
         else:
             rows = batch["query_is_image"].bool() == (directions == "i2t")           # [B]
             share = rows.float().mean()
-            terms["distill"] = loss.fn(x.rows(rows), options) * share if rows.any() else x.student.sum() * 0.0
+            parts = ({k: v * share for k, v in registry.named_terms(loss.fn(x.rows(rows), options)).items()}
+                     if rows.any() else {"distill": x.student.sum() * 0.0})
+        terms["distill"] = sum(parts.values())
+        if len(parts) > 1:   # a loss of several terms: each is logged as distill/NAME
+            terms.update({f"distill/{k}": v for k, v in parts.items()})
     terms["loss"] = itc + distill_weight * terms.get("distill", 0.0)
     return terms
 

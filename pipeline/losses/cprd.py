@@ -12,7 +12,8 @@ from .registry import DistillInputs, register
 
 
 def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: torch.Tensor | None = None,
-              num_valid: int | None = None, min_teacher_score: float | None = None) -> torch.Tensor:
+              num_valid: int | None = None, min_teacher_score: float | None = None,
+              tie_margin: float | None = None) -> torch.Tensor:
     r"""Teach the student the teacher's order among the top hard negatives only.
 
     Per row, order the n real candidates by teacher score, descending (stable); s(j) is the student logit of
@@ -25,6 +26,14 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
     (easy negatives) is not taught. Rows with m = 0 are skipped; the result is the mean over the other rows,
     or a zero that still carries a graph when there are none.
 
+    With `tie_margin` d > 0, "below" means scored at least d lower: the j-th is contrasted only against the l
+    with t(l) <= t(j) - d,
+
+        row_loss = (1/m) * sum_{j valid} [ logsumexp({s(j)} + {s(l) : t(l) <= t(j) - d}) - s(j) ]
+
+    so candidates the teacher scores within d of each other (exact ties included: captions of the same text)
+    are never ordered against each other, and a j with no candidate d below it is not valid.
+
     | input             | shape  | meaning                                                            |
     | ----------------- | ------ | ------------------------------------------------------------------ |
     | student_logits    | [B, N] | student logit_scale * cos(query, candidate)                        |
@@ -32,8 +41,11 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
     | mask              | [B, N] | optional bool, True = real candidate, False = padding              |
     | num_valid         | int    | optional cap on valid hard negatives per row                       |
     | min_teacher_score | float  | optional: a negative is valid only if its teacher score >= this    |
+    | tie_margin        | float  | optional d > 0: only pairs the teacher scores d or more apart are ordered |
     """
     mask = check_pair("cprd_loss", student_logits, teacher_scores, mask)
+    if tie_margin is not None and not tie_margin > 0:
+        raise ValueError(f"cprd_loss: tie_margin must be > 0 (or None for the plain order), got {tie_margin}")
     s = student_logits.float()
     t = teacher_scores.float().masked_fill(~mask, float("-inf"))
     order = torch.sort(t, dim=1, descending=True, stable=True).indices          # padding sorts last
@@ -49,7 +61,16 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
         valid &= pos < num_valid
     if min_teacher_score is not None:
         valid &= t >= min_teacher_score
-    terms = torch.where(valid, tail_lse - s, torch.zeros_like(s))
+    if tie_margin is None:
+        terms = tail_lse - s
+    else:
+        # the first position scored tie_margin below each j: t is descending, so -t is sorted ascending
+        first = torch.searchsorted(-t.contiguous(), (tie_margin - t).contiguous())             # [B, N]
+        first = torch.maximum(first, pos + 1)   # never j itself, even where t - d rounds back to t
+        valid &= first < n
+        below = torch.gather(tail_lse, 1, first.clamp(max=s.shape[1] - 1))                  # lse_{l>=first}
+        terms = torch.logaddexp(s, below) - s
+    terms = torch.where(valid, terms, torch.zeros_like(s))
     m = valid.sum(1)
     row_loss = terms.sum(1) / m.clamp(min=1)
     return mean_over_rows(row_loss, m > 0, student_logits)
@@ -62,6 +83,8 @@ class CPRDOptions:
     include_positive: bool = option(False, "the positive joins the list with its teacher score (LoopITR's list)")
     student_temperature: float = option(1.0, "the ranking term's student logits are divided by this (apart from "
                                              "the contrastive term's learned scale)")
+    tie_margin: Optional[float] = option(None, "order only pairs the teacher scores at least this far apart (ties "
+                                               "and near-ties are not taught)", added=True)
 
 
 @register("cprd", CPRDOptions, "the teacher's order among its top hard negatives only")
@@ -70,4 +93,5 @@ def cprd(x: DistillInputs, o: CPRDOptions) -> torch.Tensor:
         raise ValueError(f"cprd: student_temperature must be > 0, got {o.student_temperature}")
     if o.include_positive:
         x = x.with_positive()
-    return cprd_loss(x.student / o.student_temperature, x.teacher, x.mask, o.num_valid, o.min_teacher_score)
+    return cprd_loss(x.student / o.student_temperature, x.teacher, x.mask, o.num_valid, o.min_teacher_score,
+                     o.tie_margin)

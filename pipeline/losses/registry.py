@@ -10,8 +10,9 @@ Each loss file registers itself:
     def kl(x: DistillInputs, o: KLOptions) -> torch.Tensor:
         return kl_loss(x.student, x.teacher, x.mask, o.teacher_temperature)
 
-`distill` looks the name up and never branches on it; only the chosen loss's options enter its config and
-fingerprint. Every module of this package is imported when the registry is first read, so adding a loss is
+A loss returns one scalar, or a dict of named scalars when it is a sum of several terms (the distillation term
+is their sum; the loop logs each as `distill/NAME`). `distill` looks the name up and never branches on it; only
+the chosen loss's options enter its config and fingerprint. Every module of this package is imported when the registry is first read, so adding a loss is
 one file (plus its tests).
 """
 from __future__ import annotations
@@ -63,6 +64,11 @@ class DistillInputs:
         )
 
 
+def named_terms(value: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A loss's return value as named terms: a lone scalar is {"distill": it}."""
+    return dict(value) if isinstance(value, dict) else {"distill": value}
+
+
 @dataclass
 class NoOptions:
     """A loss with nothing to set."""
@@ -71,7 +77,7 @@ class NoOptions:
 @dataclass(frozen=True)
 class DistillLoss:
     name: str
-    fn: Optional[Callable[[DistillInputs, Any], torch.Tensor]]   # None: no distillation term (the baseline)
+    fn: Optional[Callable[[DistillInputs, Any], Any]]   # a scalar or {name: scalar}; None: no term (the baseline)
     options: type                                                 # a dataclass of this loss's own options
     summary: str
     uses_teacher: bool = True
@@ -82,7 +88,7 @@ _LOADED = False
 
 
 def register(name: str, options: type = NoOptions, summary: str = "", uses_teacher: bool = True):
-    """Decorator: register `fn(inputs: DistillInputs, options) -> scalar tensor` under `name`."""
+    """Decorator: register `fn(inputs: DistillInputs, options) -> scalar tensor | {name: scalar}` under `name`."""
     if not dataclasses.is_dataclass(options):
         raise TypeError(f"register({name!r}): options must be a dataclass, got {options!r}")
 

@@ -46,6 +46,14 @@ def test_quick_demo_runs_every_path_and_enforces_the_teacher_check(tmp_path):
     assert f"teacher re-rank RSUM {teacher:.1f} > student {student:.1f}: distilling" in again.output
     assert "does not beat the student" not in again.output
     assert again.output.count("up to date") >= 3  # mine and both teacher caches are re-used
+    # --methods: a subset of the recipe's rows (its baseline kept), re-using what is done; unknown names refused
+    kl_name = next(m["name"] for m in recipe["methods"] if m["loss"] == "kl")
+    cli("demo", "--quick", "--methods", kl_name, "--out", out, "--device", "cpu")
+    subset = json.loads((out / "report.json").read_text())
+    baseline = next(m["label"] for m in recipe["methods"] if m["name"] == recipe["baseline"])
+    assert [l for l in subset if l in labels] == [l for l in labels if l in (baseline, _label(recipe, kl_name))]
+    refused = cli("demo", "--quick", "--methods", f"{kl_name},hinge", "--out", out, "--device", "cpu", expect=2)
+    assert "--methods: hinge not in" in refused.output.strip().splitlines()[-1]
 
     # an edited recipe makes the distilled students stale: refused with the change named, replaced with --force
     import yaml
@@ -66,6 +74,10 @@ def test_quick_demo_runs_every_path_and_enforces_the_teacher_check(tmp_path):
     assert manifest["config"]["loss_options"]["teacher_temperature"] == 7.0
     dropped = [m["dropped_by_margin_per_epoch"] for m in json.loads((out / "report.json").read_text())[kl["label"]]]
     assert all(d > 0 for d in dropped) and f" + {sum(dropped) / 2:,.0f} by margin |" in (out / "report.md").read_text()
+
+
+def _label(recipe: dict, name: str) -> str:
+    return next(m["label"] for m in recipe["methods"] if m["name"] == name)
 
 
 def test_demo_stops_before_distilling_when_the_teacher_loses(tmp_path, tiny_blip):
@@ -108,3 +120,27 @@ def test_per_gallery_difference_is_each_gallerys_seed_mean_minus_the_baselines()
     stderr = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2 / 3)
     expected = " / ".join(f"{d:+.1f}" for d in diffs) + f" ({mean:+.1f} ± {stderr:.1f})"
     assert _per_gallery(runs, none) == expected == "+2.0 / +1.0 / -5.0 (-0.7 ± 2.2)"
+
+
+def test_a_test_run_in_a_val_runs_folder_adds_its_galleries_and_keeps_the_train_split(tmp_path):
+    from cprd_pipeline.demo import _prepare_data
+
+    recipe = {"corpus": {"seed": 3, "held_out": 40, "train_images": 12, "galleries": 2}}
+    logged = []
+    train, val = _prepare_data(recipe, False, "val", tmp_path, logged.append)
+    assert [g.name for g in val] == ["val.json", "val-1.json"]
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "data").glob("*.json")}
+    train2, test = _prepare_data(recipe, False, "test", tmp_path, logged.append)
+    assert train2 == train and [g.name for g in test] == ["test.json", "test-1.json"]
+    assert "splits test, test-1" in logged[-1]                       # only the missing galleries were made
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "data").glob("*.json")}
+    assert all(after[name] == t for name, t in before.items() if name != "spec.json")
+    spec = json.loads((tmp_path / "data" / "spec.json").read_text())
+    assert spec["seed"] == 3 and spec["splits"] == ["test", "test-1", "train", "val", "val-1"]
+    n = len(logged)
+    _prepare_data(recipe, False, "val", tmp_path, logged.append)    # everything there: nothing generated
+    assert len(logged) == n
+    recipe["corpus"]["seed"] = 4                                     # another corpus: made again from scratch
+    _prepare_data(recipe, False, "val", tmp_path, logged.append)
+    assert "splits train, val, val-1" in logged[-1]
+    assert json.loads((tmp_path / "data" / "spec.json").read_text())["splits"] == ["train", "val", "val-1"]

@@ -95,7 +95,9 @@ def _first_batch_reference(run, loss, include_positive=False, direction=None, sh
     return share * {"cprd": lambda: ref.cprd_ref(s, t, m, num_valid=3), "listmle": lambda: ref.cprd_ref(s, t, m),
             "kl": lambda: ref.kl_ref(s, t, m, T=2.0), "ranknet": lambda: ref.ranknet_ref(s, t, m),
             "margin-mse": lambda: ref.margin_mse_ref(s_pos, s, t_pos, t, m),
-            "hard-negatives": lambda: ref.hard_negatives_ref(s_pos, s, m)}[loss]()
+            "hard-negatives": lambda: ref.hard_negatives_ref(s_pos, s, m),
+            "cprd-kl/cprd": lambda: ref.cprd_ref(s, t, m, num_valid=3),
+            "cprd-kl/kl": lambda: 0.5 * ref.kl_ref(s, t, m, T=2.0)}[loss]()
 
 
 @pytest.mark.parametrize("loss", ["cprd", "kl", "listmle", "ranknet", "margin-mse", "hard-negatives", "none"])
@@ -106,6 +108,16 @@ def test_every_loss_runs_through_the_loop_as_itself(run, loss):
     assert ("distill" in m[0]) == (loss != "none")
     if loss != "none":  # the logged term is the named loss on the first batch, not some other one
         assert m[0]["distill"] == pytest.approx(float(_first_batch_reference(run, loss)), rel=1e-4)
+
+
+def test_a_loss_of_two_terms_logs_each_and_trains_on_their_sum(run):
+    distill(run, "--loss", "cprd-kl", "--num-valid", "3", "--teacher-temperature", "2", "--kl-weight", "0.5",
+            "--max-steps", "1", "--shuffle-buffer", "0")
+    m = metrics(run)[0]
+    for term in ("cprd", "kl"):
+        assert m[f"distill/{term}"] == pytest.approx(float(_first_batch_reference(run, f"cprd-kl/{term}")), rel=1e-4)
+    assert m["distill"] == pytest.approx(m["distill/cprd"] + m["distill/kl"], rel=1e-6)
+    assert m["loss"] == pytest.approx(m["itc"] + m["distill"], rel=1e-6)
 
 
 def test_include_positive_reaches_the_loss(run):
@@ -135,7 +147,7 @@ def test_only_the_chosen_losses_options_enter_the_fingerprint(run, tmp_path):
     assert manifest["identity"]["config"]["loss_options"] == {"num_valid": 4, "min_teacher_score": None,
                                                               "include_positive": False, "student_temperature": 1.0}
     line = _error(distill(run, "--loss", "cprd", "--teacher-temperature", "3", "--max-steps", "1", expect=None))
-    assert "--teacher-temperature is an option of kl, not of --loss cprd" in line
+    assert "--teacher-temperature is an option of cprd-kl / kl, not of --loss cprd" in line
 
 
 def test_false_negative_counts_are_logged(run):

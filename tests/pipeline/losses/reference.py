@@ -31,6 +31,25 @@ def cprd_ref(student, teacher, mask=None, num_valid=None, min_teacher_score=None
     return torch.stack(losses).mean() if losses else None
 
 
+def cprd_tie_margin_ref(student, teacher, mask=None, num_valid=None, tie_margin=1.0):
+    """CPRD where j is contrasted against itself and every l the teacher scores at least tie_margin lower."""
+    losses = []
+    for b, idx in rows(student, teacher, mask):
+        order = sorted(idx, key=lambda j: -float(teacher[b, j]))  # sorted() is stable
+        terms = []
+        for j, c in enumerate(order):
+            if num_valid is not None and j >= num_valid:
+                break
+            below = [l for l in order if float(teacher[b, l]) <= float(teacher[b, c]) - tie_margin]
+            if not below:
+                continue
+            lse = torch.logsumexp(torch.stack([student[b, c]] + [student[b, l] for l in below]), 0)
+            terms.append(lse - student[b, c])
+        if terms:
+            losses.append(sum(terms) / len(terms))
+    return torch.stack(losses).mean() if losses else None
+
+
 def kl_ref(student, teacher, mask=None, T=1.0):
     losses = []
     for b, idx in rows(student, teacher, mask):

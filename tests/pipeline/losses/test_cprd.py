@@ -5,7 +5,7 @@ import torch
 
 from pipeline.losses import cprd_loss, listmle_loss
 
-from reference import assert_same_value_and_grad, cprd_ref, random_case
+from reference import assert_same_value_and_grad, cprd_ref, cprd_tie_margin_ref, random_case
 
 
 def test_golden_value_by_hand():
@@ -82,3 +82,37 @@ def test_shape_errors_say_how_to_fix():
         cprd_loss(torch.randn(2, 4), torch.randn(2, 3))
     with pytest.raises(ValueError, match="True = real candidate"):
         cprd_loss(torch.randn(2, 4), torch.randn(2, 4), torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_tie_margin_golden_value_by_hand():
+    s = torch.tensor([[1.0, 2.0, 3.0, 0.5]])
+    t = torch.tensor([[3.0, 2.9, 1.0, 2.95]])   # 3.0, 2.95, 2.9 are within 0.5 of each other; 1.0 is far below
+    # each of the three near-tied candidates is contrasted against the far one only; the far one has nothing below
+    want = sum(math.log(math.exp(a) + math.exp(3.0)) - a for a in (1.0, 0.5, 2.0)) / 3
+    assert cprd_loss(s, t, tie_margin=0.5).item() == pytest.approx(want, abs=1e-6)
+    # num_valid counts positions in the teacher's order: the first two (t = 3.0 and 2.95)
+    want2 = sum(math.log(math.exp(a) + math.exp(3.0)) - a for a in (1.0, 0.5)) / 2
+    assert cprd_loss(s, t, num_valid=2, tie_margin=0.5).item() == pytest.approx(want2, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("num_valid,margin", [(None, 0.3), (2, 0.3), (None, 1e-6), (3, 1.5), (None, 100.0)])
+def test_tie_margin_matches_loop_reference_values_and_grads(seed, num_valid, margin):
+    student, teacher, mask = random_case(seed, ties=seed % 2 == 1)
+    fast = cprd_loss(student, teacher, mask, num_valid=num_valid, tie_margin=margin)
+    ref = cprd_tie_margin_ref(student, teacher, mask, num_valid=num_valid, tie_margin=margin)
+    if ref is None:   # margin wider than every row's spread: nothing to teach
+        assert fast.item() == 0.0 and fast.requires_grad
+    else:
+        assert_same_value_and_grad(fast, ref, student)
+
+
+def test_tie_margin_below_every_gap_is_the_plain_order():
+    student, teacher, mask = random_case(2, with_mask=True)       # distinct scores: no ties
+    torch.testing.assert_close(cprd_loss(student, teacher, mask, num_valid=3, tie_margin=1e-9),
+                               cprd_loss(student, teacher, mask, num_valid=3))
+
+
+def test_tie_margin_must_be_positive():
+    with pytest.raises(ValueError, match="tie_margin must be > 0"):
+        cprd_loss(torch.randn(2, 3), torch.randn(2, 3), tie_margin=0.0)

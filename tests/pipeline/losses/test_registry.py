@@ -6,7 +6,8 @@ import torch
 
 from pipeline.losses import DistillInputs, registry
 
-from reference import cprd_ref, hard_negatives_ref, kl_ref, margin_mse_ref, random_case, ranknet_ref
+from reference import (cprd_ref, cprd_tie_margin_ref, hard_negatives_ref, kl_ref, margin_mse_ref, random_case,
+                       ranknet_ref)
 
 
 def _inputs(seed=0):
@@ -27,7 +28,8 @@ def _prepend(x):
 
 
 def test_every_distillation_loss_is_registered():
-    assert set(registry.names()) == {"cprd", "listmle", "kl", "margin-mse", "ranknet", "hard-negatives", "none"}
+    assert set(registry.names()) == {"cprd", "cprd-kl", "listmle", "kl", "margin-mse", "ranknet",
+                                      "hard-negatives", "none"}
     assert registry.get("none").fn is None and not registry.get("none").uses_teacher
     assert not registry.get("hard-negatives").uses_teacher
     with pytest.raises(KeyError, match="unknown distillation loss 'hinge'"):
@@ -69,6 +71,32 @@ def test_include_positive_puts_the_positive_in_the_list(name, ref):
     with_pos = _run(name, x, include_positive=True, **opts)
     torch.testing.assert_close(with_pos.double(), ref(*_prepend(x)).double(), rtol=1e-5, atol=1e-6)
     assert float(with_pos.detach()) != pytest.approx(float(_run(name, x, **opts).detach()))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cprd_kl_returns_both_terms_each_its_own_reference(seed):
+    x = _inputs(seed)
+    s, t, m = x.student, x.teacher, x.mask
+    got = _run("cprd-kl", x, num_valid=3, student_temperature=2.0, teacher_temperature=3.0, kl_weight=0.5)
+    assert set(got) == {"cprd", "kl"}
+    torch.testing.assert_close(got["cprd"].double(), cprd_ref(s / 2.0, t, m, num_valid=3).double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["kl"].double(), 0.5 * kl_ref(s, t, m, T=3.0).double(), rtol=1e-5, atol=1e-6)
+    tied = _run("cprd-kl", x, tie_margin=0.5)
+    torch.testing.assert_close(tied["cprd"].double(), cprd_tie_margin_ref(s, t, m, num_valid=4, tie_margin=0.5).double(),
+                               rtol=1e-5, atol=1e-6)
+    with_pos = _run("cprd-kl", x, include_positive=True, num_valid=4, teacher_temperature=3.0)
+    ps, pt, pm = _prepend(x)
+    torch.testing.assert_close(with_pos["cprd"].double(), cprd_ref(ps, pt, pm, num_valid=4).double(), rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(with_pos["kl"].double(), kl_ref(ps, pt, pm, T=3.0).double(), rtol=1e-5, atol=1e-6)
+
+
+def test_cprd_tie_margin_option_reaches_the_loss():
+    x = _inputs(0)
+    got = _run("cprd", x, num_valid=5, tie_margin=0.7)
+    ref = cprd_tie_margin_ref(x.student, x.teacher, x.mask, num_valid=5, tie_margin=0.7)
+    torch.testing.assert_close(got.double(), ref.double(), rtol=1e-5, atol=1e-6)
+    assert float(got.detach()) != pytest.approx(float(_run("cprd", x, num_valid=5).detach()))
 
 
 def test_options_are_dataclasses_with_defaults():

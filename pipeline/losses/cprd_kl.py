@@ -1,0 +1,40 @@
+"""CPRD with a KL term over the same list: the teacher's order among its top negatives, and its soft scores."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import option
+from .cprd import CPRDOptions, cprd_loss
+from .kl import kl_loss
+from .registry import DistillInputs, register
+
+
+@dataclass
+class CPRDKLOptions(CPRDOptions):
+    teacher_temperature: float = option(1.0, "teacher scores are divided by this")
+    kl_weight: float = option(1.0, "weight of the KL term next to the ranking term (weight 1)")
+
+
+@register("cprd-kl", CPRDKLOptions, "cprd plus kl over the same list, logged as two terms")
+def cprd_kl(x: DistillInputs, o: CPRDKLOptions) -> dict[str, torch.Tensor]:
+    r"""Named terms {cprd, kl}, summed by the loop:
+
+        cprd_loss(s / student_temperature, t; num_valid, min_teacher_score, tie_margin)
+        + kl_weight * kl_loss(s, t; teacher_temperature)
+
+    over one list per query (with the positive prepended to both when `include_positive`). CPRD teaches the order
+    among the teacher's top negatives and nothing about how far apart they are; KL at a high teacher temperature
+    teaches small score differences in proportion to the teacher's and no strict order, so each supplies what the
+    other leaves out.
+    """
+    if o.student_temperature <= 0:
+        raise ValueError(f"cprd-kl: student_temperature must be > 0, got {o.student_temperature}")
+    if o.kl_weight < 0:
+        raise ValueError(f"cprd-kl: kl_weight must be >= 0, got {o.kl_weight}")
+    if o.include_positive:
+        x = x.with_positive()
+    return {"cprd": cprd_loss(x.student / o.student_temperature, x.teacher, x.mask, o.num_valid,
+                              o.min_teacher_score, o.tie_margin),
+            "kl": o.kl_weight * kl_loss(x.student, x.teacher, x.mask, o.teacher_temperature)}
