@@ -220,7 +220,11 @@ def test_unknown_loss(run):
                                            (("--max-steps", "-5"), "--max-steps must be at least 1, got -5"),
                                            (("--lr", "-1"), "--lr must be positive, got -1.0"),
                                            (("--batch-size", "0"), "--batch-size must be at least 1, got 0"),
-                                           (("--num-valid", "-1"), "--num-valid must be at least 1")])
+                                           (("--num-valid", "-1"), "--num-valid must be at least 1"),
+                                           (("--tie-margin", "0"), "--tie-margin must be > 0 (or unset), got 0.0"),
+                                           (("--loss", "cprd-kl", "--kl-weight", "-1"),
+                                            "--kl-weight must be >= 0, got -1.0"),
+                                           (("--student-temperature", "0"), "--student-temperature must be > 0")])
 def test_out_of_range_values_are_refused_before_anything_is_written(run, flags, message):
     assert message in _error(distill(run, *flags, expect=None))
     assert not (run / "distill").exists()
