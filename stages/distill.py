@@ -176,10 +176,11 @@ def _check(cfg: DistillConfig) -> None:
     num_valid = getattr(cfg.loss_options, "num_valid", None)
     if num_valid is not None and num_valid < 1:
         raise PipelineError(f"--num-valid must be at least 1 (or unset), got {num_valid}")
-    for name, low in (("tie_margin", "> 0 (or unset)"), ("student_temperature", "> 0"), ("kl_weight", ">= 0")):
-        value = getattr(cfg.loss_options, name, None)
-        if value is not None and not (value >= 0 if name == "kl_weight" else value > 0):
-            raise PipelineError(f"--{name.replace('_', '-')} must be {low}, got {value}")
+    for name, ok, want in (("tie_margin", lambda v: v > 0, "> 0 (or unset)"),
+                           ("student_temperature", lambda v: v > 0, "> 0"), ("kl_weight", lambda v: v >= 0, ">= 0")):
+        value = getattr(cfg.loss_options, name, None)    # None: unset, or not an option of the chosen loss
+        if value is not None and not ok(value):
+            raise PipelineError(f"--{name.replace('_', '-')} must be {want}, got {value}")
     if cfg.eval_every is not None and cfg.eval_every < 1:
         raise PipelineError(f"--eval-every must be at least 1, got {cfg.eval_every}")
     if cfg.val_k_test < 2:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import option
-from .cprd import CPRDOptions, cprd_loss
-from .kl import kl_loss
+from .cprd import CPRDOptions, cprd
+from .kl import kl
 from .registry import DistillInputs, register
 
 
@@ -29,12 +29,7 @@ def cprd_kl(x: DistillInputs, o: CPRDKLOptions) -> dict[str, torch.Tensor]:
     teaches small score differences in proportion to the teacher's and no strict order, so each supplies what the
     other leaves out.
     """
-    if o.student_temperature <= 0:
-        raise ValueError(f"cprd-kl: student_temperature must be > 0, got {o.student_temperature}")
     if o.kl_weight < 0:
         raise ValueError(f"cprd-kl: kl_weight must be >= 0, got {o.kl_weight}")
-    if o.include_positive:
-        x = x.with_positive()
-    return {"cprd": cprd_loss(x.student / o.student_temperature, x.teacher, x.mask, o.num_valid,
-                              o.min_teacher_score, o.tie_margin),
-            "kl": o.kl_weight * kl_loss(x.student, x.teacher, x.mask, o.teacher_temperature)}
+    # the two registered losses on these options (a superset of each one's): checks and the positive as theirs
+    return {"cprd": cprd(x, o), "kl": o.kl_weight * kl(x, o)}

@@ -12,8 +12,8 @@ Each loss file registers itself:
 
 A loss returns one scalar, or a dict of named scalars when it is a sum of several terms (the distillation term
 is their sum; the loop logs each as `distill/NAME`). `distill` looks the name up and never branches on it; only
-the chosen loss's options enter its config and fingerprint. Every module of this package is imported when the registry is first read, so adding a loss is
-one file (plus its tests).
+the chosen loss's options enter its config and fingerprint. Every module of this package is imported when the
+registry is first read, so adding a loss is one file (plus its tests).
 """
 from __future__ import annotations
 
