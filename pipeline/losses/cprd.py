@@ -13,7 +13,8 @@ from .registry import DistillInputs, register
 
 def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: torch.Tensor | None = None,
               num_valid: int | None = None, min_teacher_score: float | None = None,
-              tie_margin: float | None = None) -> torch.Tensor:
+              tie_margin: float | None = None, lift: str = "negative",
+              positive: torch.Tensor | None = None) -> torch.Tensor:
     r"""Teach the student the teacher's order among the top hard negatives only.
 
     Per row, order the n real candidates by teacher score, descending (stable); s(j) is the student logit of
@@ -34,6 +35,14 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
     so candidates the teacher scores within d of each other (exact ties included: captions of the same text)
     are never ordered against each other, and a j with no candidate d below it is not valid.
 
+    The value is always this; `lift` says where the gradient goes. Each term's gradient lifts s(j) and lowers
+    the candidates below it by as much in total (the plain loss, `lift="negative"`): the teacher's top
+    negatives are lifted toward the positive. With `lift="positive"` the lift goes to the query's positive
+    logit (`positive`, [B]) instead, s(j) held fixed in its own term: each term lowers the candidates below j
+    and raises the positive, no negative is lifted, and the gradients still sum to zero per term (a shared
+    logit scale is not driven to zero, as it is when s(j) is merely held fixed). With `lift="only"` the lower
+    candidates are held fixed and only s(j) is lifted over them: no negative is lowered.
+
     | input             | shape  | meaning                                                            |
     | ----------------- | ------ | ------------------------------------------------------------------ |
     | student_logits    | [B, N] | student logit_scale * cos(query, candidate)                        |
@@ -42,6 +51,8 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
     | num_valid         | int    | optional cap on valid hard negatives per row                       |
     | min_teacher_score | float  | optional: a negative is valid only if its teacher score >= this    |
     | tie_margin        | float  | optional d > 0: only pairs the teacher scores d or more apart are ordered |
+    | lift              | str    | where each term's gradient goes: negative (plain), positive, only  |
+    | positive          | [B]    | the positives' student logits, needed for lift="positive"          |
     """
     mask = check_pair("cprd_loss", student_logits, teacher_scores, mask)
     if tie_margin is not None and not tie_margin > 0:
@@ -61,19 +72,37 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
         valid &= pos < num_valid
     if min_teacher_score is not None:
         valid &= t >= min_teacher_score
-    if tie_margin is None:
+    if lift not in LIFTS:
+        raise ValueError(f"cprd_loss: lift must be one of {', '.join(LIFTS)}, got {lift!r}")
+    if lift == "positive" and (positive is None or positive.shape != s.shape[:1]):
+        got = None if positive is None else tuple(positive.shape)
+        raise ValueError(f"cprd_loss: lift='positive' needs positive of shape [B] = [{s.shape[0]}] (one positive "
+                         f"logit per row), got {got}")
+    if tie_margin is None and lift == "negative":
         terms = tail_lse - s
     else:
-        # the first position scored tie_margin below each j: t is descending, so -t is sorted ascending
-        first = torch.searchsorted(-t.contiguous(), (tie_margin - t).contiguous())             # [B, N]
-        first = torch.maximum(first, pos + 1)   # never j itself, even where t - d rounds back to t
-        valid &= first < n
+        if tie_margin is None:
+            first = (pos + 1).expand_as(s)                                                  # everything below j
+        else:
+            # the first position scored tie_margin below each j: t is descending, so -t is sorted ascending
+            first = torch.searchsorted(-t.contiguous(), (tie_margin - t).contiguous())         # [B, N]
+            first = torch.maximum(first, pos + 1)   # never j itself, even where t - d rounds back to t
+            valid &= first < n
         below = torch.gather(tail_lse, 1, first.clamp(max=s.shape[1] - 1))                  # lse_{l>=first}
-        terms = torch.logaddexp(s, below) - s
+        anchor = s
+        if lift == "positive":            # s(j)'s value, the positive's gradient
+            p = positive.float()[:, None]
+            anchor = s.detach() + (p - p.detach())
+        elif lift == "only":
+            below = below.detach()
+        terms = torch.logaddexp(anchor, below) - anchor
     terms = torch.where(valid, terms, torch.zeros_like(s))
     m = valid.sum(1)
     row_loss = terms.sum(1) / m.clamp(min=1)
     return mean_over_rows(row_loss, m > 0, student_logits)
+
+
+LIFTS = ("negative", "positive", "only")
 
 
 @dataclass
@@ -85,6 +114,9 @@ class CPRDOptions:
                                              "the contrastive term's learned scale)")
     tie_margin: Optional[float] = option(None, "order only pairs the teacher scores at least this far apart (ties "
                                                "and near-ties are not taught)", added=True)
+    lift: str = option("negative", "where each ordered pair's gradient goes: negative (lift the higher-ranked "
+                                   "negative, lower the lower one), positive (lift the positive instead), only (lift "
+                                   "the higher one, lower nothing)", choices=LIFTS, added=True)
 
 
 @register("cprd", CPRDOptions, "the teacher's order among its top hard negatives only")
@@ -94,4 +126,4 @@ def cprd(x: DistillInputs, o: CPRDOptions) -> torch.Tensor:
     if o.include_positive:
         x = x.with_positive()
     return cprd_loss(x.student / o.student_temperature, x.teacher, x.mask, o.num_valid, o.min_teacher_score,
-                     o.tie_margin)
+                     o.tie_margin, o.lift, x.student_positive / o.student_temperature)

@@ -395,3 +395,21 @@ def test_force_loads_the_new_student_before_it_deletes_anything(run, tiny_blip):
     assert (run / "distill" / SUCCESS).exists()                      # the finished student is still there
     after = final_weights(run)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_batch_without_the_taught_direction_still_logs_every_named_term():
+    from pipeline.losses import registry
+    from stages.distill import compute_loss
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    batch = {"pair_image": torch.arange(3), "pair_text": torch.arange(3), "pair_positive_mask": torch.eye(3).bool(),
+             "query_is_image": torch.ones(2, dtype=torch.bool),       # both rows are image queries
+             "query": torch.tensor([0, 1]), "positive": torch.tensor([0, 1]),
+             "candidates": torch.tensor([[1, 2], [0, 2]]), "candidate_mask": torch.ones(2, 2, dtype=torch.bool),
+             "teacher": torch.randn(2, 2, generator=g), "teacher_positive": torch.randn(2, generator=g)}
+    spec = registry.get("cprd-kl")
+    both = compute_loss(spec, spec.options(num_valid=2), 1.0, img, txt, torch.tensor(10.0), batch)
+    none = compute_loss(spec, spec.options(num_valid=2), 1.0, img, txt, torch.tensor(10.0), batch, directions="t2i")
+    assert set(none) == set(both) == {"itc", "distill", "distill/cprd", "distill/kl", "loss"}
+    assert float(none["distill"]) == 0.0 and float(none["distill/kl"]) == 0.0 and float(both["distill/kl"]) > 0
+    assert float(none["loss"]) == pytest.approx(float(none["itc"]))

@@ -9,7 +9,9 @@ def rows(student, teacher, mask):
         yield b, idx
 
 
-def cprd_ref(student, teacher, mask=None, num_valid=None, min_teacher_score=None):
+def cprd_ref(student, teacher, mask=None, num_valid=None, min_teacher_score=None, lift="negative", positive=None):
+    """lift="positive": the j-th candidate's value in its own term, with the positive's gradient [B];
+    lift="only": the candidates below j are constants in j's term."""
     losses = []
     for b, idx in rows(student, teacher, mask):
         order = sorted(idx, key=lambda j: -float(teacher[b, j]))  # sorted() is stable
@@ -25,13 +27,23 @@ def cprd_ref(student, teacher, mask=None, num_valid=None, min_teacher_score=None
             continue
         total = 0
         for j in range(m):
-            tail = torch.stack([student[b, order[l]] for l in range(j, n)])
-            total = total + torch.logsumexp(tail, 0) - student[b, order[j]]
+            anchor = student[b, order[j]] if lift != "positive" else anchor_ref(student[b, order[j]], positive[b])
+            tail = torch.stack([anchor] + [below_ref(student[b, order[l]], lift) for l in range(j + 1, n)])
+            total = total + torch.logsumexp(tail, 0) - anchor
         losses.append(total / m)
     return torch.stack(losses).mean() if losses else None
 
 
-def cprd_tie_margin_ref(student, teacher, mask=None, num_valid=None, tie_margin=1.0):
+def anchor_ref(value, positive):
+    return value.detach() + positive - positive.detach()
+
+
+def below_ref(value, lift):
+    return value.detach() if lift == "only" else value
+
+
+def cprd_tie_margin_ref(student, teacher, mask=None, num_valid=None, tie_margin=1.0, lift="negative",
+                        positive=None):
     """CPRD where j is contrasted against itself and every l the teacher scores at least tie_margin lower."""
     losses = []
     for b, idx in rows(student, teacher, mask):
@@ -43,8 +55,9 @@ def cprd_tie_margin_ref(student, teacher, mask=None, num_valid=None, tie_margin=
             below = [l for l in order if float(teacher[b, l]) <= float(teacher[b, c]) - tie_margin]
             if not below:
                 continue
-            lse = torch.logsumexp(torch.stack([student[b, c]] + [student[b, l] for l in below]), 0)
-            terms.append(lse - student[b, c])
+            anchor = student[b, c] if lift != "positive" else anchor_ref(student[b, c], positive[b])
+            lse = torch.logsumexp(torch.stack([anchor] + [below_ref(student[b, l], lift) for l in below]), 0)
+            terms.append(lse - anchor)
         if terms:
             losses.append(sum(terms) / len(terms))
     return torch.stack(losses).mean() if losses else None

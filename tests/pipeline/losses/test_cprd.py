@@ -116,3 +116,66 @@ def test_tie_margin_below_every_gap_is_the_plain_order():
 def test_tie_margin_must_be_positive():
     with pytest.raises(ValueError, match="tie_margin must be > 0"):
         cprd_loss(torch.randn(2, 3), torch.randn(2, 3), tie_margin=0.0)
+
+
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("lift", ["positive", "only"])
+@pytest.mark.parametrize("num_valid,margin", [(None, None), (2, None), (None, 0.3), (3, 1.5)])
+def test_lift_matches_loop_reference_values_and_grads(seed, lift, num_valid, margin):
+    student, teacher, mask = random_case(seed, ties=seed % 2 == 1)
+    positive = torch.randn(student.shape[0], dtype=student.dtype, generator=torch.Generator().manual_seed(seed))
+    positive.requires_grad_()
+    fast = cprd_loss(student, teacher, mask, num_valid=num_valid, tie_margin=margin, lift=lift, positive=positive)
+    if margin is None:
+        ref = cprd_ref(student, teacher, mask, num_valid=num_valid, lift=lift, positive=positive)
+    else:
+        ref = cprd_tie_margin_ref(student, teacher, mask, num_valid, margin, lift=lift, positive=positive)
+    g_fast = torch.autograd.grad(fast, (student, positive), retain_graph=True, allow_unused=True)
+    g_ref = torch.autograd.grad(ref, (student, positive), allow_unused=True)
+    torch.testing.assert_close(fast.double(), ref.double(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_fast, g_ref):
+        a, b = (torch.zeros_like(positive) if g is None else g for g in (a, b))
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_lift_keeps_the_value_and_moves_the_gradient():
+    student, teacher, mask = random_case(1, ties=True)
+    positive = torch.zeros(student.shape[0], dtype=student.dtype, requires_grad=True)
+    plain = cprd_loss(student, teacher, mask, num_valid=3)
+    to_positive = cprd_loss(student, teacher, mask, num_valid=3, lift="positive", positive=positive)
+    only = cprd_loss(student, teacher, mask, num_valid=3, lift="only", positive=positive)
+    assert to_positive.item() == pytest.approx(plain.item(), abs=1e-9)
+    assert only.item() == pytest.approx(plain.item(), abs=1e-9)
+    (g_plain,) = torch.autograd.grad(plain, student)
+    g_neg, g_pos = torch.autograd.grad(to_positive, (student, positive))
+    (g_only,) = torch.autograd.grad(only, student)
+    assert (g_plain < 0).any() and (g_plain > 0).any()   # plain: the higher lifted, the lower lowered
+    assert (g_neg >= 0).all() and (g_pos <= 0).all() and (g_pos < 0).any()   # to the positive: no negative lifted
+    torch.testing.assert_close(g_neg.sum(1) + g_pos, torch.zeros_like(g_pos), atol=1e-7, rtol=0)  # zero-sum rows
+    assert (g_only <= 0).all() and (g_only < 0).any()    # only: nothing lowered
+    top = torch.where(mask, teacher, torch.full_like(teacher, -torch.inf)).argmax(1)
+    rows = (mask.sum(1) > 1).nonzero().squeeze(1)
+    assert (g_neg[rows, top[rows]] == 0).all()   # the teacher's first negative is never moved by lift="positive"
+    # plain = lift to the negatives + push: the two halves add up to the plain gradient
+    torch.testing.assert_close(g_only + g_neg, g_plain, atol=1e-7, rtol=0)
+
+
+def test_lift_golden_gradients_by_hand():
+    s = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
+    p = torch.tensor([5.0], requires_grad=True)
+    t = torch.tensor([[3.0, 2.0, 1.0]])
+    e = [math.exp(v) for v in (1.0, 2.0, 3.0)]   # one term: logsumexp(s1, s2, s3) - s1
+    g_s, g_p = torch.autograd.grad(cprd_loss(s, t, num_valid=1, lift="positive", positive=p), (s, p))
+    assert g_s[0].tolist() == pytest.approx([0.0, e[1] / sum(e), e[2] / sum(e)], abs=1e-6)
+    assert g_p.item() == pytest.approx(e[0] / sum(e) - 1, abs=1e-6)
+    (g_s,) = torch.autograd.grad(cprd_loss(s, t, num_valid=1, lift="only"), s)
+    assert g_s[0].tolist() == pytest.approx([e[0] / sum(e) - 1, 0.0, 0.0], abs=1e-6)
+
+
+def test_lift_errors_say_how_to_fix():
+    with pytest.raises(ValueError, match=r"lift='positive' needs positive of shape \[B\] = \[2\]"):
+        cprd_loss(torch.randn(2, 3), torch.randn(2, 3), lift="positive", positive=torch.randn(2, 1))
+    with pytest.raises(ValueError, match="lift must be one of negative, positive, only, got 'up'"):
+        cprd_loss(torch.randn(2, 3), torch.randn(2, 3), lift="up")

@@ -99,6 +99,20 @@ def test_cprd_tie_margin_option_reaches_the_loss():
     assert float(got.detach()) != pytest.approx(float(_run("cprd", x, num_valid=5).detach()))
 
 
+def test_cprd_lift_positive_lifts_the_positive_scaled_like_the_list():
+    x = _inputs(1)
+    s_pos = x.student_positive.clone().requires_grad_()
+    x = dataclasses.replace(x, student_positive=s_pos)
+    got = _run("cprd", x, num_valid=4, student_temperature=2.0, lift="positive")
+    ref = cprd_ref(x.student / 2.0, x.teacher, x.mask, num_valid=4, lift="positive", positive=s_pos / 2.0)
+    torch.testing.assert_close(got.double(), ref.double(), rtol=1e-5, atol=1e-6)
+    g_got = torch.autograd.grad(got, (x.student, s_pos), retain_graph=True)
+    g_ref = torch.autograd.grad(ref, (x.student, s_pos))
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-6)
+    assert (g_got[1] < 0).any() and (g_got[0] >= 0).all()
+
+
 def test_options_are_dataclasses_with_defaults():
     for name, opts in registry.options_by_loss().items():
         assert dataclasses.is_dataclass(opts)
