@@ -132,8 +132,8 @@ def compute_loss(loss: DistillLoss, options: Any, distill_weight: float, img: to
             parts = registry.named_terms(loss.fn(x, options))
         else:
             rows = batch["query_is_image"].bool() == (directions == "i2t")           # [B]
-            share = rows.float().mean()   # 0 when no row has that direction: every loss returns a graph-carrying
-            parts = {k: v * share for k, v in registry.named_terms(loss.fn(x.rows(rows), options)).items()}  # zero
+            share = rows.float().mean()   # 0 without such rows: each loss then gives zeros that carry a graph
+            parts = {k: v * share for k, v in registry.named_terms(loss.fn(x.rows(rows), options)).items()}
         terms["distill"] = sum(parts.values())
         if len(parts) > 1:   # a loss of several terms: each is logged as distill/NAME
             terms.update({f"distill/{k}": v for k, v in parts.items()})

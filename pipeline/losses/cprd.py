@@ -11,6 +11,9 @@ from ._common import NEG, check_pair, mean_over_rows
 from .registry import DistillInputs, register
 
 
+LIFTS = ("negative", "positive", "only")   # where each ordered pair's gradient goes (cprd_loss's `lift`)
+
+
 def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: torch.Tensor | None = None,
               num_valid: int | None = None, min_teacher_score: float | None = None,
               tie_margin: float | None = None, lift: str = "negative",
@@ -57,6 +60,13 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
     mask = check_pair("cprd_loss", student_logits, teacher_scores, mask)
     if tie_margin is not None and not tie_margin > 0:
         raise ValueError(f"cprd_loss: tie_margin must be > 0 (or None for the plain order), got {tie_margin}")
+    if lift not in LIFTS:
+        raise ValueError(f"cprd_loss: lift must be one of {', '.join(LIFTS)}, got {lift!r}")
+    b = student_logits.shape[0]
+    if lift == "positive" and (positive is None or positive.shape != (b,)):
+        got = None if positive is None else tuple(positive.shape)
+        raise ValueError(f"cprd_loss: lift='positive' needs positive of shape [B] = [{b}] (one positive logit per "
+                         f"row), got {got}")
     s = student_logits.float()
     t = teacher_scores.float().masked_fill(~mask, float("-inf"))
     order = torch.sort(t, dim=1, descending=True, stable=True).indices          # padding sorts last
@@ -72,14 +82,8 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
         valid &= pos < num_valid
     if min_teacher_score is not None:
         valid &= t >= min_teacher_score
-    if lift not in LIFTS:
-        raise ValueError(f"cprd_loss: lift must be one of {', '.join(LIFTS)}, got {lift!r}")
-    if lift == "positive" and (positive is None or positive.shape != s.shape[:1]):
-        got = None if positive is None else tuple(positive.shape)
-        raise ValueError(f"cprd_loss: lift='positive' needs positive of shape [B] = [{s.shape[0]}] (one positive "
-                         f"logit per row), got {got}")
-    if tie_margin is None and lift == "negative":
-        terms = tail_lse - s
+    if tie_margin is None and lift == "negative":   # the plain order; the branch below gives the same value,
+        terms = tail_lse - s                         # not the same last bits, and trained students stay as they were
     else:
         if tie_margin is None:
             first = (pos + 1).expand_as(s)                                                  # everything below j
@@ -100,9 +104,6 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
     m = valid.sum(1)
     row_loss = terms.sum(1) / m.clamp(min=1)
     return mean_over_rows(row_loss, m > 0, student_logits)
-
-
-LIFTS = ("negative", "positive", "only")
 
 
 @dataclass

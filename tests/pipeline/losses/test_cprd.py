@@ -118,8 +118,6 @@ def test_tie_margin_must_be_positive():
         cprd_loss(torch.randn(2, 3), torch.randn(2, 3), tie_margin=0.0)
 
 
-
-
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("lift", ["positive", "only"])
 @pytest.mark.parametrize("num_valid,margin", [(None, None), (2, None), (None, 0.3), (3, 1.5)])
