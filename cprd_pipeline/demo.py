@@ -1,11 +1,12 @@
 """`cprd-pipeline demo`: the whole pipeline on the bundled demo, ending in a table a researcher can trust.
 
-1. generate the demo corpus (train and test splits) from data/demo.yaml
-2. unpack the demo's own student (tiny CLIP) and teacher (tiny BLIP ITM) from data/demo/
-3. mine -> score-teacher (BLIP's ITM + ITC score) -> evaluate the student and the teacher re-rank on test;
+1. generate the demo corpus (train split and the evaluation galleries) from the recipe (data/demo.yaml, or
+   data/demo-transfer.yaml for the setting where the teacher's knowledge reaches the student)
+2. unpack the recipe's student (tiny CLIP) and teacher (tiny BLIP) from its assets folder
+3. mine -> score-teacher (BLIP's ITM + ITC score) -> evaluate the student and the teacher re-rank;
    the teacher must beat the student there, or the demo says so and stops
-4. distill one student per method (--loss none | kl | cprd) and seed from the same teacher cache, plus a
-   CPRD run on a cache of the ITM score alone (where the gain comes from), and evaluate each
+4. distill one student per recipe method and seed from the same teacher cache (a method may learn from a cache
+   of the ITM score alone instead), and evaluate each
 5. report.md and report.json (the comparison table), and report/index.html: the run report (pipeline/report.py)
    of everything under --out, with the table first
 
@@ -81,19 +82,34 @@ def _prepare_data(recipe: dict, quick: bool, split: str, out: Path, log) -> tupl
 
 
 def _prepare_models(assets: Path, out: Path, log) -> tuple[Path, Path, dict]:
+    """Unpack the student and teacher of an assets folder (once per packed file) under OUT/models.
+
+    A folder may hold only a student: its assets.json's `teacher_from` then names the folder whose teacher it
+    was built against (relative to the repository), so one teacher file serves several students."""
     from pipeline.demo.models import unpack
 
-    if not (assets / "student.safetensors").exists():
-        raise PipelineError(f"{assets}: no demo models (student.safetensors, teacher.safetensors); "
+    meta_file = assets / "assets.json"
+    if not (assets / "student.safetensors").exists() or not meta_file.exists():
+        raise PipelineError(f"{assets}: no demo models (student.safetensors, assets.json); "
                             "build them with `make demo-assets`")
-    for kind in ("student", "teacher"):
-        asset, folder = assets / f"{kind}.safetensors", out / "models" / kind
+    meta = json.loads(meta_file.read_text())
+    packed = {"student": assets / "student.safetensors", "teacher": assets / "teacher.safetensors"}
+    if not packed["teacher"].exists():
+        if not meta.get("teacher_from"):
+            raise PipelineError(f"{meta_file}: no teacher.safetensors beside it and no `teacher_from` naming the "
+                                "assets folder that holds its teacher")
+        source = Path(meta["teacher_from"])
+        packed["teacher"] = (source if source.is_absolute() else REPO / source) / "teacher.safetensors"
+        if not packed["teacher"].exists():
+            raise PipelineError(f"{meta_file}: teacher_from {meta['teacher_from']!r} holds no teacher.safetensors")
+    for kind, asset in packed.items():
+        folder = out / "models" / kind
         marker = folder / "asset.sha256"
         if not marker.exists() or marker.read_text() != _digest(asset):
             log(f"[demo] unpacking {asset}")
             unpack(asset, folder)
             marker.write_text(_digest(asset))
-    return out / "models" / "student", out / "models" / "teacher", json.loads((assets / "assets.json").read_text())
+    return out / "models" / "student", out / "models" / "teacher", meta
 
 
 def _link_mine(run: Path, shared: Path) -> None:

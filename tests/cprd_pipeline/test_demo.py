@@ -1,6 +1,7 @@
 """The demo end to end in --quick mode, with the committed demo models."""
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,49 @@ def test_a_test_run_in_a_val_runs_folder_adds_its_galleries_and_keeps_the_train_
     _prepare_data(recipe, False, "val", tmp_path, logged.append)
     assert "splits train, val, val-1" in logged[-1]
     assert json.loads((tmp_path / "data" / "spec.json").read_text())["splits"] == ["train", "val", "val-1"]
+
+
+def test_the_transfer_recipe_runs_on_its_student_only_assets_with_the_demo_teacher(tmp_path):
+    """data/demo-transfer.yaml as shipped (quick mode, its chosen CPRD row and the baseline): its assets folder
+    holds only the 128x4 student, and the teacher comes from the folder its assets.json names."""
+    import yaml
+
+    recipe = yaml.safe_load((ASSETS.parent / "demo-transfer.yaml").read_text())
+    chosen = next(m for m in recipe["methods"] if m["loss"] == "cprd-kl")
+    out = tmp_path / "transfer"
+    cli("demo", "--quick", "--allow-weak-teacher", "--recipe", ASSETS.parent / "demo-transfer.yaml",
+        "--methods", chosen["name"], "--out", out, "--device", "cpu")
+    data = json.loads((out / "report.json").read_text())
+    assert [l for l in data if l.startswith("loss=")] == [_label(recipe, recipe["baseline"]), chosen["label"]]
+    from cprd_pipeline.demo import _digest
+    assert (out / "models" / "teacher" / "asset.sha256").read_text() == _digest(ASSETS / "teacher.safetensors")
+    student = json.loads((out / "models" / "student" / "config.json").read_text())
+    assert student["vision_config"]["num_hidden_layers"] == 4 and student["vision_config"]["hidden_size"] == 128
+    manifest = json.loads((out / "students" / f"{chosen['name']}-s0" / "manifest.json").read_text())
+    assert manifest["config"]["num_negatives"] == recipe["mine"]["k"] == 32
+    assert manifest["config"]["loss_options"]["kl_weight"] == chosen["kl_weight"]
+
+
+def test_an_assets_folder_without_a_teacher_needs_teacher_from_naming_one(tmp_path):
+    import shutil
+
+    from cprd_pipeline.demo import _prepare_models
+    from pipeline.errors import PipelineError
+
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    shutil.copy(ASSETS / "student.safetensors", assets / "student.safetensors")
+    meta = json.loads((ASSETS / "assets.json").read_text())
+    (assets / "assets.json").write_text(json.dumps(meta))
+    with pytest.raises(PipelineError, match=r"assets.json: no teacher.safetensors beside it and no `teacher_from`"):
+        _prepare_models(assets, tmp_path / "out", print)
+    (assets / "assets.json").write_text(json.dumps({**meta, "teacher_from": str(tmp_path)}))
+    with pytest.raises(PipelineError, match=re.escape(f"teacher_from '{tmp_path}' holds no teacher.safetensors")):
+        _prepare_models(assets, tmp_path / "out", print)
+    assert not (tmp_path / "out").exists()          # nothing unpacked before the teacher was found
+    (assets / "assets.json").write_text(json.dumps({**meta, "teacher_from": "data/demo"}))   # the repository's
+    student, teacher, got = _prepare_models(assets, tmp_path / "out", print)
+    assert got["teacher_from"] == "data/demo" and (teacher / "config.json").exists() and (student / "config.json").exists()
+    (assets / "assets.json").unlink()
+    with pytest.raises(PipelineError, match="no demo models"):
+        _prepare_models(assets, tmp_path / "out2", print)
