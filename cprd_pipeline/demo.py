@@ -55,6 +55,11 @@ class DemoConfig:
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
 
 
+def _in_repo(path: str) -> Path:
+    """A path from a recipe or assets.json: absolute as given, else relative to the repository."""
+    return Path(path) if Path(path).is_absolute() else REPO / path
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
@@ -98,17 +103,16 @@ def _prepare_models(assets: Path, out: Path, log) -> tuple[Path, Path, dict]:
         if not meta.get("teacher_from"):
             raise PipelineError(f"{meta_file}: no teacher.safetensors beside it and no `teacher_from` naming the "
                                 "assets folder that holds its teacher")
-        source = Path(meta["teacher_from"])
-        packed["teacher"] = (source if source.is_absolute() else REPO / source) / "teacher.safetensors"
+        packed["teacher"] = _in_repo(meta["teacher_from"]) / "teacher.safetensors"
         if not packed["teacher"].exists():
             raise PipelineError(f"{meta_file}: teacher_from {meta['teacher_from']!r} holds no teacher.safetensors")
     for kind, asset in packed.items():
         folder = out / "models" / kind
-        marker = folder / "asset.sha256"
-        if not marker.exists() or marker.read_text() != _digest(asset):
+        marker, digest = folder / "asset.sha256", _digest(asset)
+        if not marker.exists() or marker.read_text() != digest:
             log(f"[demo] unpacking {asset}")
             unpack(asset, folder)
-            marker.write_text(_digest(asset))
+            marker.write_text(digest)
     return out / "models" / "student", out / "models" / "teacher", meta
 
 
@@ -135,7 +139,7 @@ def run(cfg: DemoConfig) -> dict:
     if cfg.corpus_seed is not None:
         recipe["corpus"]["seed"] = cfg.corpus_seed
     out = Path(cfg.out)
-    assets = Path(recipe["assets"]) if Path(recipe["assets"]).is_absolute() else REPO / recipe["assets"]
+    assets = _in_repo(recipe["assets"])
     train, galleries = _prepare_data(recipe, cfg.quick, cfg.split, out, log)
     student, teacher, meta = _prepare_models(assets, out, log)
     w = float(meta["itc_weight"])
