@@ -4,6 +4,10 @@ A real teacher cache is made by the real stages (tiny CLIP student, tiny BLIP te
 Both modes run `StudentTowers` + `compute_loss` + AdamW, exactly the stage's step; only the batch source
 differs. Data-path share = (streaming - materialised) / streaming step time. Peak host memory of a process
 that streams every batch (no model) is measured with the shards as they are and copied 10 times.
+
+`--frozen-negatives` at 32 negatives: the same materialised batches, steps with every row encoded with gradient
+and with the negatives encoded without it, alternated step by step so that machine noise hits both alike; for
+cprd (reads the negatives) and none (reads only the pairs, so the frozen step skips the negatives).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import time
 from pathlib import Path
 
 N_IMAGES, BATCH, STEPS, WARMUP, WORKERS = 600, 64, 30, 3, 2
+K_FROZEN = 32   # negatives per query in the frozen-negatives comparison (the transfer demo's setting)
 
 
 def _setup(tmp: Path) -> Path:
@@ -26,12 +31,13 @@ def _setup(tmp: Path) -> Path:
     clip = save_tiny_clip(tmp / "clip", hidden=128, layers=4)
     blip = save_tiny_blip(tmp / "blip")
     run = tmp / "run"
-    stage("mine").run(run=str(run), data=str(ann), student=str(clip), k=8, device="cpu")
+    stage("mine").run(run=str(run), data=str(ann), student=str(clip), k=K_FROZEN, device="cpu")
     stage("score-teacher").run(run=str(run), teacher=str(blip), device="cpu")
     return run
 
 
-def _batches(run: Path, workers: int, shards: list[Path] | None = None, steps: int = STEPS + WARMUP):
+def _batches(run: Path, workers: int, shards: list[Path] | None = None, steps: int = STEPS + WARMUP,
+             num_negatives: int = 8):
     from pipeline.corpus import load_tables
     from pipeline.data import BatchSpec, DistillBatches, Processors, loader
     from pipeline.models import load_processors
@@ -39,7 +45,7 @@ def _batches(run: Path, workers: int, shards: list[Path] | None = None, steps: i
     student = json.loads((run / "mine" / "manifest.json").read_text())["config"]["student"]
     proc, tok = load_processors(student)
     files = shards or sorted((run / "teacher").glob("part-*.parquet"))
-    spec = BatchSpec(batch_size=BATCH, num_negatives=8, seed=0, shuffle_buffer=10000)
+    spec = BatchSpec(batch_size=BATCH, num_negatives=num_negatives, seed=0, shuffle_buffer=10000)
     data = DistillBatches(spec, files, load_tables(run / "mine" / "corpus"), Processors(proc, tok, 32), epoch=0,
                           batches=steps)
     return loader(data, workers)
@@ -71,6 +77,43 @@ def _time_steps(run: Path, source) -> float:
     return sum(times[WARMUP:]) / len(times[WARMUP:])
 
 
+def _time_frozen(run: Path, loss_name: str, steps: int = 12) -> dict:
+    """Mean step time with every row encoded with gradient vs the negatives frozen, alternated step by step."""
+    import torch
+
+    from pipeline.losses import registry
+    from pipeline.models import DualEncoder
+    from stages.distill import StudentTowers, compute_loss, pair_rows
+
+    torch.manual_seed(0)
+    batches = [{k: v for k, v in b.items() if k not in ("false_negatives", "dropped_by_margin")}
+               for b in _batches(run, 0, steps=steps + 1, num_negatives=K_FROZEN)]
+    student = json.loads((run / "mine" / "manifest.json").read_text())["config"]["student"]
+    towers = StudentTowers(DualEncoder(student)).train()
+    opt = torch.optim.AdamW(towers.parameters(), lr=1e-5)
+    loss = registry.get(loss_name)
+    options = loss.options(num_valid=K_FROZEN) if loss_name == "cprd" else loss.options()
+
+    def step(batch: dict, frozen: bool) -> float:
+        live = {**pair_rows(batch), "others": loss.fn is not None} if frozen else {}   # as Training.live
+        t = time.perf_counter()
+        img, txt, scale = towers(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], **live)
+        compute_loss(loss, options, 1.0, img, txt, scale, batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        return time.perf_counter() - t
+
+    step(batches[0], False), step(batches[0], True)   # warm-up
+    grad, frozen = [], []
+    for b in batches[1:]:
+        grad.append(step(b, False))
+        frozen.append(step(b, True))
+    g, f = sum(grad) / len(grad), sum(frozen) / len(frozen)
+    return {"step_s_grad": g, "step_s_frozen": f, "speedup": g / f,
+            "unique_images_per_batch": sum(len(b["pixel_values"]) for b in batches) / len(batches),
+            "pair_images_per_batch": sum(len(b["pair_image"].unique()) for b in batches) / len(batches)}
+
+
 def stream_only(run: str, copies: int) -> None:
     """Child process: stream every batch of the teacher shards (copied `copies` times), report peak RSS."""
     from bench.common import peak_rss_mb
@@ -100,6 +143,7 @@ def main() -> dict:
         materialised = list(_batches(run, 0))               # built once, before timing
         stream_s = _time_steps(run, _batches(run, WORKERS))
         mem_s = _time_steps(run, materialised)
+        frozen = {name: _time_frozen(run, name) for name in ("cprd", "none")}
         one = run_child("bench.distill_bench", "--stream-only", str(run), "1")
         ten = run_child("bench.distill_bench", "--stream-only", str(run), "10")
     share = max(0.0, (stream_s - mem_s) / stream_s)
@@ -111,6 +155,7 @@ def main() -> dict:
         "stream_peak_rss_mb_1x": one["peak_rss_mb"], "stream_peak_rss_mb_10x": ten["peak_rss_mb"],
         "rows_1x": one["rows"], "rows_10x": ten["rows"],
         "peak_rss_ratio_10x_over_1x": ten["peak_rss_mb"] / one["peak_rss_mb"],
+        "frozen_negatives": {"num_negatives": K_FROZEN, **frozen},
     }
 
 

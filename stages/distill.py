@@ -61,6 +61,11 @@ class DistillOptions:
     num_negatives: int = option(8, "teacher-ranked hard negatives per query (the first of the mined k)")
     max_teacher_margin: Optional[float] = option(None, "drop candidates the teacher scores above the query's "
                                                        "positive by more than this (likely false negatives)")
+    frozen_negatives: bool = option(False, "encode the hard negatives that are not also a query or positive of the "
+                                           "batch without gradient: a step at 32 negatives costs well under half "
+                                           "(make bench), but the distillation term then moves only each query "
+                                           "and the batch's pairs, and on the demo that loses the teacher's gain",
+                                    added=True)
     distill_weight: float = option(1.0, "weight of the distillation term")
     distill_directions: str = option("both", "query directions the distillation term is taught on: both, i2t "
                                              "(image queries ranking captions) or t2i (text queries ranking images); "
@@ -94,13 +99,43 @@ class StudentTowers(torch.nn.Module):
         if isinstance(getattr(self.model, "logit_bias", None), torch.nn.Parameter):
             self.model.logit_bias.requires_grad_(False)  # SigLIP's bias: unused by these losses (DDP needs all used)
 
-    def forward(self, pixel_values, input_ids, attention_mask):
+    def forward(self, pixel_values, input_ids, attention_mask, live_images=None, live_texts=None, others=True):
+        """[Ui, D] and [Ut, D] unit-norm features and the logit scale.
+
+        live_images / live_texts ([Ui] / [Ut] bool, optional): the rows encoded with gradient; the others are
+        encoded without it (others=True) or not at all, left zero (others=False: no loss reads them).
+        """
         enc = self._encoder[0]  # shares self.model; only its tokenizer-free feature helpers are used
-        img = enc.image_features(pixel_values)                            # [Ui, D], unit norm
-        txt = enc.text_features({"input_ids": input_ids, "attention_mask": attention_mask})  # [Ut, D]
+        img = _encode(enc.image_features, lambda rows: pixel_values[rows], len(pixel_values), live_images, others)
+        txt = _encode(enc.text_features, lambda rows: {"input_ids": input_ids[rows],
+                                                       "attention_mask": attention_mask[rows]},
+                      len(input_ids), live_texts, others)
         scale = self.model.logit_scale.exp().clamp(max=100.0) if hasattr(self.model, "logit_scale") else \
             torch.tensor(1.0, device=img.device)
         return img, txt, scale
+
+
+def _encode(features, select, n: int, live: Optional[torch.Tensor], others: bool) -> torch.Tensor:
+    """features(select(rows)) for all n rows, those outside `live` without gradient (or left zero)."""
+    if live is None:
+        return features(select(slice(None)))
+    on, off = live.nonzero().squeeze(1), (~live).nonzero().squeeze(1)
+    grad = features(select(on))                                            # [n_live, D]
+    out = grad.new_zeros(n, grad.shape[1]).index_copy(0, on, grad)
+    if others and len(off):
+        with torch.no_grad():
+            frozen = features(select(off))                                 # [n - n_live, D]
+        out = out.index_copy(0, off, frozen)   # outside no_grad: the copy keeps the live rows' graph
+    return out
+
+
+def pair_rows(batch: dict) -> dict[str, torch.Tensor]:
+    """live_images [Ui] and live_texts [Ut]: True for the images and captions of the batch's (query, positive)
+    pairs; every other row is a hard negative only."""
+    live_images = torch.zeros(len(batch["pixel_values"]), dtype=torch.bool, device=batch["pair_image"].device)
+    live_texts = torch.zeros(len(batch["input_ids"]), dtype=torch.bool, device=batch["pair_text"].device)
+    return {"live_images": live_images.index_fill(0, batch["pair_image"], True),
+            "live_texts": live_texts.index_fill(0, batch["pair_text"], True)}
 
 
 def distill_inputs(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, batch: dict) -> DistillInputs:
@@ -283,12 +318,21 @@ class Training(StepLoop):
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         with acc.accumulate(self.towers):
             with acc.autocast():
-                img, txt, scale = self.towers(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+                img, txt, scale = self.towers(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                              **self.live(batch))
             terms = compute_loss(self.loss, cfg.loss_options, cfg.distill_weight, img.float(), txt.float(),
                                  scale.float(), batch, cfg.distill_directions)
             backward_step(acc, self.towers, self.optimizer, terms, step, cfg.max_grad_norm)
         self.logit_scale = float(scale.detach())
         return {**{k: float(v.detach()) / cfg.grad_accum for k, v in terms.items()}, **counts}
+
+    def live(self, batch: dict) -> dict[str, Any]:
+        """The rows to encode with gradient: all ({}), or the batch's pairs only, the hard negatives encoded without
+        gradient (--frozen-negatives) or not at all when the loss reads none (none: they would cost most of the
+        step for nothing)."""
+        if not self.cfg.frozen_negatives and self.loss.fn is not None:
+            return {}
+        return {**pair_rows(batch), "others": self.loss.fn is not None}
 
     def logged(self) -> dict[str, float]:
         return {"logit_scale": self.logit_scale}

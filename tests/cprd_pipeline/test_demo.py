@@ -166,6 +166,9 @@ def test_the_transfer_recipe_runs_on_its_student_only_assets_with_the_demo_teach
     manifest = json.loads((out / "students" / f"{chosen['name']}-s0" / "manifest.json").read_text())
     assert manifest["config"]["num_negatives"] == recipe["mine"]["k"] == 32
     assert manifest["config"]["loss_options"]["kl_weight"] == chosen["kl_weight"]
+    assert (manifest["config"]["batch_size"], manifest["config"]["lr"]) == (recipe["distill"]["batch_size"], chosen["lr"])
+    baseline = json.loads((out / "students" / f"{recipe['baseline']}-s0" / "manifest.json").read_text())["config"]
+    assert (baseline["batch_size"], baseline["lr"]) == (64, 2e-4)   # none keeps its own (recipe's method overrides)
 
 
 def test_an_assets_folder_without_a_teacher_needs_teacher_from_naming_one(tmp_path):

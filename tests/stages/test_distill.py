@@ -413,3 +413,88 @@ def test_a_batch_without_the_taught_direction_still_logs_every_named_term():
     assert set(none) == set(both) == {"itc", "distill", "distill/cprd", "distill/kl", "loss"}
     assert float(none["distill"]) == 0.0 and float(none["distill/kl"]) == 0.0 and float(both["distill/kl"]) > 0
     assert float(none["loss"]) == pytest.approx(float(none["itc"]))
+
+
+def _towers_and_inputs(tiny_clip):
+    from pipeline.models import DualEncoder
+    from stages.distill import StudentTowers
+
+    enc = DualEncoder(str(tiny_clip))
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(7, 3, 32, 32, generator=g)
+    tokens = enc.tokenize(["a red circle", "two blue squares left of a star", "a star", "green", "a red circle",
+                           "one small yellow triangle"])
+    return StudentTowers(enc).eval(), pixels, tokens["input_ids"], tokens["attention_mask"]
+
+
+@pytest.mark.parametrize("others", [True, False])
+def test_frozen_negatives_encode_the_same_features_and_pass_gradient_through_live_rows_only(tiny_clip, others):
+    towers, pixels, ids, mask = _towers_and_inputs(tiny_clip)
+    live_img = torch.tensor([True, False, True, False, False, True, False])
+    live_txt = torch.tensor([False, True, True, False, True, False])
+    w_img, w_txt = torch.randn(7, 1), torch.randn(6, 1)   # a loss reading every row, each with its own weight
+
+    def grads(img, txt, scale):
+        towers.zero_grad()
+        ((img * w_img).sum() + (txt * w_txt).sum() + scale).backward()
+        return {n: p.grad.clone() for n, p in towers.named_parameters() if p.grad is not None}
+
+    # reference: every row encoded in one batch with gradient, then the non-live rows cut off the graph
+    img, txt, scale = towers(pixels, ids, mask)
+    ref_img = torch.where(live_img[:, None], img, img.detach() if others else torch.zeros_like(img))
+    ref_txt = torch.where(live_txt[:, None], txt, txt.detach() if others else torch.zeros_like(txt))
+    want = grads(ref_img, ref_txt, scale)
+    got_img, got_txt, got_scale = towers(pixels, ids, mask, live_images=live_img, live_texts=live_txt, others=others)
+    torch.testing.assert_close(got_img, ref_img.detach(), atol=1e-5, rtol=1e-5)   # other batch sizes: last bits
+    torch.testing.assert_close(got_txt, ref_txt.detach(), atol=1e-5, rtol=1e-5)
+    if not others:
+        assert not got_img[~live_img].any() and not got_txt[~live_txt].any()
+    got = grads(got_img, got_txt, got_scale)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+    # and the cut matters: with every row live the image tower's gradient differs
+    img, txt, scale = towers(pixels, ids, mask)
+    everything = grads(img, txt, scale)
+    assert any(not torch.allclose(everything[n], want[n], atol=1e-5) for n in want if "vision" in n)
+
+
+def test_frozen_negatives_train_on_the_same_loss_with_another_gradient(run, tmp_path):
+    distill(run, "--loss", "cprd", "--num-valid", "3", "--max-steps", "2", "--shuffle-buffer", "0")
+    frozen = tmp_path / "frozen"
+    shutil.copytree(run, frozen)
+    distill(frozen, "--loss", "cprd", "--num-valid", "3", "--max-steps", "2", "--shuffle-buffer", "0",
+            "--frozen-negatives", "--force")
+    a, b = metrics(run), metrics(frozen)
+    # the first step's loss is the same function of the same features; the update after it is not
+    assert b[0]["distill"] == pytest.approx(float(_first_batch_reference(run, "cprd")), rel=1e-4)
+    assert b[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-5)
+    wa, wb = final_weights(run), final_weights(frozen)
+    assert any(not torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa if "vision" in k)
+    manifest = json.loads((frozen / "distill" / "manifest.json").read_text())
+    assert manifest["config"]["frozen_negatives"] is True
+
+
+def test_a_loss_that_reads_no_negatives_skips_them_and_trains_as_if_they_were_encoded(run, tmp_path, monkeypatch):
+    from stages import distill as stage
+
+    every_row = tmp_path / "every-row"
+    shutil.copytree(run, every_row)
+    live, encode = stage.Training.live, stage._encode
+    monkeypatch.setattr(stage.Training, "live", lambda self, batch: {})   # the reference: every row encoded
+    distill(every_row, "--loss", "none", "--max-steps", "2", "--shuffle-buffer", "0")
+    monkeypatch.setattr(stage.Training, "live", live)
+    calls = []   # (rows in the table, rows encoded with gradient, others encoded at all)
+    monkeypatch.setattr(stage, "_encode", lambda f, select, n, rows, others: calls.append(
+        (n, int(rows.sum()), others)) or encode(f, select, n, rows, others))
+    distill(run, "--loss", "none", "--max-steps", "2", "--shuffle-buffer", "0")
+    assert calls and not any(others for _, _, others in calls)
+    assert any(n_live < n for n, n_live, _ in calls)   # the batches hold negatives that were skipped
+    # the same training: none reads only the batch's pairs, encoded with gradient either way
+    for x, y in zip(metrics(every_row), metrics(run)):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
+    # Adam divides by the gradient's own size, so last-bit differences of near-zero gradients (the pairs are
+    # encoded in a smaller batch) become a few % of a step; a real difference would be whole steps (lr 2e-3)
+    want, got = final_weights(every_row), final_weights(run)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=0)
