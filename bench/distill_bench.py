@@ -22,7 +22,8 @@ N_IMAGES, BATCH, STEPS, WARMUP, WORKERS = 600, 64, 30, 3, 2
 K_FROZEN = 32   # negatives per query in the frozen-negatives comparison (the transfer demo's setting)
 
 
-def _setup(tmp: Path) -> Path:
+def _setup(tmp: Path) -> dict[int, Path]:
+    """A teacher cache per mined k: 8 for the data-path rows, K_FROZEN for the frozen-negatives comparison."""
     from bench.common import synthetic_corpus
     from pipeline.tiny_models import save_tiny_blip, save_tiny_clip
     from stages import stage
@@ -30,10 +31,12 @@ def _setup(tmp: Path) -> Path:
     ann = synthetic_corpus(tmp / "data", N_IMAGES, 5)
     clip = save_tiny_clip(tmp / "clip", hidden=128, layers=4)
     blip = save_tiny_blip(tmp / "blip")
-    run = tmp / "run"
-    stage("mine").run(run=str(run), data=str(ann), student=str(clip), k=K_FROZEN, device="cpu")
-    stage("score-teacher").run(run=str(run), teacher=str(blip), device="cpu")
-    return run
+    runs = {}
+    for k in (8, K_FROZEN):
+        runs[k] = tmp / f"run-k{k}"
+        stage("mine").run(run=str(runs[k]), data=str(ann), student=str(clip), k=k, device="cpu")
+        stage("score-teacher").run(run=str(runs[k]), teacher=str(blip), device="cpu")
+    return runs
 
 
 def _batches(run: Path, workers: int, shards: list[Path] | None = None, steps: int = STEPS + WARMUP,
@@ -83,7 +86,7 @@ def _time_frozen(run: Path, loss_name: str, steps: int = 12) -> dict:
 
     from pipeline.losses import registry
     from pipeline.models import DualEncoder
-    from stages.distill import StudentTowers, compute_loss, pair_rows
+    from stages.distill import StudentTowers, compute_loss, pairs_only
 
     torch.manual_seed(0)
     batches = [{k: v for k, v in b.items() if k not in ("false_negatives", "dropped_by_margin")}
@@ -95,7 +98,7 @@ def _time_frozen(run: Path, loss_name: str, steps: int = 12) -> dict:
     options = loss.options(num_valid=K_FROZEN) if loss_name == "cprd" else loss.options()
 
     def step(batch: dict, frozen: bool) -> float:
-        live = {**pair_rows(batch), "others": loss.fn is not None} if frozen else {}   # as Training.live
+        live = pairs_only(batch, others=loss.fn is not None) if frozen else {}
         t = time.perf_counter()
         img, txt, scale = towers(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], **live)
         compute_loss(loss, options, 1.0, img, txt, scale, batch)["loss"].backward()
@@ -139,11 +142,12 @@ def main() -> dict:
     from bench.common import run_child
 
     with tempfile.TemporaryDirectory() as tmp:
-        run = _setup(Path(tmp))
+        runs = _setup(Path(tmp))
+        run = runs[8]
         materialised = list(_batches(run, 0))               # built once, before timing
         stream_s = _time_steps(run, _batches(run, WORKERS))
         mem_s = _time_steps(run, materialised)
-        frozen = {name: _time_frozen(run, name) for name in ("cprd", "none")}
+        frozen = {name: _time_frozen(runs[K_FROZEN], name) for name in ("cprd", "none")}
         one = run_child("bench.distill_bench", "--stream-only", str(run), "1")
         ten = run_child("bench.distill_bench", "--stream-only", str(run), "10")
     share = max(0.0, (stream_s - mem_s) / stream_s)

@@ -129,13 +129,14 @@ def _encode(features, select, n: int, live: Optional[torch.Tensor], others: bool
     return out
 
 
-def pair_rows(batch: dict) -> dict[str, torch.Tensor]:
-    """live_images [Ui] and live_texts [Ut]: True for the images and captions of the batch's (query, positive)
-    pairs; every other row is a hard negative only."""
+def pairs_only(batch: dict, others: bool) -> dict[str, Any]:
+    """StudentTowers' keyword arguments that encode with gradient only the images and captions of the batch's
+    (query, positive) pairs; every other row is a hard negative only, encoded without gradient (others) or not
+    at all."""
     live_images = torch.zeros(len(batch["pixel_values"]), dtype=torch.bool, device=batch["pair_image"].device)
     live_texts = torch.zeros(len(batch["input_ids"]), dtype=torch.bool, device=batch["pair_text"].device)
     return {"live_images": live_images.index_fill(0, batch["pair_image"], True),
-            "live_texts": live_texts.index_fill(0, batch["pair_text"], True)}
+            "live_texts": live_texts.index_fill(0, batch["pair_text"], True), "others": others}
 
 
 def distill_inputs(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, batch: dict) -> DistillInputs:
@@ -332,7 +333,7 @@ class Training(StepLoop):
         step for nothing)."""
         if not self.cfg.frozen_negatives and self.loss.fn is not None:
             return {}
-        return {**pair_rows(batch), "others": self.loss.fn is not None}
+        return pairs_only(batch, others=self.loss.fn is not None)
 
     def logged(self) -> dict[str, float]:
         return {"logit_scale": self.logit_scale}
