@@ -278,11 +278,16 @@ def _mean_metrics(per: list[dict]) -> dict:
 
 
 def _false_negatives(student_dir: Path) -> dict:
-    """Candidates dropped as false negatives per epoch, and their share of all candidates seen, from metrics.jsonl."""
+    """Per epoch, from metrics.jsonl: candidates dropped as false negatives (or by margin), the images and captions
+    the student encoded, and the share of list entries that were queries or positives of their own batch."""
     rows = [json.loads(l) for l in (student_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = max(1, len({r["epoch"] for r in rows}))
-    return {"false_negatives_per_epoch": sum(r.get("false_negatives", 0) for r in rows) / epochs,
-            "dropped_by_margin_per_epoch": sum(r.get("dropped_by_margin", 0) for r in rows) / epochs}
+    total = lambda key: sum(r.get(key, 0) for r in rows)
+    return {"false_negatives_per_epoch": total("false_negatives") / epochs,
+            "dropped_by_margin_per_epoch": total("dropped_by_margin") / epochs,
+            "images_encoded_per_epoch": total("images_encoded") / epochs,
+            "texts_encoded_per_epoch": total("texts_encoded") / epochs,
+            "in_batch_share": total("negatives_in_batch") / max(1, total("negatives"))}
 
 
 def _describe(model: Path) -> str:
@@ -326,7 +331,7 @@ def _report(rows: list[Row], meta: dict, recipe: dict, cfg: DemoConfig, n_galler
               else f"{recipe['distill'].get('epochs', 1)} epoch(s)")
     none = next((r for r in rows if r.seeded and r.name == recipe.get("baseline")), None)
     head = ("| method | seeds | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | RSUM | vs none | "
-            "Kendall tau | false neg. / epoch |\n" + "| --- " * 12 + "|\n")
+            "Kendall tau | false neg. / epoch | images encoded / epoch (lists in-batch) |\n" + "| --- " * 13 + "|\n")
     body = ""
     for r in rows:
         cells = [_cell([m[d][f"R@{k}"] for m in r.runs]) for d in ("i2t", "t2i") for k in KS]
@@ -336,8 +341,11 @@ def _report(rows: list[Row], meta: dict, recipe: dict, cfg: DemoConfig, n_galler
         fn = f"{np.mean([m['false_negatives_per_epoch'] for m in r.runs]):,.0f}" if r.seeded else ""
         by_margin = np.mean([m.get("dropped_by_margin_per_epoch", 0) for m in r.runs]) if r.seeded else 0
         fn += f" + {by_margin:,.0f} by margin" if by_margin else ""
+        encoded = (f"{np.mean([m['images_encoded_per_epoch'] for m in r.runs]):,.0f} "
+                   f"({100 * np.mean([m['in_batch_share'] for m in r.runs]):.0f}%)"
+                   if r.seeded and "images_encoded_per_epoch" in r.runs[0] else "")
         body += (f"| {r.label} | {seeds} | " + " | ".join(cells) + f" | {_cell([m['rsum'] for m in r.runs])} | "
-                 f"{versus} | {tau} | {fn} |\n")
+                 f"{versus} | {tau} | {fn} | {encoded} |\n")
     notes = []
     if cfg.quick:
         notes.append("**Quick mode**: a small corpus and a few steps; the numbers only show that every path runs.")
@@ -381,7 +389,10 @@ def _report(rows: list[Row], meta: dict, recipe: dict, cfg: DemoConfig, n_galler
         "agreement of the student's order with the teacher's scores over each query's top "
         f"{recipe.get('evaluate', {}).get('k_test', 16)} (mean of both directions). `false neg.`: mined candidates "
         "dropped per epoch because they match the query (identical caption text, or the same image); `+ N by "
-        "margin`: those a method's `max_teacher_margin` drops as well (the teacher scores them above the positive).\n\n"
+        "margin`: those a method's `max_teacher_margin` drops as well (the teacher scores them above the positive). "
+        "`images encoded / epoch`: what the student's image tower encoded in training, the cost of its steps (a list "
+        "entry outside its batch's pairs is encoded too, unless the lists are cut to the batch), and the share of "
+        "list entries that were queries or positives of their own batch.\n\n"
         + head + body + "\n" + galleries + gap +
         f"Total time {seconds / 60:.1f} min. Pictures: report/index.html. Raw numbers: report.json and eval/*/metrics.json.\n"
     )

@@ -13,7 +13,7 @@ A batch encodes each unique image (by file) and caption (by text) once. For B qu
 | pixel_values          | [Ui, 3, H, W]  | the batch's unique images                                  |
 | input_ids, attention_mask | [Ut, L]    | the batch's unique captions                                |
 | pair_image, pair_text | [B]            | (query, positive) pairs for the contrastive loss           |
-| pair_positive_mask    | [B, B]         | True where pair i's image matches pair j's caption         |
+| pair_positive_mask    | [B, B]         | True where pair j's caption is a caption of pair i's image file (shared captions included) |
 | query_is_image        | [B]            | True for i2t rows (query image, candidate texts)           |
 | query, positive       | [B]            | index into images (i2t query) or texts (t2i query), etc.   |
 | candidates            | [B, N]         | index of each hard negative in the other modality          |
@@ -21,6 +21,13 @@ A batch encodes each unique image (by file) and caption (by text) once. For B qu
 | teacher, teacher_positive | [B, N], [B] | teacher scores of negatives and of the chosen positive    |
 | false_negatives       | []             | candidates dropped as identical to a positive              |
 | dropped_by_margin     | []             | candidates dropped because the teacher scores them above the positive by more than `max_teacher_margin` |
+| negatives             | []             | list entries left after those two drops                    |
+| negatives_in_batch    | []             | of these, entries whose image or caption is a query or positive of the batch |
+
+A list entry outside the batch's pairs costs one more image or caption to encode; with `outside="drop"` it is
+left out of the list instead (the lists then hold only in-batch entries, and the batch encodes its pairs alone);
+with `outside_budget` N, only the N images and captions listed most often in the batch are encoded, and the
+entries of the others are left out.
 
 False negatives: a mined candidate that is really a match is never a negative. An i2t candidate caption is
 one when its text is identical to one of the query image's own captions, or when it belongs to the same image
@@ -31,7 +38,7 @@ positive by more than that margin is dropped too.
 from __future__ import annotations
 
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -60,6 +67,33 @@ def teacher_stream(files: Sequence[Path], seed: int, epoch: int, shuffle_buffer:
     return ds
 
 
+def packed_rows(files: Sequence[Path], columns: Sequence[str] = COLUMNS):
+    """The teacher shards' rows as one Arrow table, in shard order (the row numbers a packing order indexes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(f, columns=list(columns)) for f in files])
+
+
+def list_rows(files: Sequence[Path], matches: "Matches", num_negatives: int):
+    """(rows [R], cand_rows [R, N]) of the teacher shards for `pipeline.packing`: each row is its own unit, and
+    a list entry points at the row whose query it is (an i2t row's candidate caption at that caption's t2i row, a
+    t2i row's candidate image at that image's i2t row), so a batch holding that row holds the entry's image or
+    caption as a pair. False negatives (never negatives) and entries that are no query here are -1."""
+    import numpy as np
+
+    table = packed_rows(files, ("direction", "query_id", "positive_ids", "candidate_ids")).to_pydict()
+    row_of = {(d, q): r for r, (d, q) in enumerate(zip(table["direction"], table["query_id"]))}
+    cand_rows = np.full((len(row_of), num_negatives), -1, dtype=np.int64)
+    for r, (d, q, pos, cs) in enumerate(zip(table["direction"], table["query_id"], table["positive_ids"],
+                                            table["candidate_ids"])):
+        i2t = d == "i2t"
+        for j, c in enumerate(cs[:num_negatives]):
+            if not matches.false_negative(i2t, q, pos[0], c):
+                cand_rows[r, j] = row_of.get(("t2i" if i2t else "i2t", c), -1)
+    return np.arange(len(cand_rows)), cand_rows
+
+
 def pick(seed: int, epoch: int, query_id: str, n: int) -> int:
     """Which positive a row uses this epoch: a hash, so the choice survives a resume exactly."""
     return zlib.crc32(f"{seed}:{epoch}:{query_id}".encode()) % n
@@ -71,7 +105,9 @@ class BatchSpec:
     batch_size: int                        # queries per micro-batch
     num_negatives: int                     # the first N mined candidates of each row
     seed: int                              # shuffle and positive choice
-    shuffle_buffer: int = 10000            # rows in the streaming shuffle buffer
+    shuffle_buffer: int = 10000            # rows in the streaming shuffle buffer (without a packing order)
+    outside: str = "encode"                # list entries that are no query or positive of the batch: encode, drop
+    outside_budget: Optional[int] = None   # with "encode": at most this many of their images and captions
     max_teacher_margin: Optional[float] = None  # drop candidates the teacher puts this far above the positive
     image_cache_mb: float = 512            # processed images kept per worker (LRU)
     rank: int = 0
@@ -86,57 +122,91 @@ class Processors:
     max_length: int
 
 
-class DistillBatches(torch.utils.data.IterableDataset):
-    """Epoch `epoch`'s batches for this rank: `batches` of them, the first `skip` passed over (resume)."""
+class Matches:
+    """What matches what in a corpus, by content: a caption matches an image file when its text is one of that
+    file's captions (identical captions are one caption; two image ids of one file are one image)."""
 
-    columns: Sequence[str] = COLUMNS
-
-    def __init__(self, spec: BatchSpec, files: Sequence[Path], corpus: Any, processors: Processors, epoch: int,
-                 batches: int, skip: int = 0):
-        self.spec, self.files, self.corpus, self.processors = spec, list(files), corpus, processors
-        self.epoch, self.batches, self.skip = epoch, batches, skip
-        # Hard-negative images recur many times per epoch: keep processed images, least recently used out,
-        # up to `image_cache_mb` per worker (bounded, so host memory does not grow with the data).
-        self.cache_bytes, self._cache, self._cached = int(spec.image_cache_mb * 2**20), OrderedDict(), 0
+    def __init__(self, corpus: Any):
+        self.corpus = corpus
         self.image_row = {iid: i for i, iid in enumerate(corpus.image_ids)}
         self.text_row = {tid: i for i, tid in enumerate(corpus.text_ids)}
-        # for false negatives: each image's caption texts, each text's image row
         self.text_image = corpus.text_image_rows()
         self.row_of_path: dict[str, int] = {}
         for i, path in enumerate(corpus.image_paths):
             self.row_of_path.setdefault(path, i)
-        self.image_captions: list[set[str]] = [set() for _ in corpus.image_ids]
+        self.captions: dict[str, set[str]] = {}      # image file -> the texts of all its captions
         for text, img in zip(corpus.texts, self.text_image):
-            self.image_captions[img].add(text)
+            self.captions.setdefault(corpus.image_paths[img], set()).add(text)
+
+    def false_negative(self, i2t: bool, query: str, positive: str, candidate: str) -> bool:
+        """Whether a mined candidate really matches its query: an i2t candidate caption whose text is one of the
+        query image's captions or whose image is the query's file; a t2i candidate image that is the positive's
+        file or has the query caption's text among its captions."""
+        c = self.corpus
+        if i2t:
+            path, t = c.image_paths[self.image_row[query]], self.text_row[candidate]
+            return c.texts[t] in self.captions[path] or c.image_paths[self.text_image[t]] == path
+        path = c.image_paths[self.image_row[candidate]]
+        return (path == c.image_paths[self.image_row[positive]]
+                or c.texts[self.text_row[query]] in self.captions.get(path, ()))
+
+    def table(self, paths: Sequence[str], texts: Sequence[str]) -> torch.Tensor:
+        """[len(paths), len(texts)] bool: True where text j is a caption of image file i."""
+        return torch.tensor([[t in self.captions.get(p, ()) for t in texts] for p in paths],
+                            dtype=torch.bool).reshape(len(paths), len(texts))
+
+
+class DistillBatches(torch.utils.data.IterableDataset):
+    """Epoch `epoch`'s batches for this rank: `batches` of them, the first `skip` passed over (resume).
+
+    Rows come from the shuffled stream, or, given `order` (`pipeline/packing.py`: a permutation of the shards'
+    rows), batch b is rows order[b * batch_size : (b + 1) * batch_size], read from the shards held as one Arrow
+    table (per loader worker; only this process's batches are materialised)."""
+
+    columns: Sequence[str] = COLUMNS
+
+    def __init__(self, spec: BatchSpec, files: Sequence[Path], corpus: Any, processors: Processors, epoch: int,
+                 batches: int, skip: int = 0, order: Optional[Any] = None):
+        self.spec, self.files, self.corpus, self.processors = spec, list(files), corpus, processors
+        self.epoch, self.batches, self.skip, self.order = epoch, batches, skip, order
+        # Hard-negative images recur many times per epoch: keep processed images, least recently used out,
+        # up to `image_cache_mb` per worker (bounded, so host memory does not grow with the data).
+        self.cache_bytes, self._cache, self._cached = int(spec.image_cache_mb * 2**20), OrderedDict(), 0
+        self.matches = Matches(corpus)
+        self.image_row, self.text_row, self.row_of_path = (self.matches.image_row, self.matches.text_row,
+                                                           self.matches.row_of_path)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         spec = self.spec
-        stream = teacher_stream(self.files, spec.seed, self.epoch, spec.shuffle_buffer, self.columns)
         local = 0  # index among this rank's batches
-        # The stream is read to its end even past `self.batches`: batches are skipped, never cut, so the
-        # reader shuts down the same way every time.
-        for b, rows in enumerate(stream.iter(batch_size=spec.batch_size)):
+        for b, rows in enumerate(self._row_batches()):
             if b % spec.world_size != spec.rank or local >= self.batches:
                 continue
             if local >= self.skip and (local - self.skip) % workers == worker:
                 try:
-                    yield self.build(rows)
+                    yield self.build(rows())
                 except PipelineError as e:  # re-raised by the training loop with its one-line message
                     yield {"error": str(e)}
             local += 1
 
-    def _false_negative(self, i2t: bool, query: str, positive: str, candidate: str) -> bool:
-        c = self.corpus
-        if i2t:
-            img = self.image_row[query]
-            t = self.text_row[candidate]
-            return (c.texts[t] in self.image_captions[img]
-                    or c.image_paths[self.text_image[t]] == c.image_paths[img])
-        img = self.image_row[candidate]
-        return (c.image_paths[img] == c.image_paths[self.image_row[positive]]
-                or c.texts[self.text_row[query]] in self.image_captions[img])
+    def _row_batches(self):
+        """Each batch's rows as a zero-argument callable (a packed batch is read only if this process builds it)."""
+        spec = self.spec
+        if self.order is None:
+            stream = teacher_stream(self.files, spec.seed, self.epoch, spec.shuffle_buffer, self.columns)
+            # The stream is read to its end even past `self.batches`: batches are skipped, never cut, so the
+            # reader shuts down the same way every time.
+            for rows in stream.iter(batch_size=spec.batch_size):
+                yield lambda rows=rows: rows
+            return
+        table = packed_rows(self.files, self.columns)
+        if table.num_rows != len(self.order):
+            raise PipelineError(f"the packing order covers {len(self.order)} rows, the teacher shards hold "
+                                f"{table.num_rows}")
+        for start in range(0, len(self.order), spec.batch_size):
+            yield lambda start=start: table.take(self.order[start:start + spec.batch_size]).to_pydict()
 
     def build(self, rows: dict[str, list]) -> dict[str, Any]:
         c, n_neg, margin = self.corpus, self.spec.num_negatives, self.spec.max_teacher_margin
@@ -150,26 +220,44 @@ class DistillBatches(torch.utils.data.IterableDataset):
             return texts.setdefault(c.texts[self.text_row[tid]], len(texts))
 
         B = len(rows["query_id"])
+        choice = [pick(self.spec.seed, self.epoch, rows["query_id"][r], len(rows["positive_ids"][r])) for r in range(B)]
+        # the batch's pairs (query, positive) by image file and caption text: a list entry among them is in-batch
+        pair_paths, pair_texts = set(), set()
+        for r in range(B):
+            i2t, qid, pos = rows["direction"][r] == "i2t", rows["query_id"][r], rows["positive_ids"][r][choice[r]]
+            pair_paths.add(c.image_paths[self.image_row[qid if i2t else pos]])
+            pair_texts.add(c.texts[self.text_row[pos if i2t else qid]])
+
         is_i2t, query, positive, t_pos = [], [], [], []
         pair_img, pair_txt = [], []
         cand = torch.zeros(B, n_neg, dtype=torch.long)
         cmask = torch.zeros(B, n_neg, dtype=torch.bool)
         teacher = torch.zeros(B, n_neg)
         false_negatives = dropped = 0
+        entries = []   # per row: (position in the list, candidate id, its image file or caption text, in-batch)
         for r in range(B):
             qid, pos_ids = rows["query_id"][r], rows["positive_ids"][r]
-            p = pick(self.spec.seed, self.epoch, qid, len(pos_ids))
+            tp = rows["positive_teacher_scores"][r][choice[r]]
+            i2t = rows["direction"][r] == "i2t"
+            kept = []
+            for j, neg in enumerate(rows["candidate_ids"][r][:n_neg]):
+                if self.matches.false_negative(i2t, qid, pos_ids[choice[r]], neg):
+                    false_negatives += 1
+                elif margin is not None and rows["teacher_scores"][r][j] > tp + margin:
+                    dropped += 1
+                else:
+                    item = c.texts[self.text_row[neg]] if i2t else c.image_paths[self.image_row[neg]]
+                    kept.append((j, neg, item, item in (pair_texts if i2t else pair_paths)))
+            entries.append(kept)
+        listed, inside = sum(map(len, entries)), sum(e[3] for kept in entries for e in kept)
+        encoded = self._outside_encoded(entries, rows["direction"])
+        for r in range(B):
+            qid, pos_ids = rows["query_id"][r], rows["positive_ids"][r]
+            p = choice[r]
             scores = rows["teacher_scores"][r][:n_neg]
             tp = rows["positive_teacher_scores"][r][p]
             i2t = rows["direction"][r] == "i2t"
-            negs = []
-            for j, neg in enumerate(rows["candidate_ids"][r][:n_neg]):
-                if self._false_negative(i2t, qid, pos_ids[p], neg):
-                    false_negatives += 1
-                elif margin is not None and scores[j] > tp + margin:
-                    dropped += 1
-                else:
-                    negs.append((j, neg))
+            negs = [(j, neg) for j, neg, item, here in entries[r] if here or (i2t, item) in encoded]
             if i2t:
                 q, pp = img(qid), txt(pos_ids[p])
                 idx = [txt(t) for _, t in negs]
@@ -193,12 +281,22 @@ class DistillBatches(torch.utils.data.IterableDataset):
             "pixel_values": pixels,
             "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
             "pair_image": pi, "pair_text": pt,
-            "pair_positive_mask": (pi[:, None] == pi[None, :]) | (pt[:, None] == pt[None, :]),
+            "pair_positive_mask": self.matches.table(list(images), list(texts))[pi][:, pt],
             "query_is_image": torch.tensor(is_i2t), "query": torch.tensor(query), "positive": torch.tensor(positive),
             "candidates": cand, "candidate_mask": cmask, "teacher": teacher,
             "teacher_positive": torch.tensor(t_pos, dtype=torch.float32),
             "false_negatives": torch.tensor(false_negatives), "dropped_by_margin": torch.tensor(dropped),
+            "negatives": torch.tensor(listed), "negatives_in_batch": torch.tensor(inside),
         }
+
+    def _outside_encoded(self, entries: list[list[tuple]], directions: list[str]) -> set[tuple[bool, str]]:
+        """The list entries outside the batch's pairs that are encoded, as (i2t, image file or caption text): none
+        (outside "drop"), all ("encode"), or the `outside_budget` most listed ones (ties: first listed)."""
+        if self.spec.outside == "drop":
+            return set()
+        counts = Counter((d == "i2t", item) for d, kept in zip(directions, entries)
+                         for _, _, item, here in kept if not here)
+        return {key for key, _ in counts.most_common(self.spec.outside_budget)}
 
     def pixels(self, rows: list[int]) -> torch.Tensor:
         """[len(rows), 3, H, W]: cached images reused, the rest decoded and processed in one call."""
@@ -286,7 +384,7 @@ class MatchingBatches(DistillBatches):
             chosen.append((i2t, qid, pos))
             negs, sims = [], []
             for cand, sim in zip(rows["candidate_ids"][r][:n_neg], rows["student_scores"][r][:n_neg]):
-                if self._false_negative(i2t, qid, pos, cand):
+                if self.matches.false_negative(i2t, qid, pos, cand):
                     false_negatives += 1
                 else:
                     negs.append(cand), sims.append(sim)
@@ -308,7 +406,7 @@ class MatchingBatches(DistillBatches):
                 other_i2t, other_q, other_pos = chosen[(r + 1 + self._draw(qid, "batch", [1.0] * (B - 1))) % B]
                 # the other row's caption (for an image query) or image (for a caption query)
                 cand = (other_pos if other_i2t else other_q) if i2t else (other_q if other_i2t else other_pos)
-                if not self._false_negative(i2t, qid, pos, cand):
+                if not self.matches.false_negative(i2t, qid, pos, cand):
                     pair_img.append(img(qid) if i2t else img(cand)), pair_txt.append(txt(cand) if i2t else txt(qid))
                     label.append(0.0)
         # images of any size (ViLT keeps aspect ratios), each processed alone (a batched call would pad them
@@ -322,7 +420,7 @@ class MatchingBatches(DistillBatches):
         return {"pixel_values": pixels, "pixel_mask": mask, "input_ids": tokens["input_ids"],
                 "attention_mask": tokens["attention_mask"], "pair_image": pi, "pair_text": pt,
                 "label": torch.tensor(label), "positive_pairs": torch.tensor(positive_pairs),
-                "positive_mask": (pos_i[:, None] == pos_i[None, :]) | (pos_t[:, None] == pos_t[None, :]),
+                "positive_mask": self.matches.table(list(images), list(texts))[pos_i][:, pos_t],
                 "false_negatives": torch.tensor(false_negatives)}
 
 

@@ -172,7 +172,9 @@ class StepLoop:
         row = {"step": step, "epoch": epoch, **{k: mean_over_processes(self.acc, v) for k, v in sums.items()},
                "lr": self.scheduler.get_last_lr()[0], **self.logged(), **extra}
         for k in self.COUNTS:  # counts: summed over processes, not averaged
-            row[k] = int(round(row[k] * self.acc.num_processes))
+            if k in row:
+                row[k] = int(round(row[k] * self.acc.num_processes))
+        row.update(self.derived(row))
         if self.cfg.report_to:
             self.acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
         if self.acc.is_main_process:
@@ -184,6 +186,10 @@ class StepLoop:
 
     def logged(self) -> dict[str, float]:
         """Values of the model itself logged every step (distill: the logit scale)."""
+        return {}
+
+    def derived(self, row: dict) -> dict[str, float]:
+        """Values computed from the step's summed ones (distill: the share of list entries in-batch)."""
         return {}
 
     def checkpoint(self, step: int, epoch: int, batch_in_epoch: int) -> None:

@@ -222,7 +222,7 @@ def agreement_section(teacher: Optional[Found], dirs: dict[str, Direction], eval
 
 
 # ---------------------------------------------------------------------------------------------- training
-TRAINING_SKIP = {"step", "epoch", "false_negatives", "dropped_by_margin"}
+TRAINING_SKIP = {"step", "epoch", "false_negatives", "dropped_by_margin", "negatives", "negatives_in_batch"}
 
 
 def training_section(students: list[Found], root: Path) -> Section:
@@ -262,6 +262,9 @@ def training_section(students: list[Found], root: Path) -> Section:
         lines.append("| " + " | ".join(cells) + " |")
     text = ("Per optimizer step, from each student's `metrics.jsonl`: every named loss term (the loop's sum is "
             "`loss`), the learning rate and the student's logit scale" +
+            (", what each step encoded (`images_encoded`, `texts_encoded`: unique images and captions) and the share "
+             "of list entries whose image or caption was a query or positive of the same batch (`in_batch_share`)"
+             if "in_batch_share" in keys else "") +
             (", and the validation metrics (`val_*`)" if any(k.startswith("val_") for k in keys) else "") +
             ".\n\n" + "\n".join(lines))
     return Section("training", "Training", text, [("training curves", _png(fig))])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -36,7 +37,7 @@ from pipeline.artifacts import StageWriter, atomic_write_json, read_json, requir
 from pipeline.card import write_card
 from pipeline.config import choice_options, option, runtime
 from pipeline.corpus import load_tables
-from pipeline.data import BatchSpec, DistillBatches, Processors
+from pipeline.data import BatchSpec, DistillBatches, Matches, Processors, list_rows
 from pipeline.dist import Dist
 from pipeline.errors import PipelineError
 from pipeline.log import make_result
@@ -44,11 +45,14 @@ from pipeline.losses import DistillInputs, DistillLoss, itc_loss, registry
 from pipeline.models import DualEncoder, model_identity, save_pretrained_folder, write_st_modules
 from pipeline.loop import (Length, StepLoop, TrainingOptions, TrainingRuntime, accelerator, check_length, run_loop,
                            tracker_config)
+from pipeline.packing import in_batch_share, plan
 from pipeline.training import backward_step, param_groups, warmup_cosine
 from pipeline.validation import Validator
 
 
 DIRECTIONS = ("both", "i2t", "t2i")   # --distill-directions
+BATCHING = ("shuffle", "packed")      # --batching
+OUT_OF_BATCH = ("encode", "drop")     # --out-of-batch
 
 
 @dataclass
@@ -66,6 +70,22 @@ class DistillOptions:
                                            "(make bench), but the distillation term then moves only each query "
                                            "and the batch's pairs, and on the demo that loses the teacher's gain",
                                     added=True)
+    batching: str = option("shuffle", "how an epoch's rows form batches: shuffle (rows through the streaming shuffle "
+                                      "buffer) or packed (clusters of --cluster-size rows whose mined negatives are "
+                                      "each other's queries, dealt in random order; pipeline/packing.py: on the demo "
+                                      "it raises the share of in-batch list entries and costs the student recall)",
+                           choices=BATCHING, added=True)
+    out_of_batch: str = option("encode", "list entries whose image or caption is no query or positive of the batch: "
+                                         "encode (with gradient, or without it under --frozen-negatives; at 32 "
+                                         "negatives, most of a step) or drop (left out of the list: a step encodes "
+                                         "the batch's pairs alone, as contrastive training does, and on the demo "
+                                         "keeps little of the teacher's gain)", choices=OUT_OF_BATCH, added=True)
+    cluster_size: int = option(64, "with --batching packed: rows per cluster of mutual hard negatives; a batch "
+                                   "holds batch-size / cluster-size clusters dealt at random", added=True)
+    out_of_batch_budget: Optional[int] = option(None, "with --out-of-batch encode: encode at most this many of "
+                                                      "those images and captions per batch, the ones listed most "
+                                                      "often (the others' entries are dropped); default: all",
+                                                added=True)
     distill_weight: float = option(1.0, "weight of the distillation term")
     distill_directions: str = option("both", "query directions the distillation term is taught on: both, i2t "
                                              "(image queries ranking captions) or t2i (text queries ranking images); "
@@ -207,7 +227,7 @@ def run(cfg: DistillConfig) -> Path:
 def _check(cfg: DistillConfig) -> None:
     if not cfg.run:
         raise PipelineError("distill needs --run")
-    check_length(cfg, ("batch_size", "num_negatives"))
+    check_length(cfg, ("batch_size", "num_negatives", "cluster_size"))
     num_valid = getattr(cfg.loss_options, "num_valid", None)
     if num_valid is not None and num_valid < 1:
         raise PipelineError(f"--num-valid must be at least 1 (or unset), got {num_valid}")
@@ -216,6 +236,14 @@ def _check(cfg: DistillConfig) -> None:
         value = getattr(cfg.loss_options, name, None)    # None: unset, or not an option of the chosen loss
         if value is not None and not ok(value):
             raise PipelineError(f"--{name.replace('_', '-')} must be {want}, got {value}")
+    if cfg.batching != "packed" and cfg.cluster_size != DistillOptions.cluster_size:
+        raise PipelineError("--cluster-size sizes the clusters of --batching packed (add it, or leave the size out)")
+    if cfg.out_of_batch_budget is not None and (cfg.out_of_batch_budget < 1 or cfg.out_of_batch != "encode"):
+        raise PipelineError("--out-of-batch-budget must be at least 1, with --out-of-batch encode "
+                            f"(got {cfg.out_of_batch_budget} with --out-of-batch {cfg.out_of_batch})")
+    if cfg.frozen_negatives and cfg.out_of_batch == "drop":
+        raise PipelineError("--frozen-negatives encodes the list entries outside the batch without gradient; with "
+                            "--out-of-batch drop there are none (add --out-of-batch encode)")
     if cfg.eval_every is not None and cfg.eval_every < 1:
         raise PipelineError(f"--eval-every must be at least 1, got {cfg.eval_every}")
     if cfg.val_k_test < 2:
@@ -223,6 +251,14 @@ def _check(cfg: DistillConfig) -> None:
     for name in ("eval_every", "keep_best"):
         if getattr(cfg, name) and not cfg.val_data:
             raise PipelineError(f"--{name.replace('_', '-')} needs --val-data (a held-out corpus to validate on)")
+
+
+def batch_spec(cfg: DistillConfig, rank: int = 0, world_size: int = 1) -> BatchSpec:
+    return BatchSpec(batch_size=cfg.batch_size, num_negatives=cfg.num_negatives, seed=cfg.seed,
+                     shuffle_buffer=cfg.shuffle_buffer, outside=cfg.out_of_batch,
+                     outside_budget=cfg.out_of_batch_budget,
+                     max_teacher_margin=cfg.max_teacher_margin, image_cache_mb=cfg.image_cache_mb, rank=rank,
+                     world_size=world_size)
 
 
 def teacher_rows(teacher: dict) -> int:
@@ -249,7 +285,8 @@ def _upstream(cfg: DistillConfig, paths: layout.Run) -> tuple[dict, dict]:
 class Training(StepLoop):
     """Everything one distill run holds; one method per phase (the step loop itself: pipeline/loop.py)."""
     name = "distill"
-    COUNTS = ("false_negatives", "dropped_by_margin")
+    COUNTS = ("false_negatives", "dropped_by_margin", "negatives", "negatives_in_batch", "images_encoded",
+              "texts_encoded")
     SHOWN = ("loss", "itc", "distill")
 
     def __init__(self, cfg: DistillConfig, acc, dist: Dist, out: Path, log, encoder: DualEncoder, towers, optimizer,
@@ -264,6 +301,7 @@ class Training(StepLoop):
         self.state["best"] = None
         self.logit_scale = 0.0            # the student's scale at the last micro-step (logged per step)
         self.last_val: Optional[dict] = None
+        self.groups = None                # (rows, cand_rows) of the teacher shards, with --batching packed
 
     @classmethod
     def setup(cls, cfg: DistillConfig, acc, dist: Dist, paths: layout.Run, mine: dict, teacher: dict, student: dict,
@@ -302,12 +340,19 @@ class Training(StepLoop):
 
     def batches(self, epoch: int, skip: int, stop: int) -> DistillBatches:
         cfg = self.cfg
-        spec = BatchSpec(batch_size=cfg.batch_size, num_negatives=cfg.num_negatives, seed=cfg.seed,
-                         shuffle_buffer=cfg.shuffle_buffer, max_teacher_margin=cfg.max_teacher_margin,
-                         image_cache_mb=cfg.image_cache_mb, rank=self.dist.rank, world_size=self.dist.world_size)
+        spec = batch_spec(cfg, self.dist.rank, self.dist.world_size)
+        order = None
+        if cfg.batching == "packed":
+            started = time.perf_counter()
+            if self.groups is None:
+                self.groups = list_rows(self.files, Matches(self.corpus), cfg.num_negatives)
+            order = plan(*self.groups, cfg.cluster_size, cfg.seed, epoch)
+            self.log(f"[distill] epoch {epoch}: rows packed around their negatives in "
+                     f"{time.perf_counter() - started:.1f} s, "
+                     f"{100 * in_batch_share(*self.groups, order, cfg.batch_size):.0f}% of list entries in-batch")
         enc = self.encoder
         return DistillBatches(spec, self.files, self.corpus, Processors(enc.image_processor, enc.tokenizer,
-                                                                        enc.max_length), epoch, stop, skip)
+                                                                        enc.max_length), epoch, stop, skip, order)
 
     def micro_step(self, batch: dict, step: int) -> dict[str, float]:
         """Forward, backward and (when the accumulation is complete) the optimizer step of one micro-batch.
@@ -315,12 +360,16 @@ class Training(StepLoop):
         Returns this micro-batch's share of the step's logged values: each term / grad_accum, and the counts.
         """
         acc, cfg = self.acc, self.cfg
-        counts = {k: float(batch.pop(k)) for k in self.COUNTS}
+        counts = {k: float(batch.pop(k)) for k in self.COUNTS if k in batch}
         batch = {k: v.to(acc.device) for k, v in batch.items()}
+        live = self.live(batch)
+        encoded = lambda rows, key: float(live[key].sum()) if live and not live["others"] else float(len(rows))
+        counts.update(images_encoded=encoded(batch["pixel_values"], "live_images"),
+                      texts_encoded=encoded(batch["input_ids"], "live_texts"))
         with acc.accumulate(self.towers):
             with acc.autocast():
                 img, txt, scale = self.towers(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                                              **self.live(batch))
+                                              **live)
             terms = compute_loss(self.loss, cfg.loss_options, cfg.distill_weight, img.float(), txt.float(),
                                  scale.float(), batch, cfg.distill_directions)
             backward_step(acc, self.towers, self.optimizer, terms, step, cfg.max_grad_norm)
@@ -338,8 +387,14 @@ class Training(StepLoop):
     def logged(self) -> dict[str, float]:
         return {"logit_scale": self.logit_scale}
 
+    def derived(self, row: dict) -> dict[str, float]:
+        return {"in_batch_share": row["negatives_in_batch"] / row["negatives"]} if row.get("negatives") else {}
+
     def postfix(self, row: dict) -> dict[str, str]:
         shown = super().postfix(row)
+        shown["enc"] = f"{row['images_encoded']}i/{row['texts_encoded']}t"
+        if "in_batch_share" in row:
+            shown["in_batch"] = f"{row['in_batch_share']:.0%}"
         if self.last_val:
             shown["val_rsum"] = f"{self.last_val['val_rsum']:.1f}"
         return shown

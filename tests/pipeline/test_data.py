@@ -143,3 +143,139 @@ def test_max_teacher_margin_drops_candidates_far_above_the_positive(scored_run):
         assert int(batch["candidate_mask"][r].sum()) == sum(keep)
     assert int(batch["dropped_by_margin"]) == dropped
     assert 0 < dropped < 48  # the tiny teacher is random: some candidates score above the positive, not all
+
+
+def _packed(run, batch_size=48, batches=100, cluster_size=8, **kw):
+    from pipeline.data import Matches, list_rows
+    from pipeline.packing import plan
+
+    files = sorted((run / "teacher").glob("part-*.parquet"))
+    corpus = load_tables(run / "mine" / "corpus")
+    order = plan(*list_rows(files, Matches(corpus), 4), cluster_size, 3, 1)
+    data, proc, tok = _dataset(run, corpus, batches=batches, batch_size=batch_size, **kw)
+    data.order = order
+    return data, order, files
+
+
+def test_packed_batch_b_holds_rows_b_of_the_order(scored_run):
+    import pyarrow as pa
+    data, order, files = _packed(scored_run)
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    query_ids = table.column("query_id").to_pylist()
+    for b, batch in enumerate(data):
+        rows = order[b * 48:(b + 1) * 48]
+        got = data.build(table.take(rows).to_pydict())
+        assert batch["query"].tolist() == got["query"].tolist() and len(batch["query"]) == len(rows)
+    assert b == len(order) // 48 - (len(order) % 48 == 0)
+
+
+def test_packed_dealing_covers_every_batch_once_and_holds_no_table_before_it_iterates(scored_run):
+    import pickle
+    whole, _, _ = _packed(scored_run, batch_size=24, batches=6)
+    ranks = [_packed(scored_run, batch_size=24, batches=3, rank=r, world_size=2)[0] for r in range(2)]
+    ids = lambda ds: [tuple(b["query"].tolist()) + tuple(b["positive"].tolist()) for b in ds]
+    a, b = ids(ranks[0]), ids(ranks[1])
+    assert len(a) == len(b) == 3
+    assert sorted(a + b) == sorted(ids(whole))
+    # what a loader worker receives: the order ([R] ints) and the corpus tables, not the teacher rows, which
+    # each worker reads itself; the processed-image cache stays within its bound while packed batches stream
+    assert len(pickle.dumps(whole.order)) < 8 * len(whole.order) + 1000
+    assert not any("Table" in type(v).__name__ for v in vars(whole).values())
+    small, _, _ = _packed(scored_run, batch_size=24, batches=6, image_cache_mb=0.03)
+    for _ in small:
+        assert small._cached <= small.cache_bytes
+
+
+@pytest.mark.parametrize("outside,budget", [("drop", None), ("encode", None), ("encode", 3)])
+def test_list_entries_outside_the_batch_are_counted_and_dropped_or_kept(scored_run, outside, budget):
+    """Brute force from the definition: an entry is in-batch when its caption text or image file is that of a
+    query or (chosen) positive of the batch; with a budget, only the `budget` outside items listed most often
+    (ties: the first listed) keep their entries."""
+    rows = _rows(scored_run, n=24)
+    n = len(rows["query_id"])
+    data, _, _ = _dataset(scored_run, outside=outside, outside_budget=budget)
+    batch = data.build(rows)
+    corpus = data.corpus
+    path = dict(zip(corpus.image_ids, corpus.image_paths))
+    text = dict(zip(corpus.text_ids, corpus.texts))
+    chosen = [rows["positive_ids"][r][pick(3, 1, rows["query_id"][r], len(rows["positive_ids"][r]))]
+              for r in range(n)]
+    i2t = [d == "i2t" for d in rows["direction"]]
+    pair_paths = {path[q if i else p] for q, p, i in zip(rows["query_id"], chosen, i2t)}
+    pair_texts = {text[p if i else q] for q, p, i in zip(rows["query_id"], chosen, i2t)}
+    item = lambda r, c: ("t", text[c]) if i2t[r] else ("i", path[c])
+    counts, first = {}, {}
+    for r in range(n):
+        for c in rows["candidate_ids"][r][:4]:
+            if not (text[c] in pair_texts if i2t[r] else path[c] in pair_paths):
+                counts[item(r, c)] = counts.get(item(r, c), 0) + 1
+                first.setdefault(item(r, c), len(first))
+    ranked = sorted(counts, key=lambda k: (-counts[k], first[k]))
+    allowed = set(ranked if budget is None else ranked[:budget]) if outside == "encode" else set()
+    listed = inside = 0
+    for r in range(n):
+        keep = []
+        for c, s in zip(rows["candidate_ids"][r][:4], rows["teacher_scores"][r][:4]):
+            here = text[c] in pair_texts if i2t[r] else path[c] in pair_paths
+            listed, inside = listed + 1, inside + here   # the test corpus has no false negatives
+            if here or item(r, c) in allowed:
+                keep.append(s)
+        assert int(batch["candidate_mask"][r].sum()) == len(keep)
+        assert batch["teacher"][r, :len(keep)].tolist() == pytest.approx(keep)
+    assert int(batch["negatives"]) == listed and int(batch["negatives_in_batch"]) == inside
+    assert 0 < inside < listed
+    # what is encoded: the pairs, and the outside items allowed
+    assert (len(batch["pixel_values"]) + len(batch["input_ids"]) == len(set(batch["pair_image"].tolist()))
+            + len(set(batch["pair_text"].tolist())) + len(allowed))
+    assert budget is None or len(allowed) == budget < len(counts)
+
+
+def test_the_contrastive_positives_are_every_caption_of_each_image_file(scored_run):
+    """Captions shared between images (as in the demo, where every image of a combination has the same five):
+    pair a's image matches pair b's caption whenever that text is one of the image's captions, even when the
+    two pairs share neither image nor caption, and the packing graph leaves such false negatives out."""
+    import copy
+
+    from pipeline.data import Matches, list_rows
+
+    corpus = copy.deepcopy(load_tables(scored_run / "mine" / "corpus"))
+    image_row = {iid: i for i, iid in enumerate(corpus.image_ids)}
+    for t, iid in enumerate(corpus.text_image_ids):       # 3 kinds of image, each kind's captions alike
+        corpus.texts[t] = f"shape {image_row[iid] % 3} phrasing {t % 5}"
+    rows = _rows(scored_run, n=24)
+    n = len(rows["query_id"])
+    data, _, _ = _dataset(scored_run, corpus=corpus)
+    batch = data.build(rows)
+    path = dict(zip(corpus.image_ids, corpus.image_paths))
+    text = dict(zip(corpus.text_ids, corpus.texts))
+    captions = {}
+    for tid, iid in zip(corpus.text_ids, corpus.text_image_ids):
+        captions.setdefault(path[iid], set()).add(text[tid])
+    pairs = []
+    for r in range(n):
+        pos = rows["positive_ids"][r][pick(3, 1, rows["query_id"][r], len(rows["positive_ids"][r]))]
+        q = rows["query_id"][r]
+        pairs.append((path[q], text[pos]) if rows["direction"][r] == "i2t" else (path[pos], text[q]))
+    want = [[pairs[b][1] in captions[pairs[a][0]] for b in range(n)] for a in range(n)]
+    assert batch["pair_positive_mask"].tolist() == want
+    old = [[pairs[a][0] == pairs[b][0] or pairs[a][1] == pairs[b][1] for b in range(n)] for a in range(n)]
+    assert sum(map(sum, want)) > sum(map(sum, old))      # pairs that share nothing yet match
+
+    files = sorted((scored_run / "teacher").glob("part-*.parquet"))
+    rows_, cand = list_rows(files, Matches(corpus), 4)
+    import pyarrow as pa
+    table = pa.concat_tables([pq.read_table(f) for f in files]).to_pydict()
+    assert rows_.tolist() == list(range(len(table["query_id"])))
+    row_of = {(d, q): r for r, (d, q) in enumerate(zip(table["direction"], table["query_id"]))}
+    left_out = 0
+    for r, (d, q, pos, cs) in enumerate(zip(table["direction"], table["query_id"], table["positive_ids"],
+                                            table["candidate_ids"])):
+        for j, c in enumerate(cs[:4]):
+            if d == "i2t":
+                false = text[c] in captions[path[q]]
+            else:
+                false = path[c] == path[pos[0]] or text[q] in captions[path[c]]
+            left_out += false
+            # an entry points at the row whose query it is (its caption's t2i row, its image's i2t row)
+            assert cand[r, j] == (-1 if false else row_of[("t2i" if d == "i2t" else "i2t", c)])
+    assert left_out > 0

@@ -95,6 +95,7 @@ def test_full_run_has_every_section_and_the_numbers_match_a_naive_count(full_run
     (student,) = table(md, "| student | state |")
     assert student[:3] == ["distill", "complete", "3"]
     assert float(student[3]) == pytest.approx(steps[-1]["loss"], abs=1e-4)
+    assert "in_batch_share" in steps[-1] and "`in_batch_share`" in md and "`images_encoded`" in md
 
 
 def test_partial_run_names_what_is_missing(mined_run, tmp_path):

@@ -51,26 +51,40 @@ def test_first_losses_are_deterministic_and_named(run, tmp_path):
 LOSS_FLAGS = {"cprd": ("--num-valid", "3"), "kl": ("--teacher-temperature", "2")}
 
 
-def _first_batch_reference(run, loss, include_positive=False, direction=None, shuffle_buffer=0):
-    """The first step's distillation term recomputed outside the loop: the first batch (shuffle off) through the
-    untouched student, then the plain-loop reference of the named loss (with `direction` "i2t" or "t2i": over
-    that direction's rows only, times their share of the batch)."""
+def first_batch(run, batch_size=16, num_negatives=5, seed=0, shuffle_buffer=0, packed=False, outside="drop",
+                cluster_size=64):
+    """(the first batch of epoch 0 as distill builds it, the student): the shuffled stream's first rows (the
+    default), or packed in clusters around their negatives; list entries outside the batch dropped or kept."""
+    from pipeline.corpus import load_tables
+    from pipeline.data import BatchSpec, DistillBatches, Matches, Processors, list_rows
+    from pipeline.models import DualEncoder
+    from pipeline.packing import plan
+
+    student = json.loads((run / "mine" / "manifest.json").read_text())["config"]["student"]
+    enc = DualEncoder(student)
+    files = sorted((run / "teacher").glob("part-*.parquet"))
+    corpus = load_tables(run / "mine" / "corpus")
+    spec = BatchSpec(batch_size=batch_size, num_negatives=num_negatives, seed=seed, shuffle_buffer=shuffle_buffer,
+                     outside=outside)
+    order = plan(*list_rows(files, Matches(corpus), num_negatives), cluster_size, seed, 0) if packed else None
+    batch = next(iter(DistillBatches(spec, files, corpus, Processors(enc.image_processor, enc.tokenizer,
+                                                                     enc.max_length), 0, 1, order=order)))
+    return batch, enc
+
+
+def _first_batch_reference(run, loss, include_positive=False, direction=None, shuffle_buffer=0, packed=False,
+                           outside="drop", batch_size=16, cluster_size=64):
+    """The first step's distillation term recomputed outside the loop: the first batch (the stream's, shuffle off
+    unless asked, or packed) through the untouched student, then the plain-loop reference of the named loss (with
+    `direction` "i2t" or "t2i": over that direction's rows only, times their share of the batch)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline" / "losses"))
     import reference as ref
 
-    from pipeline.corpus import load_tables
-    from pipeline.data import BatchSpec, DistillBatches, Processors
-    from pipeline.models import DualEncoder
-
-    student = json.loads((run / "mine" / "manifest.json").read_text())["config"]["student"]
-    enc = DualEncoder(student)
-    files = sorted((run / "teacher").glob("part-*.parquet"))
-    spec = BatchSpec(batch_size=16, num_negatives=5, seed=0, shuffle_buffer=shuffle_buffer)
-    batch = next(iter(DistillBatches(spec, files, load_tables(run / "mine" / "corpus"),
-                                     Processors(enc.image_processor, enc.tokenizer, enc.max_length), 0, 1)))
+    batch, enc = first_batch(run, batch_size, shuffle_buffer=shuffle_buffer, packed=packed, outside=outside,
+                             cluster_size=cluster_size)
     with torch.no_grad():
         img = enc.image_features(batch["pixel_values"]).double()
         txt = enc.text_features({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).double()
@@ -97,42 +111,83 @@ def _first_batch_reference(run, loss, include_positive=False, direction=None, sh
             "margin-mse": lambda: ref.margin_mse_ref(s_pos, s, t_pos, t, m),
             "hard-negatives": lambda: ref.hard_negatives_ref(s_pos, s, m),
             "cprd-kl/cprd": lambda: ref.cprd_ref(s, t, m, num_valid=3),
-            "cprd-kl/kl": lambda: 0.5 * ref.kl_ref(s, t, m, T=2.0)}[loss]()
+            "cprd-kl/kl": lambda: 0.5 * ref.kl_ref(s, t, m, T=2.0), "kl-T2": lambda: ref.kl_ref(s, t, m, T=2.0)}[loss]()
 
 
 @pytest.mark.parametrize("loss", ["cprd", "kl", "listmle", "ranknet", "margin-mse", "hard-negatives", "none"])
 def test_every_loss_runs_through_the_loop_as_itself(run, loss):
-    distill(run, "--loss", loss, *LOSS_FLAGS.get(loss, ()), "--max-steps", "2", "--shuffle-buffer", "0")
+    # batches of 48 rows, each list cut to the entries that are queries or positives of its own batch
+    distill(run, "--loss", loss, *LOSS_FLAGS.get(loss, ()), "--max-steps", "2", "--batch-size", "48",
+            "--shuffle-buffer", "0", "--out-of-batch", "drop")
     m = metrics(run)
     assert len(m) == 2 and all(torch.isfinite(torch.tensor(x["loss"])) for x in m)
     assert ("distill" in m[0]) == (loss != "none")
+    assert 0 < m[0]["negatives_in_batch"] < m[0]["negatives"]
     if loss != "none":  # the logged term is the named loss on the first batch, not some other one
-        assert m[0]["distill"] == pytest.approx(float(_first_batch_reference(run, loss)), rel=1e-4)
+        want = float(_first_batch_reference(run, loss, batch_size=48))
+        assert m[0]["distill"] == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["cprd", "kl"])
+def test_whole_lists_train_as_before(run, loss):
+    distill(run, "--loss", loss, *LOSS_FLAGS[loss], "--max-steps", "2", "--out-of-batch", "encode",
+            "--shuffle-buffer", "0")
+    m = metrics(run)[0]
+    want = float(_first_batch_reference(run, loss, outside="encode"))
+    assert m["distill"] == pytest.approx(want, rel=1e-4)
+    batch, _ = first_batch(run, outside="encode")
+    dropped, _ = first_batch(run)                             # --out-of-batch drop cuts them to the batch
+    assert int(dropped["candidate_mask"].sum()) < int(batch["candidate_mask"].sum())
+    assert m["images_encoded"] == len(batch["pixel_values"]) and m["texts_encoded"] == len(batch["input_ids"])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_in_batch_lists_encode_the_batchs_pairs_alone_and_count_it(run, packed):
+    flags = ("--batching", "packed", "--cluster-size", "8") if packed else ("--shuffle-buffer", "0")
+    distill(run, "--loss", "kl", "--teacher-temperature", "2", "--max-steps", "3", "--batch-size", "48",
+            "--out-of-batch", "drop", *flags)
+    batch, _ = first_batch(run, 48, packed=packed, cluster_size=8)
+    m = metrics(run)
+    # every image and caption of a batch with in-batch lists is a query or a positive of it
+    pairs_i, pairs_t = set(batch["pair_image"].tolist()), set(batch["pair_text"].tolist())
+    assert pairs_i == set(range(len(batch["pixel_values"]))) and pairs_t == set(range(len(batch["input_ids"])))
+    assert m[0]["images_encoded"] == len(pairs_i) and m[0]["texts_encoded"] == len(pairs_t)
+    assert int(batch["candidate_mask"].sum()) == m[0]["negatives_in_batch"]
+    for x in m:
+        assert x["in_batch_share"] == pytest.approx(x["negatives_in_batch"] / x["negatives"])
+    assert m[0]["distill"] == pytest.approx(float(_first_batch_reference(run, "kl-T2", packed=packed, batch_size=48,
+                                                                        cluster_size=8)), rel=1e-4)
+    config = json.loads((run / "distill" / "manifest.json").read_text())["identity"]["config"]
+    assert config["out_of_batch"] == "drop"                   # not the default: in the fingerprint
+    assert (config.get("batching"), config.get("cluster_size")) == (("packed", 8) if packed else (None, None))
 
 
 def test_a_loss_of_two_terms_logs_each_and_trains_on_their_sum(run):
     distill(run, "--loss", "cprd-kl", "--num-valid", "3", "--teacher-temperature", "2", "--kl-weight", "0.5",
-            "--max-steps", "1", "--shuffle-buffer", "0")
+            "--max-steps", "1", "--shuffle-buffer", "0", "--out-of-batch", "encode")
     m = metrics(run)[0]
     for term in ("cprd", "kl"):
-        assert m[f"distill/{term}"] == pytest.approx(float(_first_batch_reference(run, f"cprd-kl/{term}")), rel=1e-4)
+        want = float(_first_batch_reference(run, f"cprd-kl/{term}", outside="encode"))
+        assert m[f"distill/{term}"] == pytest.approx(want, rel=1e-4)
     assert m["distill"] == pytest.approx(m["distill/cprd"] + m["distill/kl"], rel=1e-6)
     assert m["loss"] == pytest.approx(m["itc"] + m["distill"], rel=1e-6)
 
 
 def test_include_positive_reaches_the_loss(run):
     distill(run, "--loss", "cprd", "--num-valid", "3", "--include-positive", "--max-steps", "1",
-            "--shuffle-buffer", "0")
-    want = float(_first_batch_reference(run, "cprd", include_positive=True))
+            "--shuffle-buffer", "0", "--out-of-batch", "encode")
+    want = float(_first_batch_reference(run, "cprd", include_positive=True, outside="encode"))
     assert metrics(run)[0]["distill"] == pytest.approx(want, rel=1e-4)
-    assert want != pytest.approx(float(_first_batch_reference(run, "cprd")), rel=1e-3)
+    assert want != pytest.approx(float(_first_batch_reference(run, "cprd", outside="encode")), rel=1e-3)
 
 
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])
 def test_distill_directions_teaches_one_directions_rows_at_their_share(run, direction):
-    # shuffled, so that the first batch holds both directions (the teacher's shards list them one after the other)
-    distill(run, "--loss", "cprd", "--num-valid", "3", "--distill-directions", direction, "--max-steps", "1")
-    ref = functools.partial(_first_batch_reference, run, "cprd", shuffle_buffer=64)
+    # shuffled, so that the first batch holds both directions (the teacher's shards list them one after the
+    # other); the whole lists, so that every row has negatives to rank
+    distill(run, "--loss", "cprd", "--num-valid", "3", "--distill-directions", direction, "--max-steps", "1",
+            "--out-of-batch", "encode")
+    ref = functools.partial(_first_batch_reference, run, "cprd", outside="encode", shuffle_buffer=64)
     want, other = float(ref(direction=direction)), float(ref(direction={"i2t": "t2i", "t2i": "i2t"}[direction]))
     assert metrics(run)[0]["distill"] == pytest.approx(want, rel=1e-4)
     assert 0 < want and 0 < other  # each direction has rows in this batch
@@ -224,7 +279,17 @@ def test_unknown_loss(run):
                                            (("--tie-margin", "0"), "--tie-margin must be > 0 (or unset), got 0.0"),
                                            (("--loss", "cprd-kl", "--kl-weight", "-1"),
                                             "--kl-weight must be >= 0, got -1.0"),
-                                           (("--student-temperature", "0"), "--student-temperature must be > 0")])
+                                           (("--student-temperature", "0"), "--student-temperature must be > 0"),
+                                           (("--out-of-batch", "encode", "--out-of-batch-budget", "0"),
+                                            "--out-of-batch-budget must be at least 1, with --out-of-batch encode"),
+                                           (("--out-of-batch", "drop", "--out-of-batch-budget", "8"),
+                                            "(got 8 with --out-of-batch drop)"),
+                                           (("--cluster-size", "8"), "--cluster-size sizes the clusters of "
+                                                                     "--batching packed"),
+                                           (("--batching", "packed", "--cluster-size", "0"),
+                                            "--cluster-size must be at least 1, got 0"),
+                                           (("--frozen-negatives", "--out-of-batch", "drop"),
+                                            "with --out-of-batch drop there are none")])
 def test_out_of_range_values_are_refused_before_anything_is_written(run, flags, message):
     assert message in _error(distill(run, *flags, expect=None))
     assert not (run / "distill").exists()
@@ -460,14 +525,16 @@ def test_frozen_negatives_encode_the_same_features_and_pass_gradient_through_liv
 
 
 def test_frozen_negatives_train_on_the_same_loss_with_another_gradient(run, tmp_path):
-    distill(run, "--loss", "cprd", "--num-valid", "3", "--max-steps", "2", "--shuffle-buffer", "0")
+    distill(run, "--loss", "cprd", "--num-valid", "3", "--max-steps", "2", "--out-of-batch", "encode",
+            "--shuffle-buffer", "0")
     frozen = tmp_path / "frozen"
     shutil.copytree(run, frozen)
-    distill(frozen, "--loss", "cprd", "--num-valid", "3", "--max-steps", "2", "--shuffle-buffer", "0",
-            "--frozen-negatives", "--force")
+    distill(frozen, "--loss", "cprd", "--num-valid", "3", "--max-steps", "2", "--out-of-batch", "encode",
+            "--shuffle-buffer", "0", "--frozen-negatives", "--force")
     a, b = metrics(run), metrics(frozen)
     # the first step's loss is the same function of the same features; the update after it is not
-    assert b[0]["distill"] == pytest.approx(float(_first_batch_reference(run, "cprd")), rel=1e-4)
+    assert b[0]["distill"] == pytest.approx(float(_first_batch_reference(run, "cprd", outside="encode")), rel=1e-4)
+    assert b[0]["images_encoded"] == a[0]["images_encoded"]       # frozen rows are encoded, without gradient
     assert b[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-5)
     wa, wb = final_weights(run), final_weights(frozen)
     assert any(not torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa if "vision" in k)
@@ -482,12 +549,12 @@ def test_a_loss_that_reads_no_negatives_skips_them_and_trains_as_if_they_were_en
     shutil.copytree(run, every_row)
     live, encode = stage.Training.live, stage._encode
     monkeypatch.setattr(stage.Training, "live", lambda self, batch: {})   # the reference: every row encoded
-    distill(every_row, "--loss", "none", "--max-steps", "2", "--shuffle-buffer", "0")
+    distill(every_row, "--loss", "none", "--max-steps", "2", "--out-of-batch", "encode", "--shuffle-buffer", "0")
     monkeypatch.setattr(stage.Training, "live", live)
     calls = []   # (rows in the table, rows encoded with gradient, others encoded at all)
     monkeypatch.setattr(stage, "_encode", lambda f, select, n, rows, others: calls.append(
         (n, int(rows.sum()), others)) or encode(f, select, n, rows, others))
-    distill(run, "--loss", "none", "--max-steps", "2", "--shuffle-buffer", "0")
+    distill(run, "--loss", "none", "--max-steps", "2", "--out-of-batch", "encode", "--shuffle-buffer", "0")
     assert calls and not any(others for _, _, others in calls)
     assert any(n_live < n for n, n_live, _ in calls)   # the batches hold negatives that were skipped
     # the same training: none reads only the batch's pairs, encoded with gradient either way

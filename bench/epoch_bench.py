@@ -1,0 +1,85 @@
+"""One distillation epoch on the transfer demo's training data, per batching and list rule.
+
+The data is `make demo-transfer`'s: the generated corpus (2,000 training images, 5 captions each: 12,000 query
+rows), the 128x4 student, the demo teacher, 32 mined negatives per query, scored with ITM + 64 x ITC. Mining and
+scoring run once into runs/bench-epoch (re-used by later runs: the artifact contract). Each row then trains one
+epoch with the real `distill` stage from the same student and seed (`--force`, so it always trains) and reports
+its wall time (the stage's whole call: loading, packing, steps, saving) and what it encoded, from its
+metrics.jsonl. Rows run one after another in one process, so their ratios share the machine's state.
+
+Rows: `none` as the demo trains it (batch 64); each teacher loss on batches of 256 with the whole lists (every
+entry encoded with gradient: the earlier default), with the lists cut to the batch's own pairs (`--out-of-batch
+drop`, the default), and with a budget of 256 encoded images and captions outside the pairs
+(`--out-of-batch encode --out-of-batch-budget 256`); and KL on batches packed in clusters of 64 rows.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[1] / "runs" / "bench-epoch"
+LOSSES = {"kl": {"loss": "kl", "teacher_temperature": 30},
+          "cprd": {"loss": "cprd", "num_valid": 32},
+          "cprd-kl": {"loss": "cprd-kl", "num_valid": 32, "teacher_temperature": 30, "kl_weight": 2.0,
+                      "distill_weight": 0.5}}
+LISTS = {"whole lists": {"out_of_batch": "encode"}, "in-batch lists (default)": {"out_of_batch": "drop"},
+         "budget 256": {"out_of_batch": "encode", "out_of_batch_budget": 256}}
+
+
+def _data() -> tuple[Path, Path]:
+    """(run with mine + teacher, the student) of the transfer demo's recipe, made once."""
+    import yaml
+
+    from cprd_pipeline.demo import REPO, _in_repo, _prepare_data, _prepare_models
+    from pipeline.log import make_log
+    from stages import stage
+
+    recipe = yaml.safe_load((REPO / "data" / "demo-transfer.yaml").read_text())
+    log = make_log(True)
+    train, _ = _prepare_data(recipe, False, "val", OUT, log)
+    student, teacher, meta = _prepare_models(_in_repo(recipe["assets"]), OUT, log)
+    run = OUT / "run"
+    stage("mine").run(run=str(run), data=str(train), student=str(student), k=recipe["mine"]["k"], device="cpu")
+    stage("score-teacher").run(run=str(run), teacher=str(teacher), score="itm+itc",
+                               itc_weight=float(meta["itc_weight"]), device="cpu")
+    return run, student
+
+
+def _epoch(run: Path, student: Path, name: str, options: dict) -> dict:
+    from stages import stage
+
+    out = OUT / "students" / name
+    t = time.perf_counter()
+    stage("distill").run(run=str(run), out=str(out), student=str(student), num_negatives=32, epochs=1,
+                         warmup_steps=10, seed=0, save_every=10**6, device="cpu", force=True,
+                         **{"batch_size": 256, "lr": 8e-4, **options})
+    wall = time.perf_counter() - t
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    total = lambda key: sum(r.get(key, 0) for r in rows)
+    return {"epoch_s": wall, "steps": len(rows), "images_encoded": total("images_encoded"),
+            "texts_encoded": total("texts_encoded"),
+            "in_batch_share": total("negatives_in_batch") / max(1, total("negatives")),
+            "negatives_listed_per_query": total("negatives") / 12000, "options": options}
+
+
+def main() -> dict:
+    run, student = _data()
+    rows = {"none (batch 64)": _epoch(run, student, "none", {"loss": "none", "batch_size": 64, "lr": 2e-4})}
+    for name, options in LOSSES.items():
+        for lists, how in LISTS.items():
+            rows[f"{name}, {lists}"] = _epoch(run, student, f"{name}-{how['out_of_batch']}-{len(how)}",
+                                              {**options, **how})
+    rows["kl, packed in clusters of 64, in-batch lists"] = _epoch(run, student, "kl-packed",
+                                                                  {**LOSSES["kl"], "batching": "packed"})
+    base = rows["none (batch 64)"]["epoch_s"]
+    for row in rows.values():
+        row["epoch_time_vs_none"] = row["epoch_s"] / base
+    return {"data": "make demo-transfer's training data: 2,000 images x 5 captions, 128x4 CLIP student, 32 negatives",
+            "target_epoch_time_vs_none": 1.5, "rows": rows}
+
+
+if __name__ == "__main__":
+    from bench.common import write
+
+    write("epoch", main())
