@@ -8,9 +8,9 @@ its wall time (the stage's whole call: loading, packing, steps, saving) and what
 metrics.jsonl. Rows run one after another in one process, so their ratios share the machine's state.
 
 Rows: `none` as the demo trains it (batch 64); each teacher loss on batches of 256 with the whole lists (every
-entry encoded with gradient: the earlier default), with the lists cut to the batch's own pairs (`--out-of-batch
-drop`, the default), and with a budget of 256 encoded images and captions outside the pairs
-(`--out-of-batch encode --out-of-batch-budget 256`); and KL on batches packed in clusters of 64 rows.
+entry encoded with gradient: the default), with the lists cut to the batch's own pairs (`--out-of-batch drop`),
+and with a budget of 256 or 512 encoded images and captions outside the pairs (`--out-of-batch-budget N`); and
+KL with in-batch lists on batches packed in clusters of 64 rows.
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ LOSSES = {"kl": {"loss": "kl", "teacher_temperature": 30},
           "cprd": {"loss": "cprd", "num_valid": 32},
           "cprd-kl": {"loss": "cprd-kl", "num_valid": 32, "teacher_temperature": 30, "kl_weight": 2.0,
                       "distill_weight": 0.5}}
-LISTS = {"whole lists": {"out_of_batch": "encode"}, "in-batch lists (default)": {"out_of_batch": "drop"},
-         "budget 256": {"out_of_batch": "encode", "out_of_batch_budget": 256}}
+LISTS = {"whole lists (default)": {"out_of_batch": "encode"}, "in-batch lists": {"out_of_batch": "drop"},
+         "budget 256": {"out_of_batch": "encode", "out_of_batch_budget": 256},
+         "budget 512": {"out_of_batch": "encode", "out_of_batch_budget": 512}}
 
 
 def _data() -> tuple[Path, Path]:
@@ -68,10 +69,11 @@ def main() -> dict:
     rows = {"none (batch 64)": _epoch(run, student, "none", {"loss": "none", "batch_size": 64, "lr": 2e-4})}
     for name, options in LOSSES.items():
         for lists, how in LISTS.items():
-            rows[f"{name}, {lists}"] = _epoch(run, student, f"{name}-{how['out_of_batch']}-{len(how)}",
+            rows[f"{name}, {lists}"] = _epoch(run, student, f"{name}-{'-'.join(map(str, how.values()))}",
                                               {**options, **how})
     rows["kl, packed in clusters of 64, in-batch lists"] = _epoch(run, student, "kl-packed",
-                                                                  {**LOSSES["kl"], "batching": "packed"})
+                                                                  {**LOSSES["kl"], "batching": "packed",
+                                                                   "out_of_batch": "drop"})
     base = rows["none (batch 64)"]["epoch_s"]
     for row in rows.values():
         row["epoch_time_vs_none"] = row["epoch_s"] / base
