@@ -23,7 +23,8 @@ APP_VERBS = {  # verbs that are not stages: their help line for the command list
             "distill, evaluate (RUN/round-N).",
     "report": "Pictures and tables of a run (score distributions, rank agreement, training curves, recall): "
               "RUN/report/index.html and report.md.",
-    "status": "Each stage's state: absent, partial (n/m shards), complete, or stale (its input changed since).",
+    "status": "Each stage's state, and every other stage output under RUN: absent, partial (n/m shards), complete, "
+              "damaged, or stale (an input stage, image or model file changed since).",
 }
 
 
@@ -123,7 +124,8 @@ def main() -> None:
       distill        train the student: contrastive loss + CPRD over the teacher's ranking -> RUN/distill
       evaluate       Recall@1/5/10 both directions, RSUM, rank agreement           -> RUN/eval
       report         pictures and tables of whatever the run holds                 -> RUN/report
-    A rerun with the same settings skips finished work; different settings are refused unless --force.
+    A rerun with the same settings skips finished work and remakes what changed inputs made stale (as make
+    does); different settings are refused unless --force, which starts a stage over.
     """
 
 

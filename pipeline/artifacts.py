@@ -89,11 +89,15 @@ def _short(value: Any, limit: int = 60) -> str:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:   # disk full, read-only: named by the file it was writing, the partial copy removed
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -277,6 +281,81 @@ class Growth:
     outputs: tuple[str, ...]
 
 
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries that shape a stage's output, for its manifest (read from the installed
+    packages' metadata: nothing is imported)."""
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("cprd-pipeline", "torch", "transformers", "faiss-cpu", "faiss-gpu", "pyarrow", "numpy", "accelerate",
+                 "open-clip-torch", "pillow"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# ---------------------------------------------------------------- the policy
+@dataclass(frozen=True)
+class Found:
+    """What a stage directory holds, as far as the policy needs to know (StageWriter._found reads it)."""
+    manifest: str = "none"         # none | damaged | ok
+    same: bool = False             # made with this identity (or an equal one recorded by an earlier version)
+    same_config: bool = False      # the stage's own settings are unchanged (only its inputs differ)
+    complete: bool = False         # _SUCCESS present
+    bad_shards: bool = False       # some recorded shard is missing or fails its checksum
+    finished_work: bool = False    # anything that took more than seconds to make (see _has_finished_work)
+    leftovers: bool = False        # files, but no manifest
+    extends: bool = False          # the new settings only lengthen a training run (Growth)
+
+
+ACTIONS = ("up-to-date", "redo-shards", "resume", "start", "start-over", "extend", "remake",
+           "refuse-foreign", "refuse-damaged", "refuse-settings")
+
+
+def decide(found: Found, force: bool) -> str:
+    """What a stage does with what it finds, as `make` would: one of ACTIONS.
+
+    --force starts over whatever is there. Otherwise an output made with the same identity is kept (complete),
+    repaired (shards failing their checksum) or resumed; one whose own settings are unchanged but whose inputs
+    changed (upstream fingerprint, corpus, model files) is made again; one made with other settings is refused,
+    unless it finished nothing worth keeping or the new settings only extend a training run.
+    """
+    if force:
+        return "start-over"
+    if found.manifest == "damaged":
+        return "refuse-damaged"
+    if found.manifest == "none":
+        return "refuse-foreign" if found.leftovers else "start"
+    if found.same:
+        if found.complete:
+            return "redo-shards" if found.bad_shards else "up-to-date"
+        return "resume"
+    if not found.finished_work:
+        return "start"
+    if found.extends:
+        return "extend"
+    return "remake" if found.same_config else "refuse-settings"
+
+
+def comparable(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two identities as an earlier version and this one both record them: an earlier version kept model
+    folders' paths (`path` beside `files`) and the location options (--student, --teacher, --model, ...) in the
+    identity; this one keeps their contents only. Facets this version added and the old one lacks are left out."""
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if not (k == "path" and "files" in value)}
+        return value
+    old = strip(old)
+    if isinstance(old.get("config"), dict):
+        old["config"] = {k: v for k, v in old["config"].items() if k not in LOCATION_KEYS}
+    return old, {k: v for k, v in new.items() if k in old}
+
+
+LOCATION_KEYS = ("student", "teacher", "model", "rerank_teacher", "val_data")   # see `comparable`
+
+
 class StageWriter:
     """Writes one stage directory under the contract. See the module docstring for the call sequence."""
 
@@ -295,6 +374,8 @@ class StageWriter:
         derived: Iterable[str] = (),
         growth: Growth | None = None,
         explain: dict[str, Callable[[], str | None]] | None = None,
+        elsewhere: str = "another --run directory",
+        locations: dict[str, str] | None = None,
     ):
         self.dir = Path(directory)
         self.identity = {"schema_version": SCHEMA_VERSION, **identity}
@@ -314,6 +395,11 @@ class StageWriter:
         self.growth = growth
         self.explain = explain or {}   # identity key -> what changed in it, in words (mine: the files by name)
         self.extended: list[dict[str, Any]] = []   # the runs this one continues: [{"fingerprint", "steps"}]
+        self.elsewhere = elsewhere     # the refusals' other way out: "another --out folder" where the stage has --out
+        # where the inputs were found (absolute paths), for the record and for later stages: not identity
+        self.locations = {k: str(Path(v).resolve()) if Path(v).exists() else v
+                          for k, v in (locations or {}).items() if v}
+        self._started, self._base = _dt.datetime.now(), None
 
     # -- start
     def begin(self) -> bool:
@@ -348,56 +434,83 @@ class StageWriter:
 
     def _prepare(self) -> None:
         self._remove_orphans()
-        try:
-            old = read_manifest(self.dir)
-        except PipelineError:
-            if not self.force:
-                raise
-            self.log(f"[{self.dir.name}] --force: replacing output whose manifest is damaged")
-            old = {"fingerprint": None}
-        if old is None:
-            leftovers = [p.name for p in self.dir.iterdir() if p.name not in self.keep] if self.dir.exists() else []
-            if leftovers and not self.force:
-                raise PipelineError(
-                    f"{self.dir} holds files but no {MANIFEST} ({', '.join(sorted(leftovers)[:3])}); "
-                    "it was not written by this tool; use --force to replace it"
-                )
-            self._wipe()
-        elif old.get("fingerprint") != self.fingerprint:
-            if not self.force and not self._has_finished_work():
-                self.log(f"[{self.dir.name}] replacing an attempt with other settings that finished no shard")
-                self._wipe()
-            elif not self.force and self._continues(old):
-                pass
-            elif not self.force:
-                changes = diff(old.get("identity", {}), self.identity) or ["(fingerprint only)"]
-                for key, words in self.explain.items():
-                    if any(c.startswith(f"{key}:") for c in changes) and (said := words()):
-                        changes = [f"{key}: {said}"] + [c for c in changes if not c.startswith(f"{key}:")]
-                shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
-                raise PipelineError(
-                    f"{self.dir} was made with different settings ({shown}); "
-                    "use --force to replace it, or another --run directory"
-                )
-            else:
-                self.log(f"[{self.dir.name}] --force: replacing output made with other settings")
-                self._wipe()
+        old, found = self._found()
+        action = decide(found, self.force)
+        name = f"[{self.dir.name}]"
+        if action == "refuse-damaged":
+            raise PipelineError(f"{old}; rerun the stage with --force to start it over")
+        if action == "refuse-foreign":
+            leftovers = sorted(p.name for p in self.dir.iterdir() if p.name not in self.keep)
+            raise PipelineError(f"{self.dir} holds files but no {MANIFEST} ({', '.join(leftovers[:3])}); it was not "
+                                f"written by this tool; use --force to replace it, or {self.elsewhere}")
+        if action == "refuse-settings":
+            raise PipelineError(f"{self.dir} was made with different settings ({self._changes(old)}); use --force "
+                                f"to replace it, or {self.elsewhere}")
+        if action == "up-to-date":
+            self.log(f"{name} up to date (fingerprint {self.fingerprint[:12]}); nothing to do")
+            return
+        if action == "redo-shards":
+            bad = [rel for rel in old.get("expected_shards") or [] if not _record_ok(self.dir, rel)]
+            self.log(f"{name} {len(bad)} shard(s) missing or failing their checksum; redoing them")
+            (self.dir / SUCCESS).unlink()
+        elif action == "resume":
+            self.log(f"{name} resuming an incomplete run (fingerprint {self.fingerprint[:12]})")
+        elif action == "extend":
+            self._extend(old)
         else:
-            expected = old.get("expected_shards") or []
-            if (self.dir / SUCCESS).exists():
-                bad = [rel for rel in expected if not _record_ok(self.dir, rel)]
-                if not bad:
-                    self.log(f"[{self.dir.name}] up to date (fingerprint {self.fingerprint[:12]}); nothing to do")
-                    return
-                self.log(f"[{self.dir.name}] {len(bad)} shard(s) missing or failing their checksum; redoing them")
-                (self.dir / SUCCESS).unlink()
-            else:
-                self.log(f"[{self.dir.name}] resuming an incomplete run (fingerprint {self.fingerprint[:12]})")
+            if action == "start-over" and self.dir.exists() and any(self.dir.iterdir()):
+                self.log(f"{name} --force: starting over")
+            elif action == "start" and old is not None:
+                self.log(f"{name} replacing an attempt with other settings that finished no shard")
+            elif action == "remake":
+                self.log(f"{name} its inputs changed since it was made ({self._changes(old)}); making it again")
+            self._wipe()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_manifest(status="running", shards=None)
 
+    def _found(self) -> tuple[Any, Found]:
+        """The old manifest (or the error reading it) and what the policy needs to know of the directory."""
+        try:
+            old = read_manifest(self.dir)
+        except PipelineError as e:
+            return str(e), Found(manifest="damaged")
+        if old is None:
+            leftovers = self.dir.exists() and any(p.name not in self.keep for p in self.dir.iterdir())
+            return None, Found(leftovers=leftovers)
+        identity = old.get("identity") if isinstance(old.get("identity"), dict) else {}
+        same = old.get("fingerprint") == self.fingerprint
+        if not same and fingerprint(comparable(identity, self.identity)[0]) == \
+                fingerprint(comparable(identity, self.identity)[1]):
+            same, self.fingerprint = True, old["fingerprint"]   # keep the name downstream stages know it by
+        complete = (self.dir / SUCCESS).exists()
+        bad = complete and any(not _record_ok(self.dir, rel) for rel in old.get("expected_shards") or [])
+        old_config = comparable(identity, self.identity)[0].get("config")
+        return old, Found(manifest="ok", same=same, same_config=old_config == self.identity.get("config"),
+                          complete=complete, bad_shards=bad,
+                          finished_work=(work := not same and self._has_finished_work()),
+                          extends=work and not self.force and self._continues(old))
+
+    def _location_stats(self) -> dict[str, dict[str, list[int]]]:
+        """Size and mtime of each model folder's hashed files (identity KEY: {"files": ...} found at location
+        KEY), so that `status` can tell a changed model by hashing only the files whose stats differ."""
+        out = {}
+        for key, folder in self.locations.items():
+            files = (self.identity.get(key) or {}).get("files") if isinstance(self.identity.get(key), dict) else None
+            if files and Path(folder).is_dir():
+                stats = {rel: os.stat(Path(folder) / rel) for rel in files if (Path(folder) / rel).is_file()}
+                out[key] = {rel: [st.st_size, st.st_mtime_ns] for rel, st in stats.items()}
+        return out
+
+    def _changes(self, old: dict[str, Any]) -> str:
+        """What differs between the old identity and this one, in words, at most four items."""
+        changes = diff(comparable(old.get("identity", {}), self.identity)[0], self.identity) or ["(fingerprint only)"]
+        for key, words in self.explain.items():
+            if any(c.startswith(f"{key}:") for c in changes) and (said := words()):
+                changes = [f"{key}: {said}"] + [c for c in changes if not c.startswith(f"{key}:")]
+        return "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+
     def _continues(self, old: dict[str, Any]) -> bool:
-        """True when the new settings only lengthen the old run (see Growth): it is then set to continue."""
+        """True when the new settings only lengthen the old run (see Growth); an error when they shorten it."""
         g = self.growth
         if g is None or not isinstance(old.get("identity"), dict):
             return False
@@ -411,15 +524,20 @@ class StageWriter:
         if g.steps < trained:
             flags = " / ".join("--" + k.replace("_", "-") for k in g.keys)
             raise PipelineError(f"{self.dir} has trained {trained} steps and {flags} now ask for {g.steps}: a run "
-                                "can be extended, not shortened; use --force to train again from the start, or "
-                                "another output folder")
+                                f"can be extended, not shortened; use --force to train again from the start, or "
+                                f"{self.elsewhere}")
+        self._trained = trained
+        return True
+
+    def _extend(self, old: dict[str, Any]) -> None:
+        """Set the run to continue from its last checkpoint (see Growth)."""
+        g, trained = self.growth, self._trained
         self.log(f"[{self.dir.name}] extending: {trained} steps trained, continuing to {g.steps} from its last "
                  "checkpoint (the learning-rate schedule is recomputed for the new length)")
         (self.dir / SUCCESS).unlink(missing_ok=True)
         for name in g.outputs:
             shutil.rmtree(self.dir / name, ignore_errors=True)
         self.extended = list(old.get("extended", [])) + [{"fingerprint": old.get("fingerprint"), "steps": trained}]
-        return True
 
     def _remove_orphans(self) -> None:
         """Temporary files and folders of writers that were killed (this process holds the lock, so no writer
@@ -454,6 +572,9 @@ class StageWriter:
     def _write_manifest(self, status: str, shards: dict[str, Any] | None, expected: list[str] | None = None,
                         extra: dict[str, Any] | None = None) -> None:
         old = read_json(self.dir / MANIFEST) or {}
+        if self._base is None:   # the first write of this attempt: the attempts before it
+            kept = old.get("fingerprint") == self.fingerprint or self.extended
+            self._base = float(old.get("seconds", 0.0)) if kept else 0.0
         extended = self.extended or old.get("extended")   # this writer's continuation, else the one recorded
         manifest = {
             "stage": self.identity.get("stage"),
@@ -466,6 +587,11 @@ class StageWriter:
             "expected_shards": expected if expected is not None else old.get("expected_shards", []),
             "shards": shards if shards is not None else old.get("shards", {}),
             **({"extended": extended} if extended else {}),
+            "locations": self.locations or old.get("locations", {}),
+            "location_stats": self._location_stats() or old.get("location_stats", {}),
+            "versions": library_versions(),
+            # wall time of the attempts at this output (a killed one's up to its last manifest write)
+            "seconds": round(self._base + (_dt.datetime.now() - self._started).total_seconds(), 1),
             **(extra or {}),
         }
         manifest["created"] = manifest["created"] or manifest["updated"]

@@ -12,14 +12,15 @@ from typing import Any, Optional
 import yaml
 
 
-def describe_model(identity: dict[str, Any]) -> str:
-    """'hub `name` @ revision' or 'local folder `path` (model.safetensors sha256 1234abcd...)'."""
+def describe_model(identity: dict[str, Any], where: Optional[str] = None) -> str:
+    """'hub `name` @ revision' or 'local folder `where` (model.safetensors sha256 1234abcd...)': the identity is
+    the files' hashes; `where` is the folder they were read from."""
     if "hub" in identity:
         return f"hub `{identity['hub']}` @ `{identity.get('revision') or 'main'}`"
     files = identity.get("files", {})
     weights = next((f for f in ("model.safetensors", "pytorch_model.bin") if f in files), None)
     digest = f" ({weights} sha256 `{files[weights][:16]}…`)" if weights else ""
-    return f"local folder `{identity.get('path')}`{digest}"
+    return f"local folder `{where or identity.get('path')}`{digest}"
 
 
 def _metric_rows(val: dict[str, float]) -> list[dict[str, Any]]:
@@ -53,8 +54,8 @@ def model_card(*, title: str, config: dict[str, Any], student: dict[str, Any], t
         "teacher with cprd-pipeline: the contrastive loss on query-positive pairs plus "
         f"{config.get('distill_weight')} x `{loss}` over each query's teacher-ranked hard negatives.", "",
         "## Models", "",
-        f"- student (the starting point): {describe_model(student)}",
-        f"- teacher: {describe_model(teacher.get('identity', {}))}, score `{teacher.get('score')}`"
+        f"- student (the starting point): {describe_model(student, config.get('student'))}",
+        f"- teacher: {describe_model(teacher.get('identity', {}), teacher.get('teacher'))}, score `{teacher.get('score')}`"
         + (f" (ITC weight {teacher.get('itc_weight')})" if teacher.get("score") == "itm+itc" else ""), "",
         "## Data", "",
         f"- training corpus: `{mine.get('data')}`" + (f", split `{mine['split']}`" if mine.get("split") else "")

@@ -1,7 +1,10 @@
 """Typed stage configs: dataclass defaults < `--config FILE.yaml` < CLI flags.
 
 Fields marked `runtime=True` (batch size, device, workers ...) change how a stage runs but not what it
-produces, so they are kept out of the fingerprint. Everything else is part of the stage's identity.
+produces, so they are kept out of the fingerprint. A `location` (where a model or corpus is: a folder, a file)
+is kept out too: the stage puts what is there into its identity instead (the files' hashes), so the same files
+under another path, or the same command from another working directory, are the same input. Everything else is
+part of the stage's identity.
 
 A `choice_options` field holds the options of whichever plug-in another field chooses (distill's `--loss`):
 each plug-in declares its own options dataclass, every plug-in's options are flags and YAML keys, and the
@@ -22,6 +25,18 @@ from .errors import PipelineError
 def runtime(default: Any, help: str = "", choices: tuple[str, ...] | None = None) -> Any:
     """A config field that does not change the stage's output (excluded from the fingerprint)."""
     return dataclasses.field(default=default, metadata={"runtime": True, "help": help, "choices": choices})
+
+
+def location(default: Any, help: str = "") -> Any:
+    """Where an input is (a model folder or hub name, an annotation file). Not fingerprinted: the stage records the
+    input's content (model_identity, Corpus.content_hash) in its identity instead."""
+    return dataclasses.field(default=default, metadata={"runtime": True, "location": True, "help": help,
+                                                        "choices": None})
+
+
+def locations(cls: type) -> set[str]:
+    """The names of a config class's `location` fields."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("location")}
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple[str, ...] | None = None,

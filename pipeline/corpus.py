@@ -140,6 +140,48 @@ def load_tables(directory: Path, image_root: str | None = None, check_root: bool
     return Corpus(columns["image_id"], paths, texts["text_id"], texts["image_id"], texts["text"], root, stats)
 
 
+def changed_images(corpus: Corpus) -> tuple[list[str], list[str]]:
+    """(changed, missing) stored paths of a corpus read by `load_tables`: each file is stat'ed, and hashed only
+    where its size or mtime differ from mine's record (a copy with new mtimes but the same bytes is unchanged).
+    A record without digests (an earlier version) vouches for nothing, and nothing is reported."""
+    changed, missing = [], []
+    for path, (size, mtime, digest) in zip(corpus.image_paths, corpus.image_files or []):
+        if not digest:
+            continue
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            missing.append(corpus.stored_path(path))
+            continue
+        if (st.st_size, st.st_mtime_ns) == (size, mtime):
+            continue
+        with open(path, "rb") as f:
+            if st.st_size != size or hashlib.file_digest(f, "sha256").hexdigest() != digest:
+                changed.append(corpus.stored_path(path))
+    return changed, missing
+
+
+def check_images(corpus: Corpus, directory: Path, limit: int = 3) -> None:
+    """Refuse to read a corpus whose images changed or went missing since mine recorded them (directory: the
+    corpus folder RUN/mine/corpus), naming the files: what a stage reads is what mine checked."""
+    changed, missing = changed_images(corpus)
+    named = lambda paths: ", ".join(paths[:limit]) + (", ..." if len(paths) > limit else "")
+    if missing:
+        raise PipelineError(f"{directory / 'images.parquet'}: {len(missing)} image file(s) not found under "
+                            f"{corpus.image_root or '/'} ({named(missing)}); pass --image-root with the folder they "
+                            "are in now")
+    if changed:
+        raise PipelineError(f"{directory / 'images.parquet'}: {len(changed)} image file(s) changed since mine read "
+                            f"them ({named(changed)}); run mine again (it hashes only what changed), then this stage")
+
+
+def load_checked(directory: Path, image_root: str | None = None) -> Corpus:
+    """`load_tables`, then `check_images`: the corpus a stage after mine reads."""
+    corpus = load_tables(directory, image_root)
+    check_images(corpus, directory)
+    return corpus
+
+
 def recorded_root(schema_or_dir: pa.Schema | Path) -> Optional[str]:
     """The image root mine recorded in images.parquet (a schema, or the corpus folder), if any."""
     schema = schema_or_dir if isinstance(schema_or_dir, pa.Schema) else \

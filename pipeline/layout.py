@@ -23,8 +23,9 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Run:
-    """Paths of one run directory."""
+    """Paths of one run directory. `scores`: a teacher output elsewhere (score-teacher --out, distill --scores)."""
     root: Path
+    scores: Path | None = None
 
     @property
     def mine(self) -> Path:
@@ -36,7 +37,7 @@ class Run:
 
     @property
     def teacher(self) -> Path:
-        return self.root / "teacher"
+        return self.scores or self.root / "teacher"
 
     @property
     def teacher_train(self) -> Path:

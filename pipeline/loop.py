@@ -69,7 +69,8 @@ class TrainingRuntime:
     image_root: Optional[str] = runtime(None, "where RUN/mine's images are now, if their folder moved since mine "
                                               "ran (default: the folder mine recorded)")
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    force: bool = runtime(False, "replace an output made with other settings (and ignore its checkpoints)")
+    force: bool = runtime(False, "train again from the start, whatever the output folder holds (checkpoints "
+                                 "included)")
 
 
 class StepLoop:
@@ -126,6 +127,11 @@ class StepLoop:
                      f"epoch {self.state['epoch']}, batch {self.state['batch_in_epoch']}")
         if self.acc.is_main_process:
             kept = [row for row in read_jsonl(self.metrics_path) if row.get("step", 0) <= self.state["step"]]
+            missing = sorted(set(range(1, self.state["step"] + 1)) - {row.get("step") for row in kept})
+            if missing:   # a log with holes would reach the model card and the report as if whole
+                raise PipelineError(f"{self.metrics_path}: {len(missing)} of the {self.state['step']} trained steps are "
+                                    f"missing from the log (first: step {missing[0]}); it cannot be rebuilt: "
+                                    "rerun with --force to train again from the start")
             atomic_write_bytes(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept).encode())
             self.last_row = kept[-1] if kept else {}
             self.after_resume()
@@ -196,7 +202,13 @@ class StepLoop:
         """save_state, then trainer_state.json, then latest.json: a checkpoint counts once latest.json names it."""
         acc, out = self.acc, self.out
         ckpt = out / "checkpoints" / f"step-{step}"
-        acc.save_state(str(ckpt))
+        try:
+            acc.save_state(str(ckpt))
+        except RuntimeError as e:   # torch's writer reports a full disk as "[enforce fail at inline_container.cc]"
+            free = shutil.disk_usage(out).free
+            raise PipelineError(f"{ckpt}: the checkpoint could not be written ({free // 2**20} MiB free on that disk: "
+                                f"{str(e).splitlines()[0][:120]}); free some space and rerun to resume from the last "
+                                "complete checkpoint") from None
         acc.wait_for_everyone()   # every rank's files are written before they are hashed
         if acc.is_main_process:
             files = {f.name: sha256_file(f) for f in sorted(ckpt.iterdir()) if f.is_file()}

@@ -48,7 +48,8 @@ def check_reachable(name_or_path: str) -> None:
 
 
 def model_identity(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
-    """What a fingerprint records of a model: a local folder's file hashes, or a hub name and revision."""
+    """What a fingerprint records of a model: a local folder's file hashes (not its path: the same files elsewhere
+    are the same model), or a hub name and revision."""
     check_reachable(name_or_path)
     path = Path(name_or_path)
     if path.is_dir():
@@ -62,7 +63,7 @@ def model_identity(name_or_path: str, revision: str | None = None) -> dict[str, 
                 files[str(f.relative_to(path))] = h.hexdigest()
         if not files:
             raise PipelineError(f"{name_or_path}: model folder is empty")
-        return {"path": str(path.resolve()), "files": files}
+        return {"files": files}
     return {"hub": name_or_path, "revision": revision or "main"}
 
 

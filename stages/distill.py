@@ -35,8 +35,8 @@ from pipeline import config as cfgmod
 from pipeline import layout
 from pipeline.artifacts import StageWriter, atomic_write_json, read_json, require_complete
 from pipeline.card import write_card
-from pipeline.config import choice_options, option, runtime
-from pipeline.corpus import load_tables
+from pipeline.config import choice_options, location, option, runtime
+from pipeline.corpus import load_checked
 from pipeline.data import BatchSpec, DistillBatches, Matches, Processors, list_rows
 from pipeline.dist import Dist
 from pipeline.errors import PipelineError
@@ -59,7 +59,10 @@ OUT_OF_BATCH = ("encode", "drop")     # --out-of-batch
 class DistillOptions:
     """distill's own options; its config (below) adds the training options every training stage has."""
     run: str = runtime(None, "run directory: reads RUN/teacher, writes RUN/distill (spell it --run-dir under torchrun)")
-    student: Optional[str] = option(None, "student to train (default: the student that mined RUN/mine)")
+    student: Optional[str] = location(None, "student to train (default: the student that mined RUN/mine, where mine "
+                                            "found it); identified by its files' hashes")
+    scores: Optional[str] = runtime(None, "the teacher's scores to learn from: a score-teacher output folder "
+                                          "(default RUN/teacher; another is made by score-teacher --out)")
     loss: str = option("cprd", "distillation loss added to the contrastive loss", choices=registry.names())
     loss_options: Any = choice_options("loss", registry.options_by_loss, "the chosen loss's own options")
     num_negatives: int = option(8, "teacher-ranked hard negatives per query (the first of the mined k)")
@@ -202,18 +205,17 @@ def run(cfg: DistillConfig) -> Path:
     _check(cfg)
     out = Path(cfg.out) if cfg.out else layout.Run(Path(cfg.run)).distill
     acc, dist, log = accelerator(cfg, out)
-    paths = layout.Run(Path(cfg.run))
+    paths = layout.Run(Path(cfg.run), Path(cfg.scores) if cfg.scores else None)
     mine, teacher = _upstream(cfg, paths)
-    # the student that mined, by the absolute path mine recorded (a relative one may not resolve from here)
-    mined_by = mine["identity"]["student"].get("path") or mine["config"]["student"]
-    cfg = dataclasses.replace(cfg, student=cfg.student or mined_by)
+    cfg = dataclasses.replace(cfg, student=cfg.student or _mined_by(mine, paths))
     log("[distill] resolved config:\n" + cfgmod.render(cfg))
     identity = {"stage": "distill", "config": cfgmod.fingerprinted(cfg), "upstream": teacher["fingerprint"],
                 "student": model_identity(cfg.student), "world_size": dist.world_size}
     length = Length.of(cfg, teacher_rows(teacher), dist.world_size, "teacher rows")
     student = functools.cache(lambda: DualEncoder(cfg.student, device="cpu"))   # loaded once: precheck, then setup
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log,
-                         reads=[paths.mine, paths.teacher], precheck=student,
+                         reads=[paths.mine, paths.teacher], precheck=student, elsewhere="another --out folder",
+                         locations={"student": cfg.student, "scores": str(paths.teacher)},
                          growth=length.growth())
     if not writer.begin():
         return out
@@ -265,6 +267,17 @@ def teacher_rows(teacher: dict) -> int:
     return sum(teacher["shards"][f]["rows"] for f in layout.teacher_shards(teacher))
 
 
+def _mined_by(mine: dict, paths: layout.Run) -> str:
+    """The student that mined the run, where mine found it (absolute: a relative path may not resolve from here),
+    if it is still there; a hub name as it was given."""
+    where = (mine.get("locations") or {}).get("student") or mine["identity"]["student"].get("path") \
+        or mine["config"]["student"]
+    if "hub" in mine["identity"]["student"] or Path(where).exists():
+        return where
+    raise PipelineError(f"{paths.mine} was mined with the student at {where}, which is gone; pass --student with "
+                        "the folder it is in now (its files are checked against the hashes mine recorded)")
+
+
 def _upstream(cfg: DistillConfig, paths: layout.Run) -> tuple[dict, dict]:
     """The complete mine and teacher manifests, the teacher checked against the mine it was scored on and the
     options asked for."""
@@ -309,7 +322,7 @@ class Training(StepLoop):
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
-        corpus = load_tables(paths.corpus, cfg.image_root)
+        corpus = load_checked(paths.corpus, cfg.image_root)
         validator = _validator(cfg, teacher, out, acc, log) if cfg.val_data and acc.is_main_process else None
         towers = StudentTowers(encoder).train()
         optimizer = torch.optim.AdamW(param_groups(towers, cfg.weight_decay), lr=cfg.lr)
@@ -425,8 +438,10 @@ class Training(StepLoop):
         def extra(tmp: Path) -> None:
             write_st_modules(tmp, self.encoder.max_length)
             write_card(tmp, title=f"{Path(self.cfg.student).name}, distilled ({self.cfg.loss})",
-                       config=cfgmod.fingerprinted(self.cfg), student=self.upstream["student"],
-                       teacher={**teacher["config"], "identity": teacher["identity"]["teacher"]},
+                       config={**cfgmod.fingerprinted(self.cfg), "student": self.cfg.student},
+                       student=self.upstream["student"],
+                       teacher={**teacher["config"], "identity": teacher["identity"]["teacher"],
+                                "teacher": (teacher.get("locations") or {}).get("teacher") or teacher["config"]["teacher"]},
                        mine=self.upstream["mine"]["config"], steps=step, last=self.last_row, val=val, val_step=step,
                        which=which)
             if which == "best":

@@ -23,7 +23,7 @@ from typing import Optional
 from pipeline import config as cfgmod
 from pipeline import layout
 from pipeline.artifacts import StageWriter, atomic_write_json, fingerprint, require_complete
-from pipeline.config import option, runtime
+from pipeline.config import location, option, runtime
 from pipeline.corpus import FORMATS, read_corpus
 from pipeline.dist import init, resolve_device
 from pipeline.errors import PipelineError
@@ -44,8 +44,9 @@ class EvalConfig:
     image_column: str = option("image", "hf format: the image column")
     caption_column: str = option("text", "hf format: the caption column")
     id_column: Optional[str] = option(None, "hf format: a column of image ids")
-    model: Optional[str] = option(None, "dual encoder to evaluate (default RUN/distill/final)")
-    rerank_teacher: Optional[str] = option(None, "cross-encoder that re-ranks each query's top --k-test")
+    model: Optional[str] = location(None, "dual encoder to evaluate (default RUN/distill/final); identified by its "
+                                          "files' hashes")
+    rerank_teacher: Optional[str] = location(None, "cross-encoder that re-ranks each query's top --k-test")
     k_test: int = option(16, "candidates per query the teacher re-ranks")
     rerank_score: str = option("itm", "teacher score for re-ranking: itm or itm+itc", choices=("itm", "itm+itc"))
     itc_weight: float = option(1.0, "weight of the ITC cosine in --rerank-score itm+itc")
@@ -59,7 +60,7 @@ class EvalConfig:
                                         "(the overlap is then reported in metrics.json)", added=True)
     teacher_cache: Optional[str] = runtime(None, "folder of teacher pair scores kept across evaluations: students "
                                                  "of one teacher on one test set share most re-rank pairs")
-    force: bool = runtime(False, "replace an evaluation made of another model, data or settings")
+    force: bool = runtime(False, "start the evaluation over, whatever its output folder holds")
 
 
 def report(metrics: dict) -> str:
@@ -115,6 +116,8 @@ def run(cfg: EvalConfig) -> Path:
     encoder = DualEncoder(model, device=device)
     teacher = load_teacher(cfg.rerank_teacher, device, torch_dtype(cfg.dtype, device)) if cfg.rerank_teacher else None
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log,
+                         elsewhere="another --out folder",
+                         locations={"model": model, "rerank_teacher": cfg.rerank_teacher, "data": cfg.data},
                          reads=[layout.Run(Path(cfg.run)).distill] if upstream else [])
     if not writer.begin():
         return out

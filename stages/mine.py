@@ -18,7 +18,7 @@ import pyarrow as pa
 from pipeline import config as cfgmod
 from pipeline import layout
 from pipeline.artifacts import StageWriter
-from pipeline.config import option, runtime
+from pipeline.config import location, option, runtime
 from pipeline.corpus import FORMATS, Corpus, known_files, read_corpus, recorded_root
 from pipeline.corpus import changes as corpus_changes
 from pipeline.dist import Dist, init, resolve_device
@@ -36,7 +36,8 @@ EMBED_SHARD = 8192  # rows per embedding shard: the unit of encoding work split 
 class MineConfig:
     run: str = runtime(None, "run directory; this stage writes RUN/mine (spell it --run-dir under torchrun)")
     data: str = runtime(None, "annotation file, dataset folder or Hugging Face dataset name")
-    student: str = option(None, "dual encoder: Hugging Face name or local folder (CLIP, SigLIP, ...)")
+    student: str = location(None, "dual encoder: Hugging Face name or local folder (CLIP, SigLIP, ...); identified "
+                                  "by its files' hashes, so the same files elsewhere are the same student")
     format: str = option("auto", "input format", choices=FORMATS)
     image_root: Optional[str] = runtime(None, "folder that relative image paths are resolved against")
     split: Optional[str] = option(None, "split to read (karpathy: train includes restval; hf: default train)")
@@ -55,7 +56,8 @@ class MineConfig:
     search_batch: int = runtime(4096, "queries per FAISS search call")
     num_workers: int = runtime(0, "DataLoader workers that decode images")
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    force: bool = runtime(False, "replace an output made with other settings")
+    force: bool = runtime(False, "start the stage over, whatever RUN/mine holds (the embeddings cache is kept: it is "
+                                 "checked by content)")
 
 
 def _directions(cfg: MineConfig) -> list[str]:
@@ -85,8 +87,9 @@ def _embed(cfg: MineConfig, corpus: Corpus, student_id: dict, corpus_hash: str, 
     """Embeddings for all images and texts, from the cache when its fingerprint matches."""
     identity = {"stage": "mine/embeddings", "student": student_id, "revision": cfg.revision,
                 "corpus": corpus_hash, "shard_rows": EMBED_SHARD}
-    # The cache is owned by the mine stage, which already refused or accepted --force: replace if stale.
-    writer = StageWriter(layout.Run(run).mine / "embeddings", identity, force=True, dist=dist, log=log)
+    # A cache of the corpus's and student's contents: re-used when they are unchanged (even under mine --force,
+    # which changes only what is mined from it), made again when they changed.
+    writer = StageWriter(layout.Run(run).mine / "embeddings", identity, force=False, dist=dist, log=log)
     plan = [(kind, s, min(n, s + EMBED_SHARD))
             for kind, n in (("images", corpus.num_images), ("texts", corpus.num_texts))
             for s in range(0, n, EMBED_SHARD)]
@@ -149,6 +152,7 @@ def run(cfg: MineConfig) -> Path:
 
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, keep=["embeddings"],
                          config=cfgmod.as_dict(cfg), log=log, derived=layout.CORPUS_FILES,
+                         locations={"student": cfg.student, "data": cfg.data},
                          explain={"corpus": lambda: corpus_changes(paths.corpus, corpus)},
                          precheck=lambda: DualEncoder(cfg.student, revision=cfg.revision,
                                                       trust_remote_code=cfg.trust_remote_code))

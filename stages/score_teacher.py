@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from pipeline import config as cfgmod
 from pipeline import layout
 from pipeline.artifacts import StageWriter, require_complete
-from pipeline.config import option, runtime
-from pipeline.corpus import load_tables
+from pipeline.config import location, option, runtime
+from pipeline.corpus import load_checked
 from pipeline.dist import init, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.log import make_log, make_result
@@ -40,8 +40,9 @@ SCORES = ("itm", "itm+itc")
 @dataclass
 class TeacherConfig:
     run: str = runtime(None, "run directory: reads RUN/mine, writes RUN/teacher (spell it --run-dir under torchrun)")
-    teacher: str = option(None, "cross-encoder: Hugging Face name or local folder (BLIP ITM, ViLT retrieval), or "
-                                "`train-teacher` for the run's fine-tuned one (RUN/teacher-train/final)")
+    teacher: str = location(None, "cross-encoder: Hugging Face name or local folder (BLIP ITM, ViLT retrieval), or "
+                                  "`train-teacher` for the run's fine-tuned one (RUN/teacher-train/final); identified "
+                                  "by its files' hashes")
     revision: Optional[str] = option(None, "model revision on the hub")
     trust_remote_code: bool = option(False, "allow model code from the checkpoint (off unless you ask)")
     score: str = option("itm", "itm: match log-odds; itm+itc: log-odds + itc_weight x BLIP's contrastive "
@@ -58,7 +59,9 @@ class TeacherConfig:
     image_root: Optional[str] = runtime(None, "where RUN/mine's images are now, if their folder moved since mine "
                                               "ran (default: the folder mine recorded)")
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    force: bool = runtime(False, "replace an output made with other settings")
+    force: bool = runtime(False, "start the stage over, whatever its output folder holds")
+    out: Optional[str] = runtime(None, "output folder (default RUN/teacher); another folder keeps a second teacher's "
+                                       "scores beside the first (distill --scores reads it)")
 
 
 
@@ -103,9 +106,9 @@ def run(cfg: TeacherConfig) -> Path:
     log("[teacher] resolved config:\n" + cfgmod.render(cfg))
     run_dir = Path(cfg.run)
     paths = layout.Run(run_dir)
-    mine_dir, out = paths.mine, paths.teacher
+    mine_dir, out = paths.mine, Path(cfg.out) if cfg.out else paths.teacher
     mine = require_complete(mine_dir, "mine", f"run `cprd-pipeline mine --run {run_dir} ...` first")
-    corpus = load_tables(paths.corpus, cfg.image_root)
+    corpus = load_checked(paths.corpus, cfg.image_root)
     teacher_path, lineage = resolve_teacher(cfg.teacher, run_dir)
     cfg = dataclasses.replace(cfg, teacher=teacher_path)
     identity = {"stage": "teacher", "config": cfgmod.fingerprinted(cfg), "upstream": mine["fingerprint"],
@@ -116,6 +119,7 @@ def run(cfg: TeacherConfig) -> Path:
             f"{lineage['fingerprint'][:12]})")
     reads = [mine_dir] + ([Path(lineage["output"])] if lineage else [])
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log, reads=reads,
+                         elsewhere="another --out folder", locations={"teacher": teacher_path},
                          precheck=lambda: load_teacher(cfg.teacher, "cpu", dtype, cfg.revision, cfg.trust_remote_code))
     if not writer.begin():
         return out

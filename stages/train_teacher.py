@@ -28,8 +28,8 @@ import torch
 from pipeline import config as cfgmod
 from pipeline import layout
 from pipeline.artifacts import StageWriter, require_complete
-from pipeline.config import option, runtime
-from pipeline.corpus import load_tables
+from pipeline.config import location, option, runtime
+from pipeline.corpus import load_checked
 from pipeline.data import BatchSpec, MatchingBatches, Processors
 from pipeline.dist import Dist
 from pipeline.errors import PipelineError
@@ -46,8 +46,8 @@ from pipeline.training import backward_step, param_groups, warmup_cosine
 class TrainTeacherOptions:
     """train-teacher's own options; its config (below) adds the training options every training stage has."""
     run: str = runtime(None, "run directory: reads RUN/mine, writes RUN/teacher-train (--run-dir under torchrun)")
-    teacher: str = option(None, "cross-encoder to fine-tune: Hugging Face name or local folder (BLIP ITM, ViLT "
-                                "retrieval)")
+    teacher: str = location(None, "cross-encoder to fine-tune: Hugging Face name or local folder (BLIP ITM, ViLT "
+                                  "retrieval); identified by its files' hashes")
     revision: Optional[str] = option(None, "model revision on the hub")
     trust_remote_code: bool = option(False, "allow model code from the checkpoint (off unless you ask)")
     train: str = option("all", "what is trained: all = the whole cross-encoder, head = the matching head alone",
@@ -157,7 +157,7 @@ class TeacherTraining(StepLoop):
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
-        corpus = load_tables(paths.corpus, cfg.image_root)
+        corpus = load_checked(paths.corpus, cfg.image_root)
         scorer = Scorer(teacher, cfg).train()
         if cfg.train == "head":
             for name, p in scorer.named_parameters():

@@ -158,3 +158,112 @@ def test_an_upstream_is_locked_while_read_and_checked_before_success(tmp_path):
     with pytest.raises(PipelineError, match="changed while this stage read it"):
         down2.finish([])
     assert not (tmp_path / "down2" / SUCCESS).exists()
+
+
+# ---------------------------------------------------------------- the policy, as a table
+from pipeline.artifacts import Found, comparable, decide, fingerprint  # noqa: E402
+
+ok = dict(manifest="ok")
+POLICY = [  # (what is found, --force, what the stage does)
+    (Found(), False, "start"),
+    (Found(leftovers=True), False, "refuse-foreign"),
+    (Found(leftovers=True), True, "start-over"),
+    (Found(manifest="damaged"), False, "refuse-damaged"),
+    (Found(manifest="damaged"), True, "start-over"),
+    (Found(**ok, same=True, complete=True), False, "up-to-date"),
+    (Found(**ok, same=True, complete=True), True, "start-over"),      # --force starts over, whatever it finds
+    (Found(**ok, same=True, complete=True, bad_shards=True), False, "redo-shards"),
+    (Found(**ok, same=True), False, "resume"),
+    (Found(**ok, same=True), True, "start-over"),
+    (Found(**ok, finished_work=False), False, "start"),               # other settings, nothing worth keeping
+    (Found(**ok, finished_work=True), False, "refuse-settings"),
+    (Found(**ok, finished_work=True), True, "start-over"),
+    (Found(**ok, finished_work=True, same_config=True), False, "remake"),   # only the inputs changed
+    (Found(**ok, finished_work=True, extends=True), False, "extend"),
+]
+
+
+@pytest.mark.parametrize("found,force,action", POLICY)
+def test_policy_table(found, force, action):
+    assert decide(found, force) == action
+
+
+def test_force_starts_a_complete_up_to_date_output_over(tmp_path):
+    _complete(tmp_path / "s")
+    w = _writer(tmp_path / "s", force=True)
+    assert w.begin() is True
+    assert not (tmp_path / "s" / "a.parquet").exists() and not (tmp_path / "s" / SUCCESS).exists()
+
+
+def test_force_replaces_a_damaged_manifest_and_plain_reruns_refuse_it(tmp_path):
+    _complete(tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").write_text("{torn")
+    with pytest.raises(PipelineError, match="corrupt JSON.*--force to start it over"):
+        _writer(tmp_path / "s").begin()
+    assert _writer(tmp_path / "s", force=True).begin() is True
+
+
+def test_changed_inputs_under_the_same_settings_are_made_again_without_force(tmp_path):
+    said = []
+    w = StageWriter(tmp_path / "s", {"stage": "t", "config": {"k": 1}, "upstream": "aaa"}, force=False, dist=ONE,
+                    log=quiet)
+    assert w.begin()
+    w.write_table("a.parquet", pa.table({"x": [1]}))
+    w.finish(["a.parquet"])
+    w = StageWriter(tmp_path / "s", {"stage": "t", "config": {"k": 1}, "upstream": "bbb"}, force=False, dist=ONE,
+                    log=said.append)
+    assert w.begin() is True and not (tmp_path / "s" / "a.parquet").exists()
+    assert said == ['[s] its inputs changed since it was made (upstream: "aaa" -> "bbb"); making it again']
+
+
+def test_refusals_name_the_stages_own_way_out(tmp_path):
+    _complete(tmp_path / "s", k=1)
+    w = StageWriter(tmp_path / "s", {"stage": "t", "config": {"k": 2}}, force=False, dist=ONE, log=quiet,
+                    elsewhere="another --out folder")
+    with pytest.raises(PipelineError, match="use --force to replace it, or another --out folder$"):
+        w.begin()
+
+
+def test_an_output_recorded_with_model_paths_is_up_to_date_under_its_old_name(tmp_path):
+    """Earlier versions kept a model folder's path and the --student option in the identity; the same files
+    at another path are the same model, and the output keeps the fingerprint downstream stages know it by."""
+    old = {"stage": "t", "config": {"k": 1, "student": "models/a"}, "student": {"path": "/x/models/a",
+                                                                              "files": {"w.bin": "00"}}}
+    w = StageWriter(tmp_path / "s", old, force=False, dist=ONE, log=quiet)
+    w.begin()
+    w.finish([])
+    name = fingerprint({"schema_version": 1, **old})
+    new = {"stage": "t", "config": {"k": 1}, "student": {"files": {"w.bin": "00"}}}
+    w = StageWriter(tmp_path / "s", new, force=False, dist=ONE, log=quiet)
+    assert w.begin() is False and w.fingerprint == name
+    changed = {**new, "student": {"files": {"w.bin": "11"}}}
+    assert comparable(old, changed)[0] != comparable(old, changed)[1]
+
+
+def test_the_manifest_records_versions_duration_and_locations(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "w.bin").write_bytes(b"w")
+    w = StageWriter(tmp_path / "s", {"stage": "t", "config": {}, "student": {"files": {"w.bin": "00"}}},
+                    force=False, dist=ONE, log=quiet, locations={"student": str(folder), "data": None})
+    w.begin()
+    m = w.finish([])
+    assert m["versions"]["torch"] and m["versions"]["pyarrow"] and m["versions"]["python"]
+    assert m["seconds"] >= 0 and m["locations"] == {"student": str(folder.resolve())}
+    assert m["location_stats"]["student"]["w.bin"][0] == 1
+
+
+def test_a_failed_write_names_the_file_and_leaves_no_partial_copy(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from pipeline.artifacts import atomic_write_bytes
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        atomic_write_bytes(tmp_path / "shard.parquet", b"x" * 10)
+    assert e.value.filename == str(tmp_path / "shard.parquet") and e.value.strerror == "No space left on device"
+    assert list(tmp_path.iterdir()) == []

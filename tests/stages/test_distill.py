@@ -565,3 +565,79 @@ def test_a_loss_that_reads_no_negatives_skips_them_and_trains_as_if_they_were_en
     want, got = final_weights(every_row), final_weights(run)
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- runs that travel
+def _moved_student(run, tiny_clip, tmp_path):
+    """The run as if copied to a machine where mine's student is not where mine found it, but at `moved`."""
+    moved = tmp_path / "new-home" / "student"
+    shutil.copytree(tiny_clip, moved)
+    manifest = json.loads((run / "mine" / "manifest.json").read_text())
+    manifest["locations"]["student"] = str(tmp_path / "old-home" / "student")
+    (run / "mine" / "manifest.json").write_text(json.dumps(manifest))
+    return moved
+
+
+def test_a_run_follows_its_student_to_a_new_folder_and_extends_there(run, tiny_clip, tmp_path):
+    moved = _moved_student(run, tiny_clip, tmp_path)
+    line = _error(distill(run, "--max-steps", "2", expect=2))
+    assert "was mined with the student at" in line and "which is gone; pass --student" in line
+    proc = cli_subprocess("distill", "--run", run, *FAST, "--max-steps", "4", "--save-every", "2", "--student", moved,
+                          env={"CPRD_FAULT": "step:3"})
+    assert proc.returncode == -signal.SIGKILL
+    shutil.move(str(moved), str(tmp_path / "third-home"))                        # moved again, mid-run
+    out = distill(run, "--max-steps", "4", "--save-every", "2", "--student", tmp_path / "third-home").output
+    assert "resuming from step-2" in out
+    out = distill(run, "--max-steps", "6", "--student", tiny_clip).output        # the same files, another path
+    assert "extending: 4 steps trained, continuing to 6" in out
+    assert [m["step"] for m in metrics(run)] == list(range(1, 7))
+
+
+def test_a_second_teachers_scores_live_beside_the_first(run, tiny_blip, tmp_path):
+    other = tmp_path / "teacher-itc"
+    cli("score-teacher", "--run", run, "--teacher", tiny_blip, "--images-per-shard", "8", "--score", "itm+itc",
+        "--out", other)
+    scored = json.loads((other / "manifest.json").read_text())
+    assert (other / SUCCESS).exists() and scored["fingerprint"] != \
+        json.loads((run / "teacher" / "manifest.json").read_text())["fingerprint"]
+    distill(run, "--max-steps", "1", "--scores", other, "--out", tmp_path / "student-itc")
+    made = json.loads((tmp_path / "student-itc" / "manifest.json").read_text())
+    assert made["identity"]["upstream"] == scored["fingerprint"]
+    assert made["locations"]["scores"] == str(other.resolve())
+    line = _error(cli("score-teacher", "--run", run, "--teacher", tiny_blip, "--out", other, expect=2))
+    assert "made with different settings" in line and "or another --out folder" in line
+
+
+def test_a_log_with_missing_steps_is_refused_on_resume(run):
+    proc = cli_subprocess("distill", "--run", run, *FAST, "--max-steps", "6", "--save-every", "4",
+                          env={"CPRD_FAULT": "step:5"})
+    assert proc.returncode == -signal.SIGKILL
+    log = run / "distill" / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:2]) + "\n")                                  # steps 3.. lost
+    line = _error(distill(run, "--max-steps", "6", "--save-every", "4", expect=2))
+    assert "2 of the 4 trained steps are missing from the log (first: step 3)" in line and "--force" in line
+    distill(run, "--max-steps", "6", "--save-every", "4", "--force")             # --force: from the start
+    assert [m["step"] for m in metrics(run)] == list(range(1, 7))
+
+
+def test_a_damaged_latest_checkpoint_file_is_got_out_of_with_force(run):
+    proc = cli_subprocess("distill", "--run", run, *FAST, "--max-steps", "4", "--save-every", "2",
+                          env={"CPRD_FAULT": "step:3"})
+    assert proc.returncode == -signal.SIGKILL
+    (run / "distill" / "checkpoints" / "latest.json").write_text("{torn")
+    line = _error(distill(run, "--max-steps", "4", expect=2))
+    assert "latest.json: corrupt JSON" in line and "--force" in line
+    out = distill(run, "--max-steps", "4", "--force").output
+    assert "--force: starting over" in out and (run / "distill" / SUCCESS).exists()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_naming_it(run, monkeypatch):
+    import accelerate
+
+    def full(self, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", full)
+    line = _error(distill(run, "--max-steps", "2", expect=2))
+    assert "checkpoints/step-2: the checkpoint could not be written" in line and "rerun to resume" in line

@@ -94,13 +94,11 @@ def test_a_changed_corpus_names_its_files_and_a_touched_one_is_unchanged(tmp_pat
     records = json.loads(corpus_file.read_text())
     records[2]["caption"][0] = "an edited caption"
     corpus_file.write_text(json.dumps(records))
-    line = mine(run, corpus_file, tiny_clip, expect=2).output.strip().splitlines()[-1]
-    assert "corpus: 1 image file(s) changed (images/img0005.png); 1 caption(s) changed" in line, line
-    # a corpus recorded before image digests is not reported as every file changed
-    table = pq.read_table(run / "mine" / "corpus" / "images.parquet")
-    pq.write_table(table.drop(["sha256"]), run / "mine" / "corpus" / "images.parquet")
-    line = mine(run, corpus_file, tiny_clip, expect=2).output.strip().splitlines()[-1]
-    assert "corpus: recorded by an earlier version, without image digests (--force records them)" in line, line
+    # the same settings over changed inputs: made again, as make would, saying what changed
+    out = mine(run, corpus_file, tiny_clip).output
+    assert ("[mine] its inputs changed since it was made (corpus: 1 image file(s) changed (images/img0005.png); "
+            "1 caption(s) changed, added or removed); making it again") in out, out
+    assert (run / "mine" / "_SUCCESS").exists() and "up to date" in mine(run, corpus_file, tiny_clip).output
 
 
 def test_a_moved_image_folder_is_found_with_image_root(tmp_path, corpus_file, tiny_clip, tiny_blip):
@@ -292,3 +290,44 @@ def test_a_cross_encoder_is_refused_as_the_student(tmp_path, corpus_file, tiny_b
     assert f"error: {tiny_blip}: " in line and "not in the checkpoint" in line and "not a trained dual encoder" in line
     assert "text_model" in line or "text_projection" in line
     assert not (tmp_path / "run" / "mine" / SUCCESS).exists()
+
+
+def test_the_same_student_from_another_folder_or_working_directory_is_the_same_input(tmp_path, corpus_file,
+                                                                                      tiny_clip, monkeypatch):
+    """A model is its files: the same mine with the student copied elsewhere, or given by a relative path from
+    another working directory, is up to date; changed files are not."""
+    run = tmp_path / "run"
+    mine(run, corpus_file, tiny_clip)
+    copy = tmp_path / "elsewhere" / "student"
+    shutil.copytree(tiny_clip, copy)
+    assert "up to date" in mine(run, corpus_file, copy).output
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert "up to date" in mine(run, corpus_file, "student").output
+    manifest = json.loads((run / "mine" / "manifest.json").read_text())
+    assert manifest["locations"]["student"] == str(tiny_clip.resolve())          # where it was first found
+    assert "path" not in manifest["identity"]["student"] and "student" not in manifest["identity"]["config"]
+    (copy / "config.json").write_text((copy / "config.json").read_text().replace("}", ', "extra": 1}', 1))
+    out = mine(run, corpus_file, "student").output
+    assert "its inputs changed since it was made (student.files.config.json" in out, out
+
+
+def test_status_marks_mine_stale_when_an_image_or_the_student_changed(tmp_path, corpus_file, tiny_clip):
+    student = tmp_path / "student"
+    shutil.copytree(tiny_clip, student)
+    run = tmp_path / "run"
+    mine(run, corpus_file, student)
+    status = lambda: {l.split()[0]: l for l in cli("status", "--run", run).output.splitlines()}
+    assert "complete" in status()["mine"]
+    os.utime(corpus_file.parent / "images" / "img0003.png", ns=(0, 42))      # touched: same bytes
+    assert "complete" in status()["mine"]
+    image = corpus_file.parent / "images" / "img0005.png"
+    data = bytearray(image.read_bytes())
+    data[-5] ^= 0xFF
+    image.write_bytes(bytes(data))
+    line = status()["mine"]
+    assert "stale: 1 image file(s) changed since it was made (e.g. images/img0005.png; run mine again)" in line, line
+    assert "stale: mine is stale" in status()["score-teacher"] or "absent" in status()["score-teacher"]
+    mine(run, corpus_file, student)                                           # made again: up to date
+    assert "complete" in status()["mine"]
+    (student / "config.json").write_text((student / "config.json").read_text().replace("}", ', "extra": 1}', 1))
+    assert f"stale: student file {student / 'config.json'} changed since it was made" in status()["mine"]

@@ -195,11 +195,22 @@ def test_teacher_without_itm_head(run, tmp_path, tiny_blip, tiny_clip):
     assert not (run / "teacher" / SUCCESS).exists()
 
 
-def test_missing_image_file(run, tiny_blip):
-    images = corpus_images(run)
-    Path(images["path"][7]).unlink()
-    line = _error_line(score(run, tiny_blip, expect=None))
-    assert "image file not found" in line and images["path"][7] in line
+def test_missing_or_changed_image_file_is_refused_before_scoring(run, tiny_blip):
+    """What score-teacher reads is what mine recorded: a missing or edited image is named, nothing is scored."""
+    path = Path(corpus_images(run)["path"][7])
+    original = path.read_bytes()
+    try:
+        path.unlink()
+        line = _error_line(score(run, tiny_blip, expect=None))
+        assert "1 image file(s) not found" in line and "images/img0007.png" in line and "--image-root" in line
+        edited = bytearray(original)
+        edited[-5] ^= 0xFF                        # same size, other bytes
+        path.write_bytes(bytes(edited))
+        line = _error_line(score(run, tiny_blip, expect=None))
+        assert "1 image file(s) changed since mine read them (images/img0007.png); run mine again" in line, line
+        assert not (run / "teacher" / SUCCESS).exists()
+    finally:
+        path.write_bytes(original)
 
 
 def test_mismatched_tokenizer(run, tmp_path):

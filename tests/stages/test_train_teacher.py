@@ -86,7 +86,9 @@ def test_score_teacher_takes_the_fine_tuned_teacher_and_records_its_lineage(run,
     identity = json.loads((run / "teacher" / "manifest.json").read_text())["identity"]
     assert identity["lineage"]["fingerprint"] == trained["fingerprint"]
     assert identity["lineage"]["base"] == trained["identity"]["teacher"]
-    assert identity["teacher"]["path"] == str((run / "teacher-train" / "final").resolve())
+    manifest = json.loads((run / "teacher" / "manifest.json").read_text())
+    assert manifest["locations"]["teacher"] == str((run / "teacher-train" / "final").resolve())
+    assert "model.safetensors" in identity["teacher"]["files"] and "path" not in identity["teacher"]
 
 
 def test_head_only_trains_the_head(run, tiny_blip):
