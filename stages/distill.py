@@ -36,7 +36,7 @@ from pipeline import layout
 from pipeline.artifacts import StageWriter, atomic_write_json, read_json, require_complete
 from pipeline.card import write_card
 from pipeline.config import choice_options, option, runtime
-from pipeline.corpus import load_tables
+from pipeline.corpus import FORMATS, load_tables
 from pipeline.data import BatchSpec, DistillBatches, Matches, Processors, list_rows
 from pipeline.dist import Dist
 from pipeline.errors import PipelineError
@@ -53,6 +53,7 @@ from pipeline.validation import Validator
 DIRECTIONS = ("both", "i2t", "t2i")   # --distill-directions
 BATCHING = ("shuffle", "packed")      # --batching
 OUT_OF_BATCH = ("encode", "drop")     # --out-of-batch
+VAL_SOURCE = ("val_format", "val_image_root", "val_image_column", "val_caption_column", "val_id_column")
 
 
 @dataclass
@@ -93,7 +94,16 @@ class DistillOptions:
     batch_size: int = option(64, "queries per micro-batch, per process")
     val_data: Optional[str] = option(None, "held-out annotation file, folder or dataset to evaluate on while training "
                                            "(recall, RSUM and, with the teacher, rank agreement)", added=True)
+    # --val-data is a corpus like mine's --data, described by the same options (pipeline.corpus.read_source)
+    val_format: str = option("auto", "input format of --val-data (as mine's --format)", choices=FORMATS, added=True)
+    val_image_root: Optional[str] = runtime(None, "folder that --val-data's relative image paths resolve against "
+                                                  "(default: the annotation file's folder)")
     val_split: Optional[str] = option("val", "split of --val-data to read", added=True)
+    val_image_column: str = option("image", "hf format: --val-data's image column", added=True)
+    val_caption_column: str = option("text", "hf format: --val-data's caption column (a string or a list of "
+                                             "strings)", added=True)
+    val_id_column: Optional[str] = option(None, "hf format: a column of --val-data's image ids (default: file name "
+                                                "stem)", added=True)
     eval_every: Optional[int] = option(None, "validate every N optimizer steps (default: at the end only)", added=True)
     val_teacher: bool = option(True, "score each validation query's top --val-k-test with the run's teacher for "
                                      "rank agreement (pairs are cached across validations)", added=True)
@@ -248,9 +258,10 @@ def _check(cfg: DistillConfig) -> None:
         raise PipelineError(f"--eval-every must be at least 1, got {cfg.eval_every}")
     if cfg.val_k_test < 2:
         raise PipelineError(f"--val-k-test must be at least 2, got {cfg.val_k_test}")
-    for name in ("eval_every", "keep_best"):
-        if getattr(cfg, name) and not cfg.val_data:
-            raise PipelineError(f"--{name.replace('_', '-')} needs --val-data (a held-out corpus to validate on)")
+    given = [n for n in ("eval_every", "keep_best") if getattr(cfg, n)] + \
+        [n for n in VAL_SOURCE if getattr(cfg, n) != getattr(DistillOptions, n)]
+    if given and not cfg.val_data:
+        raise PipelineError(f"--{given[0].replace('_', '-')} needs --val-data (a held-out corpus to validate on)")
 
 
 def batch_spec(cfg: DistillConfig, rank: int = 0, world_size: int = 1) -> BatchSpec:
@@ -447,12 +458,12 @@ class Training(StepLoop):
 
 def _validator(cfg: DistillConfig, teacher: dict, out: Path, acc, log) -> Validator:
     """The held-out corpus and, with --val-teacher, the run's teacher with a pair-score cache under OUT."""
-    from pipeline.corpus import read_corpus
+    from pipeline.corpus import read_source
     from pipeline.models import torch_dtype
     from pipeline.retrieval import ScoreCache
     from pipeline.teachers import load_teacher
 
-    corpus = read_corpus(cfg.val_data, "auto", None, cfg.val_split, bytes_dir=out / "val-images", log=log)
+    corpus = read_source(cfg, "val_", bytes_dir=out / "val-images", log=log)
     if not cfg.val_teacher:
         return Validator(corpus)
     t = teacher["config"]
