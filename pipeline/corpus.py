@@ -31,6 +31,14 @@ import pyarrow.parquet as pq
 from .errors import PipelineError
 
 FORMATS = ("auto", "albef", "karpathy", "coco", "hf")
+# the options that describe a corpus to read, as mine and evaluate name them (--data, --format, ...); distill's
+# validation corpus has the same ones under a prefix (--val-data, --val-format, ...)
+SOURCE_OPTIONS = ("data", "format", "image_root", "split", "image_column", "caption_column", "id_column")
+
+
+def flag(name: str, prefix: str = "") -> str:
+    """The command-line spelling of a corpus option: flag("image_root", "val_") is '--val-image-root'."""
+    return "--" + (prefix + name).replace("_", "-")
 
 
 @dataclass
@@ -234,8 +242,10 @@ def changes(directory: Path, corpus: Corpus, limit: int = 3) -> Optional[str]:
 class _Builder:
     """Collects images and captions from a reader, checking ids as they come."""
 
-    def __init__(self, source: str, image_root: Path | None, bytes_dir: Path | None, root_given: bool = False):
+    def __init__(self, source: str, image_root: Path | None, bytes_dir: Path | None, root_given: bool = False,
+                 prefix: str = ""):
         self.source = source
+        self.prefix = prefix          # of the options that described this corpus, for the errors that name them
         self.image_root = image_root
         self.root_given = root_given  # the user passed --image-root (else: the annotation file's folder)
         self.bytes_dir = bytes_dir
@@ -303,19 +313,24 @@ class _Builder:
 
     def build(self, check_files: bool = True) -> Corpus:
         if not self.images or not self.text_ids:
-            raise PipelineError(f"{self.source}: no images or no captions found (check --split and --format)")
+            raise PipelineError(f"{self.source}: no images or no captions found (check {self.flag('split')} and "
+                                f"{self.flag('format')})")
         with_text = set(self.text_image_ids)
         ids = [i for i in self.images if i in with_text]  # an image without captions has no positive
         paths = [self.images[i] for i in ids]
         if check_files:
             for iid, path in zip(ids, paths):
                 if not os.path.isfile(path):
-                    hint = (f" (relative paths resolve against --image-root {self.image_root})" if self.root_given
-                            else " (relative paths resolve against the annotation file's folder; pass --image-root)")
+                    root = self.flag("image_root")
+                    hint = (f" (relative paths resolve against {root} {self.image_root})" if self.root_given
+                            else f" (relative paths resolve against the annotation file's folder; pass {root})")
                     raise PipelineError(f"{self.source}: image file not found: {path} (image id '{iid}'){hint}")
         root = self.image_root or (self.bytes_dir.resolve() if self.bytes_dir is not None and paths
                                    and all(Path(p).parent == self.bytes_dir.resolve() for p in paths) else None)
         return Corpus(ids, paths, self.text_ids, self.text_image_ids, self.texts, str(root) if root else None)
+
+    def flag(self, name: str) -> str:
+        return flag(name, self.prefix)
 
 
 # ---------------------------------------------------------------- readers
@@ -354,8 +369,8 @@ def read_karpathy(data: Path, b: _Builder, split: str | None) -> None:
         raise PipelineError(f"{data}: Karpathy split files have an 'images' list")
     splits = sorted({str(img.get("split")) for img in doc["images"] if isinstance(img, dict) and "split" in img})
     if split is None and splits:  # mining every split would put test images into training, silently
-        raise PipelineError(f"{data}: a Karpathy file holds several splits ({', '.join(splits)}); pass --split "
-                            "(train also takes restval)")
+        raise PipelineError(f"{data}: a Karpathy file holds several splits ({', '.join(splits)}); pass "
+                            f"{b.flag('split')} (train also takes restval)")
     wanted = {split} | ({"restval"} if split == "train" else set()) if split else None
     for n, img in enumerate(doc["images"]):
         if wanted is not None and img.get("split") not in wanted:
@@ -395,9 +410,12 @@ def read_hf(data: str, b: _Builder, split: str | None, image_column: str, captio
             ds = datasets.load_dataset(data, split=split or "train")
     except (FileNotFoundError, ValueError) as e:
         raise PipelineError(f"{data}: cannot load as a Hugging Face dataset ({str(e).splitlines()[0]})") from None
-    for col in (image_column, caption_column) + ((id_column,) if id_column else ()):
+    named = (("image_column", image_column), ("caption_column", caption_column)) + \
+        ((("id_column", id_column),) if id_column else ())
+    for name, col in named:
         if col not in ds.column_names:
-            raise PipelineError(f"{data}: no column '{col}' (columns: {', '.join(ds.column_names)})")
+            raise PipelineError(f"{data}: no column '{col}' (columns: {', '.join(ds.column_names)}); name the "
+                                f"column with {b.flag(name)}")
     if isinstance(ds.features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     for n, row in enumerate(ds):
@@ -421,16 +439,17 @@ def read_hf(data: str, b: _Builder, split: str | None, image_column: str, captio
             b.add_text(f"{iid}#{j}", iid, cap, f"{where}, caption {j}")
 
 
-def detect_format(data: str) -> str:
+def detect_format(data: str, prefix: str = "") -> str:
     path = Path(data)
     if path.is_dir():
         return "hf"
     if not path.exists():
         if path.suffix in (".json", ".jsonl"):
-            raise PipelineError(f"--data: file not found: {data}")
+            raise PipelineError(f"{flag('data', prefix)}: file not found: {data}")
         return "hf"  # a hub dataset name such as "nlphuji/flickr30k"
     if path.suffix != ".json":
-        raise PipelineError(f"{data}: cannot guess the format of a '{path.suffix}' file; pass --format")
+        raise PipelineError(f"{data}: cannot guess the format of a '{path.suffix}' file; pass "
+                            f"{flag('format', prefix)}")
     doc = _load_json(path)
     if isinstance(doc, dict) and "annotations" in doc and "images" in doc:
         return "coco"
@@ -438,7 +457,8 @@ def detect_format(data: str) -> str:
         return "karpathy"
     if isinstance(doc, list) and doc and isinstance(doc[0], dict) and {"image", "caption"} <= set(doc[0]):
         return "albef"
-    raise PipelineError(f"{data}: not a known annotation format (albef, karpathy, coco); pass --format")
+    raise PipelineError(f"{data}: not a known annotation format (albef, karpathy, coco); pass "
+                        f"{flag('format', prefix)}")
 
 
 def read_corpus(
@@ -451,21 +471,23 @@ def read_corpus(
     id_column: str | None = None,
     bytes_dir: Path | None = None,
     log: Callable[[str], None] = print,
+    prefix: str = "",
 ) -> Corpus:
-    """Read any supported input into a checked Corpus (every image file must exist)."""
+    """Read any supported input into a checked Corpus (every image file must exist). Errors name the options
+    as `--{prefix}data`, `--{prefix}image-root`, ... (read_source's options)."""
     if fmt not in FORMATS:
-        raise PipelineError(f"--format: unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
+        raise PipelineError(f"{flag('format', prefix)}: unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
     if fmt == "auto":
-        fmt = detect_format(data)
-        log(f"[corpus] --format auto: reading {data} as '{fmt}'")
+        fmt = detect_format(data, prefix)
+        log(f"[corpus] {flag('format', prefix)} auto: reading {data} as '{fmt}'")
     root = Path(image_root).resolve() if image_root else None
     if root is not None and not root.is_dir():
-        raise PipelineError(f"--image-root: not a directory: {image_root}")
+        raise PipelineError(f"{flag('image_root', prefix)}: not a directory: {image_root}")
     if fmt != "hf" and not Path(data).is_file():
-        raise PipelineError(f"--data: file not found: {data}")
+        raise PipelineError(f"{flag('data', prefix)}: file not found: {data}")
     if root is None and fmt != "hf":
         root = Path(data).resolve().parent  # relative paths are relative to the annotation file
-    b = _Builder(str(data), root, bytes_dir, root_given=image_root is not None)
+    b = _Builder(str(data), root, bytes_dir, root_given=image_root is not None, prefix=prefix)
     if fmt == "albef":
         read_albef(Path(data), b, split)
     elif fmt == "karpathy":
@@ -477,3 +499,13 @@ def read_corpus(
     corpus = b.build()
     log(f"[corpus] {corpus.num_images} images, {corpus.num_texts} captions")
     return corpus
+
+
+def read_source(cfg: Any, prefix: str = "", bytes_dir: Path | None = None,
+                log: Callable[[str], None] = print) -> Corpus:
+    """The corpus a stage's options describe: `{prefix}data`, `{prefix}format`, ... (SOURCE_OPTIONS) of `cfg`;
+    every stage that reads annotations (mine's corpus, evaluate's test set, distill's --val-data) reads them here,
+    so each takes the same options, with the same defaults, and its errors name its own."""
+    get = {name: getattr(cfg, prefix + name) for name in SOURCE_OPTIONS}
+    return read_corpus(get["data"], get["format"], get["image_root"], get["split"], get["image_column"],
+                       get["caption_column"], get["id_column"], bytes_dir=bytes_dir, log=log, prefix=prefix)

@@ -36,7 +36,7 @@ from pipeline import layout
 from pipeline.artifacts import StageWriter, atomic_write_json, read_json, require_complete
 from pipeline.card import write_card
 from pipeline.config import choice_options, location, option, runtime
-from pipeline.corpus import load_checked
+from pipeline.corpus import FORMATS, load_checked, read_source
 from pipeline.data import BatchSpec, DistillBatches, Matches, Processors, list_rows
 from pipeline.dist import Dist
 from pipeline.errors import PipelineError
@@ -53,6 +53,7 @@ from pipeline.validation import Validator
 DIRECTIONS = ("both", "i2t", "t2i")   # --distill-directions
 BATCHING = ("shuffle", "packed")      # --batching
 OUT_OF_BATCH = ("encode", "drop")     # --out-of-batch
+VAL_SOURCE = ("val_format", "val_image_root", "val_image_column", "val_caption_column", "val_id_column")
 
 
 @dataclass
@@ -94,9 +95,19 @@ class DistillOptions:
                                              "(image queries ranking captions) or t2i (text queries ranking images); "
                                              "the contrastive term always uses both", choices=DIRECTIONS, added=True)
     batch_size: int = option(64, "queries per micro-batch, per process")
-    val_data: Optional[str] = option(None, "held-out annotation file, folder or dataset to evaluate on while training "
-                                           "(recall, RSUM and, with the teacher, rank agreement)", added=True)
+    val_data: Optional[str] = location(None, "held-out annotation file, folder or dataset to evaluate on while "
+                                             "training (recall, RSUM and, with the teacher, rank agreement); "
+                                             "identified by its content")
+    # --val-data is a corpus like mine's --data, described by the same options (pipeline.corpus.read_source)
+    val_format: str = option("auto", "input format of --val-data (as mine's --format)", choices=FORMATS, added=True)
+    val_image_root: Optional[str] = runtime(None, "folder that --val-data's relative image paths resolve against "
+                                                  "(default: the annotation file's folder)")
     val_split: Optional[str] = option("val", "split of --val-data to read", added=True)
+    val_image_column: str = option("image", "hf format: --val-data's image column", added=True)
+    val_caption_column: str = option("text", "hf format: --val-data's caption column (a string or a list of "
+                                             "strings)", added=True)
+    val_id_column: Optional[str] = option(None, "hf format: a column of --val-data's image ids (default: file name "
+                                                "stem)", added=True)
     eval_every: Optional[int] = option(None, "validate every N optimizer steps (default: at the end only)", added=True)
     val_teacher: bool = option(True, "score each validation query's top --val-k-test with the run's teacher for "
                                      "rank agreement (pairs are cached across validations)", added=True)
@@ -211,16 +222,20 @@ def run(cfg: DistillConfig) -> Path:
     log("[distill] resolved config:\n" + cfgmod.render(cfg))
     identity = {"stage": "distill", "config": cfgmod.fingerprinted(cfg), "upstream": teacher["fingerprint"],
                 "student": model_identity(cfg.student), "world_size": dist.world_size}
+    # the validation corpus by content (it decides best/ and the val_* metrics), wherever it is read from
+    val = read_source(cfg, "val_", bytes_dir=paths.images, log=log) if cfg.val_data else None
+    if val is not None:
+        identity["validation"] = val.content_hash()
     length = Length.of(cfg, teacher_rows(teacher), dist.world_size, "teacher rows")
     student = functools.cache(lambda: DualEncoder(cfg.student, device="cpu"))   # loaded once: precheck, then setup
     writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log,
                          reads=[paths.mine, paths.teacher], precheck=student, elsewhere="another --out folder",
-                         locations={"student": cfg.student, "scores": str(paths.teacher)},
+                         locations={"student": cfg.student, "scores": str(paths.teacher), "val_data": cfg.val_data},
                          growth=length.growth())
     if not writer.begin():
         return out
     run_loop(lambda: Training.setup(cfg, acc, dist, paths, mine, teacher, identity["student"], out, log, length,
-                                    student()),
+                                    student(), val),
              writer, acc, cfg.report_to)
     make_result(acc.is_main_process)(f"[distill] done: {out / 'final'}")
     return out
@@ -250,9 +265,10 @@ def _check(cfg: DistillConfig) -> None:
         raise PipelineError(f"--eval-every must be at least 1, got {cfg.eval_every}")
     if cfg.val_k_test < 2:
         raise PipelineError(f"--val-k-test must be at least 2, got {cfg.val_k_test}")
-    for name in ("eval_every", "keep_best"):
-        if getattr(cfg, name) and not cfg.val_data:
-            raise PipelineError(f"--{name.replace('_', '-')} needs --val-data (a held-out corpus to validate on)")
+    given = [n for n in ("eval_every", "keep_best") if getattr(cfg, n)] + \
+        [n for n in VAL_SOURCE if getattr(cfg, n) != getattr(DistillOptions, n)]
+    if given and not cfg.val_data:
+        raise PipelineError(f"--{given[0].replace('_', '-')} needs --val-data (a held-out corpus to validate on)")
 
 
 def batch_spec(cfg: DistillConfig, rank: int = 0, world_size: int = 1) -> BatchSpec:
@@ -318,12 +334,12 @@ class Training(StepLoop):
 
     @classmethod
     def setup(cls, cfg: DistillConfig, acc, dist: Dist, paths: layout.Run, mine: dict, teacher: dict, student: dict,
-              out: Path, log, length: Length, encoder: DualEncoder) -> "Training":
+              out: Path, log, length: Length, encoder: DualEncoder, val=None) -> "Training":
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
         corpus = load_checked(paths.corpus, cfg.image_root)
-        validator = _validator(cfg, teacher, out, acc, log) if cfg.val_data and acc.is_main_process else None
+        validator = _validator(cfg, val, teacher, out, acc) if val is not None and acc.is_main_process else None
         towers = StudentTowers(encoder).train()
         optimizer = torch.optim.AdamW(param_groups(towers, cfg.weight_decay), lr=cfg.lr)
 
@@ -460,19 +476,19 @@ class Training(StepLoop):
                                                                  "val_rsum": best["rsum"]}} if best else None)
 
 
-def _validator(cfg: DistillConfig, teacher: dict, out: Path, acc, log) -> Validator:
-    """The held-out corpus and, with --val-teacher, the run's teacher with a pair-score cache under OUT."""
-    from pipeline.corpus import read_corpus
+def _validator(cfg: DistillConfig, corpus, teacher: dict, out: Path, acc) -> Validator:
+    """The held-out corpus and, with --val-teacher, the run's teacher (where score-teacher found it) with a
+    pair-score cache under OUT."""
     from pipeline.models import torch_dtype
     from pipeline.retrieval import ScoreCache
     from pipeline.teachers import load_teacher
 
-    corpus = read_corpus(cfg.val_data, "auto", None, cfg.val_split, bytes_dir=out / "val-images", log=log)
     if not cfg.val_teacher:
         return Validator(corpus)
     t = teacher["config"]
     weight = t["itc_weight"] if t["score"] == "itm+itc" else 0.0
     device = str(acc.device)
-    model = load_teacher(t["teacher"], device, torch_dtype(t["dtype"], device), t.get("revision"),
+    where = (teacher.get("locations") or {}).get("teacher") or t["teacher"]
+    model = load_teacher(where, device, torch_dtype(t["dtype"], device), t.get("revision"),
                          t.get("trust_remote_code", False))
     return Validator(corpus, model, cfg.val_k_test, weight, ScoreCache(out / "val-teacher-scores.npz"))

@@ -24,7 +24,7 @@ from pipeline import config as cfgmod
 from pipeline import layout
 from pipeline.artifacts import StageWriter, atomic_write_json, fingerprint, require_complete
 from pipeline.config import location, option, runtime
-from pipeline.corpus import FORMATS, read_corpus
+from pipeline.corpus import FORMATS, read_source
 from pipeline.dist import init, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.log import make_log, make_result
@@ -102,8 +102,7 @@ def run(cfg: EvalConfig) -> Path:
         log(f"[eval] note: --k-test {cfg.k_test} < {max(KS)}: R@{max(KS)} mixes re-ranked and student order")
     log("[eval] resolved config:\n" + cfgmod.render(cfg))
     out = Path(cfg.out) if cfg.out else layout.Run(Path(cfg.run)).eval
-    corpus = read_corpus(cfg.data, cfg.format, cfg.image_root, cfg.split, cfg.image_column, cfg.caption_column,
-                         cfg.id_column, bytes_dir=Path(cfg.run or out) / "images", log=log)
+    corpus = read_source(cfg, bytes_dir=Path(cfg.run or out) / "images", log=log)
     overlap = train_test_overlap(corpus, model, cfg)
     if overlap and overlap["images"] and not cfg.allow_overlap:
         raise PipelineError(f"{overlap['images']} of the {corpus.num_images} test images are in the corpus "

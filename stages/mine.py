@@ -19,7 +19,7 @@ from pipeline import config as cfgmod
 from pipeline import layout
 from pipeline.artifacts import StageWriter
 from pipeline.config import location, option, runtime
-from pipeline.corpus import FORMATS, Corpus, known_files, read_corpus, recorded_root
+from pipeline.corpus import FORMATS, Corpus, known_files, read_source, recorded_root
 from pipeline.corpus import changes as corpus_changes
 from pipeline.dist import Dist, init, resolve_device
 from pipeline.errors import PipelineError
@@ -132,8 +132,7 @@ def run(cfg: MineConfig) -> Path:
     paths = layout.Run(run_dir)
     out = paths.mine
 
-    corpus = read_corpus(cfg.data, cfg.format, cfg.image_root, cfg.split, cfg.image_column,
-                         cfg.caption_column, cfg.id_column, bytes_dir=paths.images, log=log)
+    corpus = read_source(cfg, bytes_dir=paths.images, log=log)
     _check_k(cfg, corpus, dirs)
     # each image's SHA-256, hashed once (rank 0) and re-used from the last run where size and mtime are unchanged
     known = known_files(paths.corpus, corpus.image_root) if dist.is_main else {}

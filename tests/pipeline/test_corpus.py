@@ -4,7 +4,7 @@ import os
 import pytest
 
 from conftest import write_albef_corpus, write_images
-from pipeline.corpus import detect_format, read_corpus
+from pipeline.corpus import detect_format, read_corpus, read_source
 from pipeline.errors import PipelineError
 
 quiet = dict(log=lambda *_: None)
@@ -187,6 +187,19 @@ def test_karpathy_without_a_split_is_refused_not_mined_whole(tmp_path):
     path = _karpathy(tmp_path)
     with pytest.raises(PipelineError, match=r"holds several splits \(.*test.*train.*\); pass --split"):
         read_corpus(str(path), "karpathy", **quiet)
+
+
+def test_a_corpus_read_from_prefixed_options_names_them_in_its_errors(tmp_path):
+    """distill's validation corpus is --val-data, --val-split, ...: its errors must not send the user to mine's."""
+    from types import SimpleNamespace
+
+    val = dict(val_data=str(_karpathy(tmp_path)), val_format="auto", val_image_root=None, val_split=None,
+               val_image_column="image", val_caption_column="text", val_id_column=None)
+    with pytest.raises(PipelineError, match=r"holds several splits .*; pass --val-split "):
+        read_source(SimpleNamespace(**val), "val_", **quiet)
+    with pytest.raises(PipelineError, match=r"^--val-image-root: not a directory"):
+        read_source(SimpleNamespace(**{**val, "val_image_root": str(tmp_path / "nope")}), "val_", **quiet)
+    assert read_source(SimpleNamespace(**{**val, "val_split": "test"}), "val_", **quiet).image_ids == ["103"]
 
 
 def _albef(tmp_path, caption):

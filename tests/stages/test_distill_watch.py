@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, cli_subprocess, write_albef_corpus
+from conftest import captions, cli, cli_subprocess, write_albef_corpus, write_images
 
 FAST = ("--batch-size", "16", "--num-negatives", "5", "--lr", "2e-3", "--shuffle-buffer", "64", "--device", "cpu")
 
@@ -114,6 +114,9 @@ def test_report_to_tensorboard_logs_every_named_term(run):
     (("--eval-every", "2"), "--eval-every needs --val-data"),
     (("--keep-best",), "--keep-best needs --val-data"),
     (("--val-data", "x.json", "--eval-every", "0"), "--eval-every must be at least 1, got 0"),
+    (("--val-image-root", "imgs"), "--val-image-root needs --val-data"),
+    (("--val-caption-column", "captions"), "--val-caption-column needs --val-data"),
+    (("--val-data", "x.json", "--val-format", "parquet"), "Invalid value for '--val-format'"),
 ])
 def test_bad_options_are_refused_before_anything_is_written(run, flags, message):
     result = cli("distill", "--run", run, *FAST, "--max-steps", "2", *flags, expect=2)
@@ -139,3 +142,77 @@ def test_sentence_transformers_loads_final_with_the_pipelines_embeddings(run, co
     images = [Image.open(p).convert("RGB") for p in paths]
     np.testing.assert_allclose(model.encode(images), enc.encode_images(paths, progress=False), atol=1e-5)
 
+
+
+# ---------------------------------------------------------------- the validation corpus's own options
+ONE_STEP = ("--max-steps", "1", "--no-val-teacher")
+
+
+def karpathy_val(root):
+    """A Karpathy file whose image paths are relative to a folder that is not the file's own."""
+    names = write_images(root / "elsewhere", 6, seed=2)
+    doc = {"images": [{"filepath": "", "filename": n, "split": "val" if i < 4 else "test", "cocoid": i,
+                       "sentences": [{"raw": c, "sentid": 10 * i + j} for j, c in enumerate(captions(i, 2))]}
+                      for i, n in enumerate(names)]}
+    (root / "ann").mkdir()
+    (root / "ann" / "dataset_val.json").write_text(json.dumps(doc))
+    return root / "ann" / "dataset_val.json", root / "elsewhere"
+
+
+def test_a_karpathy_val_file_reads_its_images_from_val_image_root(run, tmp_path):
+    ann, images = karpathy_val(tmp_path / "val")
+    result = cli("distill", "--run", run, *FAST, *ONE_STEP, "--val-data", ann, expect=2)
+    assert "image file not found" in result.output and "pass --val-image-root)" in result.output
+    assert not (run / "distill" / "final").exists()
+    # --image-root is RUN/mine's images, not the validation corpus's
+    result = cli("distill", "--run", run, *FAST, *ONE_STEP, "--val-data", ann, "--image-root", images, expect=2)
+    assert "pass --val-image-root)" in result.output
+    result = cli("distill", "--run", run, *FAST, *ONE_STEP, "--val-data", ann, "--val-image-root", images)
+    assert "[corpus] 4 images, 8 captions" in result.output      # the val split of the Karpathy file
+    assert "val_rsum" in metrics(run / "distill")[-1]
+    config = json.loads((run / "distill" / "manifest.json").read_text())["identity"]["config"]
+    assert "val_image_root" not in config                         # where the images are is not what is trained
+
+
+def imagefolder_val(folder):
+    """An imagefolder (metadata.jsonl) whose captions are a list in a column named 'captions'."""
+    names = write_images(folder, 4, seed=3)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i, n in enumerate(names):
+            f.write(json.dumps({"file_name": n, "captions": captions(i, 2)}) + "\n")
+    return folder
+
+
+def test_an_imagefolder_val_corpus_names_its_caption_column(run, tmp_path):
+    folder = imagefolder_val(tmp_path / "val")
+    args = (*FAST, *ONE_STEP, "--val-data", folder, "--val-split", "train")
+    result = cli("distill", "--run", run, *args, expect=2)
+    assert "no column 'text' (columns: image, captions); name the column with --val-caption-column" in result.output
+    result = cli("distill", "--run", run, *args, "--val-caption-column", "captions")
+    assert "[corpus] 4 images, 8 captions" in result.output
+    assert "val_rsum" in metrics(run / "distill")[-1]
+    config = json.loads((run / "distill" / "manifest.json").read_text())["identity"]["config"]
+    assert config["val_caption_column"] == "captions"             # another column is other validation data
+
+
+def test_the_val_corpus_options_leave_existing_fingerprints_alone(tmp_path):
+    from pipeline.config import fingerprinted, resolve
+    from stages import VERBS
+    from stages.distill import VAL_SOURCE, DistillConfig
+
+    def identity(config_file=None, **values):
+        return fingerprinted(resolve(DistillConfig, config_file, {"run": "r", "val_data": "v.json", **values},
+                                     "distill", VERBS))
+
+    before = identity()
+    assert not set(VAL_SOURCE) & set(before)          # what a run made before these options recorded
+    assert identity(val_image_root=str(tmp_path), val_format="auto", val_caption_column="text") == before
+    assert identity(val_caption_column="captions") == {**before, "val_caption_column": "captions"}
+    assert identity(val_format="karpathy") == {**before, "val_format": "karpathy"}
+    # in a pipeline file they are plain keys of the distill section (as the loop runs it)
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text("mine: {student: s}\ndistill: {val-format: hf, val_image_root: imgs, "
+                        "val-caption-column: captions, val-split: train}\n")
+    cfg = resolve(DistillConfig, pipeline, {"run": "r", "val_data": "v"}, "distill", VERBS)
+    assert (cfg.val_format, cfg.val_image_root, cfg.val_caption_column, cfg.val_split) == \
+        ("hf", "imgs", "captions", "train")
