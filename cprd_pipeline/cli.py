@@ -6,6 +6,7 @@ verb runs or its `--help` is asked for.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import typing
 from pathlib import Path
@@ -46,6 +47,8 @@ def config_options(cls: type) -> Callable:
             help_text = ("[required] " if f.required else "") + (f"[{', '.join(f.owners)}] " if f.owners else "") + f.help
             if f.default is not None and f.default != "":
                 help_text += f"  [default: {str(f.default).lower() if isinstance(f.default, bool) else f.default}]"
+            if f.bounds:
+                help_text += f"  [{f.bounds}]"
             if f.type is bool:
                 fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)(fn)
             else:
@@ -92,8 +95,43 @@ def _stage_command(stage: Stage) -> click.Command:
     return command
 
 
+class UsageLine(click.ClickException):
+    """A usage error (unknown option or verb, bad choice, bad type, missing option) shown as the tool's other errors
+    are: one `error:` line and exit 2, not click's usage block."""
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+@contextlib.contextmanager
+def _one_line_usage(group: click.Context | None = None):
+    """A UsageError as a UsageLine naming the verb (the group's context knows it when the verb's own parse fails)."""
+    try:
+        yield
+    except click.UsageError as e:
+        verb = e.ctx.info_name if e.ctx is not None and e.ctx.parent is not None else None
+        verb = verb or (group.invoked_subcommand if group is not None else None)
+        raise UsageLine((f"{verb}: " if verb else "") + " ".join(e.format_message().split())) from None
+
+
 class Verbs(click.Group):
     """Commands built on first use: the command list comes from the table, not from importing every stage."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _one_line_usage():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_usage(ctx):
+            return super().invoke(ctx)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        from pipeline.config import suggest
+
+        if args and not args[0].startswith("-") and args[0] not in self.list_commands(ctx):
+            ctx.fail(f"no such command '{args[0]}' ({suggest(args[0], self.list_commands(ctx))})")
+        return super().resolve_command(ctx, args)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(VERBS) + sorted(APP_VERBS)

@@ -37,7 +37,7 @@ KS = (1, 5, 10)
 @dataclass
 class DemoConfig:
     out: str = runtime("runs/demo", "output folder (runs, models, data and the report)")
-    seed: int = option(0, "first distillation seed (seeds seed, seed+1, ... as the recipe asks)")
+    seed: int = option(0, "first distillation seed (seeds seed, seed+1, ... as the recipe asks)", at_least=0)
     quick: bool = option(False, "a small, fast version of the same pipeline (for tests)")
     full: bool = option(False, "also LoopITR's two halves: a second round (re-mined with the distilled students) and "
                                "a teacher fine-tuned on the student's negatives (about 12 more minutes on 2 cores)")
@@ -49,7 +49,7 @@ class DemoConfig:
     split: str = option("test", "where to evaluate: test (the report) or val (for choosing settings)",
                         choices=("test", "val"))
     corpus_seed: Optional[int] = option(None, "generate the corpus with this seed instead of the recipe's (the same "
-                                              "recipe on another corpus)")
+                                              "recipe on another corpus)", at_least=0)
     force: bool = runtime(False, "replace outputs of an earlier demo made with other settings (after editing the "
                                  "recipe); what is up to date is still re-used")
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))

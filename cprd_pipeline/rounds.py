@@ -8,9 +8,11 @@ Round r, in RUN/round-r/:
   distill         from this round's mining student (so training continues round to round)
   evaluate        (with an `evaluate:` section) the distilled student; the starting student once, in RUN/eval-start
 
-Every stage keeps the artifact contract, so a killed loop resumes where it stopped and a finished round is
-never recomputed. The pipeline file holds one section per verb (`mine:`, `score-teacher:`, ...) over shared
-top-level options (`device:` ...); the loop sets each stage's `run`, the students and the teachers.
+Every stage of every round is resolved and checked before the first one runs, so a bad key or value anywhere in
+the pipeline file fails with nothing written. Every stage keeps the artifact contract, so a killed loop resumes
+where it stopped and a finished round is never recomputed. The pipeline file holds one section per verb (`mine:`,
+`score-teacher:`, ...) over shared top-level options (`device:` ...); the loop sets each stage's `run`, the
+students and the teachers.
 """
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.artifacts import read_json
-from pipeline.config import flags, load_yaml, option, option_name, runtime, section_of
+from pipeline.config import check_choices, flags, load_yaml, option, option_name, runtime, section_of, suggest
 from pipeline.errors import PipelineError
-from pipeline.log import make_log
+from pipeline.log import make_log, make_result
 from stages import STAGES, VERBS, stage
 
 SET_BY_LOOP = {"run", "run_dir", "out"}    # per stage; students and teachers are checked below
@@ -30,7 +32,7 @@ SET_BY_LOOP = {"run", "run_dir", "out"}    # per stage; students and teachers ar
 @dataclass
 class LoopConfig:
     run: str = runtime(None, "root folder: rounds go to RUN/round-1, RUN/round-2, ...")
-    rounds: int = option(2, "rounds to run (a later call with more rounds continues)")
+    rounds: int = option(2, "rounds to run (a later call with more rounds continues)", at_least=1)
     pipeline: Optional[str] = runtime(None, "the pipeline file: a section per verb (mine:, train-teacher:, "
                                             "score-teacher:, distill:, evaluate:) over shared top-level options")
     device: Optional[str] = runtime(None, "auto | cpu | cuda (default: the pipeline file's `device:`, else auto)",
@@ -46,7 +48,8 @@ def sections(path: Path) -> dict[str, dict[str, Any]]:
     known_anywhere = {f.name for s in STAGES for f in flags(s.load()[0])}
     unknown = [k for k in raw if k not in VERBS and option_name(k) not in known_anywhere]
     if unknown:
-        raise PipelineError(f"{path}: top-level option '{unknown[0]}' belongs to no verb")
+        raise PipelineError(f"{path}: top-level option '{unknown[0]}' belongs to no verb "
+                            f"({suggest(unknown[0], known_anywhere | set(VERBS), raw)})")
     out = {verb: {option_name(k): v for k, v in section_of(raw, verb, VERBS, path).items()}
            for verb in VERBS if verb in raw}
     for verb, values in out.items():
@@ -65,38 +68,45 @@ def sections(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def schedule(plan: dict[str, dict[str, Any]], root: Path, rounds: int) -> list[tuple[int, str, dict[str, Any]]]:
+    """(round, verb, the values the loop sets over the verb's section) of every stage the loop runs, in order;
+    round 0 is the starting student's evaluation."""
+    steps: list[tuple[int, str, dict[str, Any]]] = []
+    if "evaluate" in plan:   # the starting point, for the per-round table
+        steps.append((0, "evaluate", {"model": plan["mine"]["student"], "out": str(root / "eval-start")}))
+    for r in range(1, rounds + 1):
+        here, before = str(root / f"round-{r}"), root / f"round-{r - 1}"
+        student = plan["mine"]["student"] if r == 1 else str(before / "distill" / "final")
+        steps.append((r, "mine", {"run": here, "student": student}))
+        teacher = plan["score-teacher"]["teacher"]
+        if "train-teacher" in plan:
+            base = plan["train-teacher"].get("teacher", teacher) if r == 1 else str(before / "teacher-train" / "final")
+            steps.append((r, "train-teacher", {"run": here, "teacher": base}))
+            teacher = "train-teacher"
+        steps += [(r, "score-teacher", {"run": here, "teacher": teacher}), (r, "distill", {"run": here})]
+        if "evaluate" in plan:
+            steps.append((r, "evaluate", {"run": here}))
+    return steps
+
+
 def run(cfg: LoopConfig) -> Path:
+    check_choices(cfg)
     if not cfg.run or not cfg.pipeline:
         raise PipelineError("loop needs --run and --config (the pipeline file)")
-    if cfg.rounds < 1:
-        raise PipelineError(f"--rounds must be at least 1, got {cfg.rounds}")
     log = make_log(True)
     path = Path(cfg.pipeline)
     plan = sections(path)
     root = Path(cfg.run)
     common = {"force": cfg.force, **({"device": cfg.device} if cfg.device else {})}   # a flag beats the file
-
-    def run_stage(verb: str, **values: Any) -> None:   # the file's section for the verb, under the loop's values
-        stage(verb).run(str(path), section=verb, **common, **values)
-
-    if "evaluate" in plan:   # the starting point, for the per-round table
-        run_stage("evaluate", model=plan["mine"]["student"], out=str(root / "eval-start"))
-    for r in range(1, cfg.rounds + 1):
-        here, before = root / f"round-{r}", root / f"round-{r - 1}"
-        log(f"[loop] round {r} of {cfg.rounds}: {here}")
-        student = plan["mine"]["student"] if r == 1 else str(before / "distill" / "final")
-        run_stage("mine", run=str(here), student=student)
-        teacher = plan["score-teacher"]["teacher"]
-        if "train-teacher" in plan:
-            base = plan["train-teacher"].get("teacher", teacher) if r == 1 else str(before / "teacher-train" / "final")
-            run_stage("train-teacher", run=str(here), teacher=base)
-            teacher = "train-teacher"
-        run_stage("score-teacher", run=str(here), teacher=teacher)
-        run_stage("distill", run=str(here))
-        if "evaluate" in plan:
-            run_stage("evaluate", run=str(here))
+    # every stage resolved (the file's section for the verb, under the loop's values) and checked before any runs
+    ready = [(r, verb, *stage(verb).prepare(str(path), section=verb, **common, **values))
+             for r, verb, values in schedule(plan, root, cfg.rounds)]
+    for r, verb, config, entry in ready:
+        if verb == "mine":
+            log(f"[loop] round {r} of {cfg.rounds}: {root / f'round-{r}'}")
+        entry(config)
     if "evaluate" in plan:
-        log("\n" + summary(root, cfg.rounds))
+        make_result(True)("\n" + summary(root, cfg.rounds))
     return root
 
 

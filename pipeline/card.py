@@ -29,9 +29,11 @@ def _metric_rows(val: dict[str, float]) -> list[dict[str, Any]]:
 
 def model_card(*, title: str, config: dict[str, Any], student: dict[str, Any], teacher: dict[str, Any],
                mine: dict[str, Any], steps: int, last: dict[str, Any], val: Optional[dict[str, float]] = None,
-               val_step: Optional[int] = None, which: str = "final") -> str:
+               val_step: Optional[int] = None, which: str = "final", val_split: Optional[str] = None) -> str:
     """config: the distill config's fingerprinted part (what defines the weights); student/teacher: model identities; mine/teacher: those manifests'
-    `config`; last: the last metrics.jsonl row; val: the validation row of this checkpoint, if validated."""
+    `config`; last: the last metrics.jsonl row; val: the validation row of this checkpoint, if validated;
+    val_split: the split validated on (the fingerprinted config leaves out a split left at its default)."""
+    val_split = val_split or config.get("val_split")
     front: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "feature-extraction",
                              "tags": ["cprd-pipeline", "image-text-retrieval", "knowledge-distillation",
                                       "dual-encoder", "sentence-transformers"]}
@@ -41,7 +43,7 @@ def model_card(*, title: str, config: dict[str, Any], student: dict[str, Any], t
         front["model-index"] = [{"name": title, "results": [{
             "task": {"type": "image-text-retrieval", "name": "image-text retrieval"},
             "dataset": {"name": str(config.get("val_data")), "type": "validation",
-                        "split": str(config.get("val_split"))},
+                        "split": str(val_split)},
             "metrics": _metric_rows(val)}]}]
     loss = config.get("loss")
     terms = ", ".join(f"{k} {v:.4f}" for k, v in last.items()
@@ -70,7 +72,7 @@ def model_card(*, title: str, config: dict[str, Any], student: dict[str, Any], t
     ]
     lines += ["## Evaluation", ""]
     if val:
-        lines += [f"Validation on `{config.get('val_data')}` (split `{config.get('val_split')}`) at step {val_step}"
+        lines += [f"Validation on `{config.get('val_data')}` (split `{val_split}`) at step {val_step}"
                   + (" (the best validation RSUM of the run)" if which == "best" else "") + ":", "",
                   "| metric | value |", "| --- | --- |"]
         lines += [f"| {k.removeprefix('val_')} | {v:.3f} |" for k, v in val.items()]

@@ -6,6 +6,10 @@ is kept out too: the stage puts what is there into its identity instead (the fil
 under another path, or the same command from another working directory, are the same input. Everything else is
 part of the stage's identity.
 
+A numeric field declares its range where it is declared (`at_least=`, `above=`, `at_most=`); `resolve` and
+`complete` check every range and choice, so a bad value fails before a stage writes anything, whether it came
+from a flag, a YAML file or Python.
+
 A `choice_options` field holds the options of whichever plug-in another field chooses (distill's `--loss`):
 each plug-in declares its own options dataclass, every plug-in's options are flags and YAML keys, and the
 resolved config keeps only the chosen plug-in's, so only those enter the fingerprint.
@@ -13,6 +17,8 @@ resolved config keeps only the chosen plug-in's, so only those enter the fingerp
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import operator
 import typing
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -22,9 +28,19 @@ import yaml
 from .errors import PipelineError
 
 
-def runtime(default: Any, help: str = "", choices: tuple[str, ...] | None = None) -> Any:
+BOUNDS = {"at_least": (">=", operator.ge), "above": (">", operator.gt), "at_most": ("<=", operator.le)}
+
+
+def _bounds(**given: Any) -> dict[str, Any]:
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def runtime(default: Any, help: str = "", choices: tuple[str, ...] | None = None, *, at_least: Any = None,
+            above: Any = None, at_most: Any = None) -> Any:
     """A config field that does not change the stage's output (excluded from the fingerprint)."""
-    return dataclasses.field(default=default, metadata={"runtime": True, "help": help, "choices": choices})
+    return dataclasses.field(default=default, metadata={"runtime": True, "help": help, "choices": choices,
+                                                        "bounds": _bounds(at_least=at_least, above=above,
+                                                                          at_most=at_most)})
 
 
 def location(default: Any, help: str = "") -> Any:
@@ -40,13 +56,32 @@ def locations(cls: type) -> set[str]:
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple[str, ...] | None = None,
-           added: bool = False) -> Any:
+           added: bool = False, *, at_least: Any = None, above: Any = None, at_most: Any = None) -> Any:
     """A config field that is part of the stage's identity.
 
     added: an option introduced after outputs were made without it; it enters the fingerprint only when set to
     something other than its default, so those outputs stay up to date.
+    at_least / above / at_most: the range of a numeric option (None, an unset optional, is always accepted).
     """
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "added": added})
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "added": added,
+                                                        "bounds": _bounds(at_least=at_least, above=above,
+                                                                          at_most=at_most)})
+
+
+def bounds_text(field: dataclasses.Field) -> str:
+    """A field's range as `>= 1`, `> 0, <= 1` ('' for none)."""
+    return ", ".join(f"{BOUNDS[k][0]} {v}" for k, v in field.metadata.get("bounds", {}).items())
+
+
+def out_of_range(field: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with `value` for the field's declared range, or None if it is inside (or None)."""
+    if value is None or isinstance(value, bool):
+        return None
+    for key, bound in field.metadata.get("bounds", {}).items():
+        sign, ok = BOUNDS[key]
+        if not ok(value, bound):
+            return f"must be {sign} {bound}, got {value}"
+    return None
 
 
 def choice_options(selector: str, provider: Callable[[], Mapping[str, type]], help: str = "") -> Any:
@@ -67,6 +102,7 @@ class Flag:
     choices: tuple[str, ...] | None
     owners: tuple[str, ...] = ()   # for plug-in options: the choices that own it
     required: bool = False         # declared `str` (not Optional) with no default: the stage refuses to run without it
+    bounds: str = ""               # its range, e.g. `>= 1`
 
 
 def flags(cls: type) -> list[Flag]:
@@ -82,17 +118,19 @@ def flags(cls: type) -> list[Flag]:
                 for of in dataclasses.fields(opts):
                     default = of.default if of.default is not dataclasses.MISSING else None
                     prev = merged.get(of.name)
-                    if prev and (prev.type != ohints[of.name] or prev.default != default):
+                    if prev and (prev.type != ohints[of.name] or prev.default != default
+                                 or prev.bounds != bounds_text(of)):
                         raise TypeError(f"{cls.__name__}: option '{of.name}' is declared differently by "
                                         f"{prev.owners[0]} and {owner}")
                     merged[of.name] = Flag(of.name, ohints[of.name], default, of.metadata.get("help", ""),
-                                           of.metadata.get("choices"), (prev.owners if prev else ()) + (owner,))
+                                           of.metadata.get("choices"), (prev.owners if prev else ()) + (owner,),
+                                           bounds=bounds_text(of))
             out.extend(merged.values())
         else:
             default = f.default if f.default is not dataclasses.MISSING else None
             required = default is None and type(None) not in typing.get_args(hints[f.name])
             out.append(Flag(f.name, hints[f.name], default, f.metadata.get("help", ""), f.metadata.get("choices"),
-                            required=required))
+                            required=required, bounds=bounds_text(f)))
     return out
 
 
@@ -120,6 +158,16 @@ def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
 def option_name(key: Any) -> str:
     """A YAML key or flag spelling (`max-steps`) as the config field it sets (`max_steps`)."""
     return str(key).replace("-", "_")
+
+
+def suggest(key: Any, names: Any, file_keys: Any = ()) -> str:
+    """`did you mean 'num-negatives'?` for an unknown key, or the list of known names when none is close; names
+    are spelled as the file spells its keys (hyphens or underscores)."""
+    key = str(key)
+    hyphens = "-" in key or ("_" not in key and any("-" in str(k) for k in file_keys))
+    spelled = sorted({n.replace("_", "-") if hyphens else n.replace("-", "_") for n in names})
+    close = difflib.get_close_matches(key, spelled, n=1)
+    return f"did you mean '{close[0]}'?" if close else f"known: {', '.join(spelled)}"
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -162,14 +210,16 @@ def resolve(cls: type, config_file: str | Path | None, cli: Mapping[str, Any], s
         raw = load_yaml(path)
         loaded = section_of(raw, section, sections, path)
         shared = set(raw) - set(sections) if loaded is not raw else set()
+        in_section = (raw.get(section) or {}) if loaded is not raw else {}
         for key, value in loaded.items():
             name = option_name(key)
-            if name not in known and key in shared and key not in (raw.get(section) or {}):
+            if name not in known and key in shared and key not in in_section:
                 continue   # a top-level option of a pipeline file that another verb has
+            where = f"--config {path}" + (f" ({section}:)" if key in in_section else "")
             if name not in known:
-                raise PipelineError(f"--config {path}: unknown option '{key}' (known: {', '.join(sorted(known))})")
-            values[name] = _coerce(name, value, known[name].type, f"--config {path}")
-            sources[name] = f"--config {path}"
+                raise PipelineError(f"{where}: unknown option '{key}' ({suggest(key, known, loaded)})")
+            values[name] = _coerce(key, value, known[name].type, where)
+            sources[name] = where
     for name, value in cli.items():
         if value is not None:
             values[name] = _coerce(name, value, known[name].type, "command line")
@@ -194,7 +244,7 @@ def resolve(cls: type, config_file: str | Path | None, cli: Mapping[str, Any], s
     if missing:
         raise PipelineError(f"missing required option(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
     config = cls(**values)
-    check_choices(config)
+    check_choices(config, sources)
     return config
 
 
@@ -216,13 +266,20 @@ def complete(config: Any) -> Any:
     return config
 
 
-def check_choices(config: Any) -> None:
+def check_choices(config: Any, sources: Mapping[str, str] | None = None) -> None:
+    """Every field's choices and declared range, nested plug-in options included; `sources` (field -> where its
+    value came from) names the file of a value that came from one."""
     for f in dataclasses.fields(config):
         choices, value = f.metadata.get("choices"), getattr(config, f.name)
+        problem = out_of_range(f, value)
         if choices and value is not None and value not in choices:
-            raise PipelineError(f"--{f.name.replace('_', '-')}: '{value}' is not one of {', '.join(choices)}")
+            problem = f"'{value}' is not one of {', '.join(choices)}"
+        if problem:
+            where = (sources or {}).get(f.name, "command line")
+            raise PipelineError(("" if where == "command line" else f"{where}: ")
+                                + f"--{f.name.replace('_', '-')}: {problem}")
         if dataclasses.is_dataclass(value):
-            check_choices(value)
+            check_choices(value, sources)
 
 
 def as_dict(config: Any) -> dict[str, Any]:

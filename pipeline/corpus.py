@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -239,6 +240,11 @@ def changes(directory: Path, corpus: Corpus, limit: int = 3) -> Optional[str]:
 
 
 # ---------------------------------------------------------------- building and checking
+def _blank(text: str) -> bool:
+    """Nothing a tokenizer would read: only whitespace, control and zero-width/format characters (U+200B, U+FEFF)."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
+
+
 class _Builder:
     """Collects images and captions from a reader, checking ids as they come."""
 
@@ -294,11 +300,14 @@ class _Builder:
     def add_text(self, text_id: Any, image_id: str, text: Any, where: str) -> None:
         text_id = str(text_id)
         if isinstance(text, (int, float)) and not isinstance(text, bool):
-            text = str(text)   # a caption that YAML/JSON read as a number ("1984") is still a caption
+            # most often the wrong column or field (a label, a count); a caption meant as text is quoted
+            raise PipelineError(f"{self.source}: caption {text!r} is a number, not text (quote it if it is one) "
+                                f"({where})")
         if not isinstance(text, str):
             raise PipelineError(f"{self.source}: caption is a {type(text).__name__}, not text ({where})")
-        if not text.strip():
-            raise PipelineError(f"{self.source}: empty caption ({where})")
+        if _blank(text):
+            what = "empty caption" if not text.strip() else "caption of zero-width characters only (nothing to read)"
+            raise PipelineError(f"{self.source}: {what} ({where})")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:

@@ -44,24 +44,27 @@ LATEST = "checkpoints/latest.json"    # names the last complete checkpoint: {"di
 @dataclass
 class TrainingOptions:
     """What every training stage's output depends on, beyond its own options: optimizer, length, precision."""
-    lr: float = option(1e-5, "peak learning rate (AdamW)")
-    weight_decay: float = option(0.02, "AdamW weight decay (not on biases, norms, embeddings, the logit scale)")
-    warmup_steps: int = option(0, "linear warm-up steps, then cosine decay to zero")
-    max_steps: Optional[int] = option(None, "optimizer steps to train (exclusive with --epochs)")
-    epochs: Optional[int] = option(None, "passes over the training rows (default 1)")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    mixed_precision: str = option("no", "no | bf16 | fp16", choices=("no", "bf16", "fp16"))
-    seed: int = option(0, "seed for initialisation, shuffling, the positive used and sampled negatives")
-    shuffle_buffer: int = option(10000, "rows in the streaming shuffle buffer")
-    max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
+    lr: float = option(1e-5, "peak learning rate (AdamW)", above=0)
+    weight_decay: float = option(0.02, "AdamW weight decay (not on biases, norms, embeddings, the logit scale)",
+                                 at_least=0)
+    warmup_steps: int = option(0, "linear warm-up steps, then cosine decay to zero", at_least=0)
+    max_steps: Optional[int] = option(None, "optimizer steps to train (exclusive with --epochs)", at_least=1)
+    epochs: Optional[int] = option(None, "passes over the training rows (default 1)", at_least=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", at_least=1)
+    mixed_precision: str = option("no", "no | bf16 | fp16 (fp16 needs a GPU; bf16 works on CPU too)",
+                                  choices=("no", "bf16", "fp16"))
+    seed: int = option(0, "seed for initialisation, shuffling, the positive used and sampled negatives", at_least=0)
+    shuffle_buffer: int = option(10000, "rows in the streaming shuffle buffer (0: none, the files' order)",
+                                 at_least=0)
+    max_grad_norm: float = option(1.0, "gradient clipping (0 = off)", at_least=0)
 
 
 @dataclass
 class TrainingRuntime:
     """How a training stage runs, not what it makes (kept out of the fingerprint)."""
-    save_every: int = runtime(500, "save a resumable checkpoint every N optimizer steps (and at the end)")
-    num_workers: int = runtime(0, "DataLoader workers that load images")
-    image_cache_mb: float = runtime(512, "processed images kept per loader worker (LRU), in MB")
+    save_every: int = runtime(500, "save a resumable checkpoint every N optimizer steps (and at the end)", at_least=1)
+    num_workers: int = runtime(0, "DataLoader workers that load images", at_least=0)
+    image_cache_mb: float = runtime(512, "processed images kept per loader worker (LRU), in MB", at_least=0)
     report_to: Optional[str] = runtime(None, "trackers that receive every logged value, comma-separated: "
                                              "tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, ... "
                                              "(Accelerate's; install the tracker's package); local logs go to "
@@ -284,18 +287,15 @@ def run_loop(setup: Any, writer: Any, acc: Any, report_to: Optional[str]) -> Non
             acc.end_training()
 
 
-def check_length(cfg: Any, counts: tuple[str, ...], positive: tuple[str, ...] = ()) -> None:
-    """The `TrainingOptions`/`TrainingRuntime` every training stage checks (--max-steps or --epochs, counts at least
-    1, --lr positive), with the stage's own `counts` (at least 1) and `positive` rates."""
+def check_training(cfg: Any) -> None:
+    """What every training stage checks of `TrainingOptions`/`TrainingRuntime` beyond their declared ranges: one
+    of --max-steps and --epochs at most, and a mixed precision this machine can run."""
     if cfg.max_steps is not None and cfg.epochs is not None:
         raise PipelineError("give --max-steps or --epochs, not both")
-    for name in counts + ("grad_accum", "save_every", "max_steps", "epochs"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise PipelineError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in ("lr",) + positive:
-        if not getattr(cfg, name) > 0:
-            raise PipelineError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if cfg.mixed_precision == "fp16" and on_cpu:
+        # Accelerate runs fp16 on a CPU without autocast or a loss scaler: it would silently train in fp32
+        raise PipelineError("--mixed-precision fp16 needs a GPU; on the CPU use --mixed-precision bf16 (or no)")
 
 
 def verified(ckpt: Path) -> dict[str, Any]:

@@ -17,34 +17,59 @@ from .errors import PipelineError
 
 def check_reachable(name_or_path: str) -> None:
     """Fail fast, before anything is loaded or written, for a model that is neither a local folder nor
-    obtainable: a path that does not exist, or a hub name when the hub cannot be reached and the name is not in
-    the local cache (transformers would otherwise retry for minutes, then blame another file)."""
+    obtainable: a path that does not exist, or a hub name that is not in the local cache when the hub is off
+    (HF_HUB_OFFLINE) or cannot be reached (transformers would otherwise retry for minutes, then blame another
+    file)."""
     if Path(name_or_path).exists():
         return
-    parts = name_or_path.split("/")
-    if name_or_path.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts):
+    if _looks_local(name_or_path):
         raise PipelineError(f"{name_or_path}: no such model folder")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        if isinstance(try_to_load_from_cache(name_or_path, "config.json", cache_dir=_hub_cache()), str):
             return
-    except (ValueError, OSError):  # not a valid hub name, or no cache: the loader will say so
+    except ValueError:   # not a valid hub name either: only a folder could have been meant
+        raise PipelineError(f"{name_or_path}: no such model folder") from None
+    except OSError:      # no cache to look in: the loader will say what it needs
         return
+    missing = f"{name_or_path}: not in the local cache"
+    fix = f"download it first with `hf download {name_or_path}` (or pass a local folder)"
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise PipelineError(f"{missing}; {fix}")
+    from huggingface_hub import constants
+
+    if not _reachable(constants.ENDPOINT):
+        raise PipelineError(f"{missing} and the Hugging Face hub ({constants.ENDPOINT}) cannot be reached; {fix}")
+
+
+def _looks_local(name: str) -> bool:
+    """A name only a folder could have: a path's spelling, more than org/name, or `dir/x` where `dir` is a folder
+    here (a typo of a local model folder, not a hub name)."""
+    parts = name.split("/")
+    return (name.startswith((".", "/", "~")) or "\\" in name or len(parts) > 2 or not all(parts)
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
+
+
+def _hub_cache() -> str | None:
+    """The hub cache as the environment names it now (huggingface_hub reads it once, at import); None: its own."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    return None
+
+
+def _reachable(endpoint: str) -> bool:
     import socket
     from urllib.parse import urlparse
 
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
+    url = urlparse(endpoint)
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
     except OSError:
-        raise PipelineError(f"{name_or_path}: not a local folder, not in the local cache, and the Hugging Face hub "
-                            f"({constants.ENDPOINT}) cannot be reached; pass a local folder (save_pretrained) or "
-                            "set HF_HUB_OFFLINE=1 to use a cached copy") from None
+        return False
+    return True
 
 
 def model_identity(name_or_path: str, revision: str | None = None) -> dict[str, Any]:

@@ -33,10 +33,22 @@ class Stage:
     def run(self, config_file: str | None = None, section: str | None = None, **values: Any) -> Path:
         """Resolve a config (defaults < YAML < values, plug-in options flat as on the command line) and run the
         stage; returns its output folder. `section`: the verb whose section of a pipeline file to read."""
+        config, entry = self.prepare(config_file, section, **values)
+        return entry(config)
+
+    def prepare(self, config_file: str | None = None, section: str | None = None,
+                **values: Any) -> tuple[Any, Callable[[Any], Any]]:
+        """(config, entry point) as `run` resolves them, the config also passed through the stage module's
+        `check(config)` if it has one (the rules that relate options), so that every stage of a plan can be
+        checked before the first one runs."""
         from pipeline.config import resolve
 
         cls, entry = self.load()
-        return entry(resolve(cls, config_file, values, section, VERBS))
+        config = resolve(cls, config_file, values, section, VERBS)
+        check = getattr(importlib.import_module(self.module), "check", None)
+        if check is not None:
+            check(config)
+        return config, entry
 
 
 STAGES: tuple[Stage, ...] = (

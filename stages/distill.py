@@ -43,7 +43,7 @@ from pipeline.errors import PipelineError
 from pipeline.log import make_result
 from pipeline.losses import DistillInputs, DistillLoss, itc_loss, registry
 from pipeline.models import DualEncoder, model_identity, save_pretrained_folder, write_st_modules
-from pipeline.loop import (Length, StepLoop, TrainingOptions, TrainingRuntime, accelerator, check_length, run_loop,
+from pipeline.loop import (Length, StepLoop, TrainingOptions, TrainingRuntime, accelerator, check_training, run_loop,
                            tracker_config)
 from pipeline.packing import in_batch_share, plan
 from pipeline.training import backward_step, param_groups, warmup_cosine
@@ -66,7 +66,7 @@ class DistillOptions:
                                           "(default RUN/teacher; another is made by score-teacher --out)")
     loss: str = option("cprd", "distillation loss added to the contrastive loss", choices=registry.names())
     loss_options: Any = choice_options("loss", registry.options_by_loss, "the chosen loss's own options")
-    num_negatives: int = option(8, "teacher-ranked hard negatives per query (the first of the mined k)")
+    num_negatives: int = option(8, "teacher-ranked hard negatives per query (the first of the mined k)", at_least=1)
     max_teacher_margin: Optional[float] = option(None, "drop candidates the teacher scores above the query's "
                                                        "positive by more than this (likely false negatives)")
     frozen_negatives: bool = option(False, "encode the hard negatives that are not also a query or positive of the "
@@ -85,16 +85,17 @@ class DistillOptions:
                                          "the batch's pairs alone, as contrastive training does, and on the demo "
                                          "keeps little of the teacher's gain)", choices=OUT_OF_BATCH, added=True)
     cluster_size: int = option(64, "with --batching packed: rows per cluster of mutual hard negatives; a batch "
-                                   "holds batch-size / cluster-size clusters dealt at random", added=True)
+                                   "holds batch-size / cluster-size clusters dealt at random", added=True,
+                               at_least=1)
     out_of_batch_budget: Optional[int] = option(None, "with --out-of-batch encode: encode at most this many of "
                                                       "those images and captions per batch, the ones listed most "
                                                       "often (the others' entries are dropped); default: all",
-                                                added=True)
-    distill_weight: float = option(1.0, "weight of the distillation term")
+                                                added=True, at_least=1)
+    distill_weight: float = option(1.0, "weight of the distillation term", at_least=0)
     distill_directions: str = option("both", "query directions the distillation term is taught on: both, i2t "
                                              "(image queries ranking captions) or t2i (text queries ranking images); "
                                              "the contrastive term always uses both", choices=DIRECTIONS, added=True)
-    batch_size: int = option(64, "queries per micro-batch, per process")
+    batch_size: int = option(64, "queries per micro-batch, per process", at_least=1)
     val_data: Optional[str] = location(None, "held-out annotation file, folder or dataset to evaluate on while "
                                              "training (recall, RSUM and, with the teacher, rank agreement); "
                                              "identified by its content")
@@ -108,10 +109,11 @@ class DistillOptions:
                                              "strings)", added=True)
     val_id_column: Optional[str] = option(None, "hf format: a column of --val-data's image ids (default: file name "
                                                 "stem)", added=True)
-    eval_every: Optional[int] = option(None, "validate every N optimizer steps (default: at the end only)", added=True)
+    eval_every: Optional[int] = option(None, "validate every N optimizer steps (default: at the end only)", added=True,
+                                       at_least=1)
     val_teacher: bool = option(True, "score each validation query's top --val-k-test with the run's teacher for "
                                      "rank agreement (pairs are cached across validations)", added=True)
-    val_k_test: int = option(16, "validation candidates per query the teacher scores", added=True)
+    val_k_test: int = option(16, "validation candidates per query the teacher scores", added=True, at_least=2)
     keep_best: bool = option(False, "keep the weights of the validation step with the best RSUM as OUT/best", added=True)
     out: Optional[str] = runtime(None, "output folder (default RUN/distill); several students can share one "
                                        "teacher cache")
@@ -213,7 +215,7 @@ def compute_loss(loss: DistillLoss, options: Any, distill_weight: float, img: to
 
 # ---------------------------------------------------------------------------------------------- the stage
 def run(cfg: DistillConfig) -> Path:
-    _check(cfg)
+    check(cfg)
     out = Path(cfg.out) if cfg.out else layout.Run(Path(cfg.run)).distill
     acc, dist, log = accelerator(cfg, out)
     paths = layout.Run(Path(cfg.run), Path(cfg.scores) if cfg.scores else None)
@@ -241,30 +243,20 @@ def run(cfg: DistillConfig) -> Path:
     return out
 
 
-def _check(cfg: DistillConfig) -> None:
+def check(cfg: DistillConfig) -> None:
+    """What the declared ranges and choices cannot say: options that need each other (the loop runs this for
+    every round before the first stage starts)."""
     if not cfg.run:
         raise PipelineError("distill needs --run")
-    check_length(cfg, ("batch_size", "num_negatives", "cluster_size"))
-    num_valid = getattr(cfg.loss_options, "num_valid", None)
-    if num_valid is not None and num_valid < 1:
-        raise PipelineError(f"--num-valid must be at least 1 (or unset), got {num_valid}")
-    for name, ok, want in (("tie_margin", lambda v: v > 0, "> 0 (or unset)"),
-                           ("student_temperature", lambda v: v > 0, "> 0"), ("kl_weight", lambda v: v >= 0, ">= 0")):
-        value = getattr(cfg.loss_options, name, None)    # None: unset, or not an option of the chosen loss
-        if value is not None and not ok(value):
-            raise PipelineError(f"--{name.replace('_', '-')} must be {want}, got {value}")
+    check_training(cfg)
     if cfg.batching != "packed" and cfg.cluster_size != DistillOptions.cluster_size:
         raise PipelineError("--cluster-size sizes the clusters of --batching packed (add it, or leave the size out)")
-    if cfg.out_of_batch_budget is not None and (cfg.out_of_batch_budget < 1 or cfg.out_of_batch != "encode"):
-        raise PipelineError("--out-of-batch-budget must be at least 1, with --out-of-batch encode "
+    if cfg.out_of_batch_budget is not None and cfg.out_of_batch != "encode":
+        raise PipelineError("--out-of-batch-budget limits what --out-of-batch encode encodes "
                             f"(got {cfg.out_of_batch_budget} with --out-of-batch {cfg.out_of_batch})")
     if cfg.frozen_negatives and cfg.out_of_batch == "drop":
         raise PipelineError("--frozen-negatives encodes the list entries outside the batch without gradient; with "
                             "--out-of-batch drop there are none (add --out-of-batch encode)")
-    if cfg.eval_every is not None and cfg.eval_every < 1:
-        raise PipelineError(f"--eval-every must be at least 1, got {cfg.eval_every}")
-    if cfg.val_k_test < 2:
-        raise PipelineError(f"--val-k-test must be at least 2, got {cfg.val_k_test}")
     given = [n for n in ("eval_every", "keep_best") if getattr(cfg, n)] + \
         [n for n in VAL_SOURCE if getattr(cfg, n) != getattr(DistillOptions, n)]
     if given and not cfg.val_data:
@@ -454,12 +446,13 @@ class Training(StepLoop):
         def extra(tmp: Path) -> None:
             write_st_modules(tmp, self.encoder.max_length)
             write_card(tmp, title=f"{Path(self.cfg.student).name}, distilled ({self.cfg.loss})",
-                       config={**cfgmod.fingerprinted(self.cfg), "student": self.cfg.student},
+                       config={**cfgmod.fingerprinted(self.cfg), "student": self.cfg.student,
+                               "val_data": self.cfg.val_data},
                        student=self.upstream["student"],
                        teacher={**teacher["config"], "identity": teacher["identity"]["teacher"],
                                 "teacher": (teacher.get("locations") or {}).get("teacher") or teacher["config"]["teacher"]},
                        mine=self.upstream["mine"]["config"], steps=step, last=self.last_row, val=val, val_step=step,
-                       which=which)
+                       which=which, val_split=self.cfg.val_split)
             if which == "best":
                 atomic_write_json(tmp / "best.json", {"step": step, "val": val})
 

@@ -16,6 +16,7 @@ of the same model, data and settings is up to date; another one into the same fo
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,7 +32,7 @@ from pipeline.log import make_log, make_result
 from pipeline.metrics import KS
 from pipeline.retrieval import ScoreCache, evaluate_retrieval
 from pipeline.models import DualEncoder, model_identity, torch_dtype
-from pipeline.teachers import load_teacher
+from pipeline.teachers import load_teacher, resolve_teacher
 
 
 @dataclass
@@ -46,13 +47,14 @@ class EvalConfig:
     id_column: Optional[str] = option(None, "hf format: a column of image ids")
     model: Optional[str] = location(None, "dual encoder to evaluate (default RUN/distill/final); identified by its "
                                           "files' hashes")
-    rerank_teacher: Optional[str] = location(None, "cross-encoder that re-ranks each query's top --k-test")
-    k_test: int = option(16, "candidates per query the teacher re-ranks")
+    rerank_teacher: Optional[str] = location(None, "cross-encoder that re-ranks each query's top --k-test, or "
+                                                   "`train-teacher` for --run's fine-tuned one (RUN/teacher-train/final)")
+    k_test: int = option(16, "candidates per query the teacher re-ranks", at_least=2)
     rerank_score: str = option("itm", "teacher score for re-ranking: itm or itm+itc", choices=("itm", "itm+itc"))
-    itc_weight: float = option(1.0, "weight of the ITC cosine in --rerank-score itm+itc")
+    itc_weight: float = option(1.0, "weight of the ITC cosine in --rerank-score itm+itc", at_least=0)
     out: Optional[str] = runtime(None, "output folder (default RUN/eval)")
-    batch_size: int = runtime(64, "images per encoding batch")
-    num_workers: int = runtime(0, "DataLoader workers that decode images")
+    batch_size: int = runtime(64, "images per encoding batch", at_least=1)
+    num_workers: int = runtime(0, "DataLoader workers that decode images", at_least=0)
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     dtype: str = runtime("auto", "teacher dtype: auto = bf16 on a GPU that supports it, else fp32",
                          choices=("auto", "fp32", "bf16", "fp16"))
@@ -84,22 +86,29 @@ def report(metrics: dict) -> str:
     return header + "\n".join(lines) + "\n"
 
 
+def check(cfg: EvalConfig) -> None:
+    """What the declared ranges and choices cannot say (the loop runs this before the first stage starts)."""
+    if not cfg.data or not (cfg.run or (cfg.model and cfg.out)):
+        raise PipelineError("evaluate needs --data and --run (or --model and --out)")
+    if cfg.rerank_teacher == "train-teacher" and not cfg.run:
+        raise PipelineError("--rerank-teacher train-teacher is the fine-tuned teacher of --run; give --run")
+
+
 def run(cfg: EvalConfig) -> Path:
     dist = init(cfg.device)
     log = make_log(dist.is_main)
     device = resolve_device(cfg.device, dist)
-    if not cfg.data or not (cfg.run or (cfg.model and cfg.out)):
-        raise PipelineError("evaluate needs --data and --run (or --model and --out)")
+    check(cfg)
     model, upstream = cfg.model, None
     if model is None:  # the run's distilled student, only once distill has finished
         paths = layout.Run(Path(cfg.run))
         upstream = require_complete(paths.distill, "distill",
                                     f"finish `cprd-pipeline distill --run {cfg.run}` or pass --model")["fingerprint"]
         model = str(paths.distill / "final")
-    if cfg.k_test < 2:
-        raise PipelineError(f"--k-test must be at least 2 (candidates the teacher re-ranks), got {cfg.k_test}")
     if cfg.k_test < max(KS) and cfg.rerank_teacher:
         log(f"[eval] note: --k-test {cfg.k_test} < {max(KS)}: R@{max(KS)} mixes re-ranked and student order")
+    if cfg.rerank_teacher == "train-teacher":   # the run's fine-tuned teacher, as score-teacher reads it
+        cfg = dataclasses.replace(cfg, rerank_teacher=resolve_teacher(cfg.rerank_teacher, Path(cfg.run))[0])
     log("[eval] resolved config:\n" + cfgmod.render(cfg))
     out = Path(cfg.out) if cfg.out else layout.Run(Path(cfg.run)).eval
     corpus = read_source(cfg, bytes_dir=Path(cfg.run or out) / "images", log=log)

@@ -46,15 +46,15 @@ class MineConfig:
     id_column: Optional[str] = option(None, "hf format: a column of image ids (default: file name stem)")
     revision: Optional[str] = option(None, "model revision on the hub")
     trust_remote_code: bool = option(False, "allow model code from the checkpoint (off unless you ask)")
-    k: int = option(32, "hard negatives kept per query")
+    k: int = option(32, "hard negatives kept per query", at_least=1)
     directions: str = option("i2t,t2i", "comma-separated: i2t (image queries), t2i (text queries)")
     index: str = option("flat", "FAISS index: flat (exact), ivf or hnsw (approximate, for large corpora)",
                         choices=INDEX_KINDS)
-    nprobe: int = option(16, "ivf: lists probed per query")
-    shard_size: int = option(10000, "queries per candidate shard")
-    batch_size: int = runtime(64, "images per encoding batch (texts use 4x)")
-    search_batch: int = runtime(4096, "queries per FAISS search call")
-    num_workers: int = runtime(0, "DataLoader workers that decode images")
+    nprobe: int = option(16, "ivf: lists probed per query", at_least=1)
+    shard_size: int = option(10000, "queries per candidate shard", at_least=1)
+    batch_size: int = runtime(64, "images per encoding batch (texts use 4x)", at_least=1)
+    search_batch: int = runtime(4096, "queries per FAISS search call", at_least=1)
+    num_workers: int = runtime(0, "DataLoader workers that decode images", at_least=0)
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     force: bool = runtime(False, "start the stage over, whatever RUN/mine holds (the embeddings cache is kept: it is "
                                  "checked by content)")
@@ -68,9 +68,14 @@ def _directions(cfg: MineConfig) -> list[str]:
     return dirs
 
 
+def check(cfg: MineConfig) -> None:
+    """What the declared ranges and choices cannot say (the loop runs this before the first stage starts)."""
+    if not cfg.run or not cfg.data or not cfg.student:
+        raise PipelineError("mine needs --run, --data and --student")
+    _directions(cfg)
+
+
 def _check_k(cfg: MineConfig, corpus: Corpus, dirs: list[str]) -> None:
-    if cfg.k < 1:
-        raise PipelineError(f"--k must be at least 1, got {cfg.k}")
     if "i2t" in dirs:
         most = max(len(p) for p in corpus.image_text_rows())
         avail = corpus.num_texts - most
@@ -122,12 +127,9 @@ def run(cfg: MineConfig) -> Path:
     dist = init(cfg.device)
     log = make_log(dist.is_main)
     device = resolve_device(cfg.device, dist)
-    if not cfg.run or not cfg.data or not cfg.student:
-        raise PipelineError("mine needs --run, --data and --student")
+    check(cfg)
     log("[mine] resolved config:\n" + cfgmod.render(cfg))
     dirs = _directions(cfg)
-    if cfg.shard_size < 1:
-        raise PipelineError(f"--shard-size must be at least 1, got {cfg.shard_size}")
     run_dir = Path(cfg.run)
     paths = layout.Run(run_dir)
     out = paths.mine

@@ -47,15 +47,15 @@ class TeacherConfig:
     trust_remote_code: bool = option(False, "allow model code from the checkpoint (off unless you ask)")
     score: str = option("itm", "itm: match log-odds; itm+itc: log-odds + itc_weight x BLIP's contrastive "
                                "cosine (BLIP's own retrieval score)", choices=SCORES)
-    itc_weight: float = option(1.0, "weight of the ITC cosine in --score itm+itc")
+    itc_weight: float = option(1.0, "weight of the ITC cosine in --score itm+itc", at_least=0)
     dtype: str = option("auto", "auto = bf16 on a GPU that supports it, else fp32",
                         choices=("auto", "fp32", "bf16", "fp16"))
-    images_per_shard: int = option(512, "images per pair shard (the unit of resumable work)")
-    batch_size: int = runtime(256, "pairs per teacher forward")
+    images_per_shard: int = option(512, "images per pair shard (the unit of resumable work)", at_least=1)
+    batch_size: int = runtime(256, "pairs per teacher forward", at_least=1)
     kv_cache: bool = runtime(True, "BLIP: compute each image's cross-attention keys and values once per batch of "
                                    "pairs, not once per pair (an exact rewrite; off: transformers' own forward)")
-    image_batch_size: int = runtime(64, "images per image-side forward")
-    num_workers: int = runtime(0, "DataLoader workers that decode images")
+    image_batch_size: int = runtime(64, "images per image-side forward", at_least=1)
+    num_workers: int = runtime(0, "DataLoader workers that decode images", at_least=0)
     image_root: Optional[str] = runtime(None, "where RUN/mine's images are now, if their folder moved since mine "
                                               "ran (default: the folder mine recorded)")
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
@@ -94,15 +94,18 @@ def _pairs_of_shard(table: pa.Table, corpus_ids: tuple[pa.Array, pa.Array], shar
     return np.concatenate(img), np.concatenate(txt)
 
 
+def check(cfg: TeacherConfig) -> None:
+    """What the declared ranges and choices cannot say (the loop runs this before the first stage starts)."""
+    if not cfg.run or not cfg.teacher:
+        raise PipelineError("score-teacher needs --run and --teacher")
+
+
 def run(cfg: TeacherConfig) -> Path:
     dist = init(cfg.device)
     log = make_log(dist.is_main)
     device = resolve_device(cfg.device, dist)
     dtype = torch_dtype(cfg.dtype, device)
-    if not cfg.run or not cfg.teacher:
-        raise PipelineError("score-teacher needs --run and --teacher")
-    if cfg.images_per_shard < 1:
-        raise PipelineError(f"--images-per-shard must be at least 1, got {cfg.images_per_shard}")
+    check(cfg)
     log("[teacher] resolved config:\n" + cfgmod.render(cfg))
     run_dir = Path(cfg.run)
     paths = layout.Run(run_dir)

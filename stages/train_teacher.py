@@ -34,7 +34,7 @@ from pipeline.data import BatchSpec, MatchingBatches, Processors
 from pipeline.dist import Dist
 from pipeline.errors import PipelineError
 from pipeline.log import make_result
-from pipeline.loop import (Length, StepLoop, TrainingOptions, TrainingRuntime, accelerator, check_length, run_loop,
+from pipeline.loop import (Length, StepLoop, TrainingOptions, TrainingRuntime, accelerator, check_training, run_loop,
                            tracker_config)
 from pipeline.losses import itc_loss
 from pipeline.models import model_identity, save_pretrained_folder
@@ -52,14 +52,14 @@ class TrainTeacherOptions:
     trust_remote_code: bool = option(False, "allow model code from the checkpoint (off unless you ask)")
     train: str = option("all", "what is trained: all = the whole cross-encoder, head = the matching head alone",
                         choices=("all", "head"))
-    num_negatives: int = option(8, "a query's hard negative is drawn from its first N mined candidates")
+    num_negatives: int = option(8, "a query's hard negative is drawn from its first N mined candidates", at_least=1)
     sample_temperature: float = option(0.05, "the draw's probabilities: softmax(student cosine / this); small = "
-                                             "mostly the hardest")
+                                             "mostly the hardest", above=0)
     in_batch_negatives: bool = option(True, "also pair each query with another query's positive in the batch")
     itc_weight: float = option(0.0, "BLIP: weight of its contrastive (ITC) loss on the batch's positive pairs "
-                                    "(trains the towers the itm+itc score uses)")
-    itc_temperature: float = option(0.07, "BLIP: temperature of the ITC loss")
-    batch_size: int = option(32, "queries per micro-batch, per process")
+                                    "(trains the towers the itm+itc score uses)", at_least=0)
+    itc_temperature: float = option(0.07, "BLIP: temperature of the ITC loss", above=0)
+    batch_size: int = option(32, "queries per micro-batch, per process", at_least=1)
     out: Optional[str] = runtime(None, "output folder (default RUN/teacher-train)")
 
 
@@ -105,7 +105,7 @@ class Scorer(torch.nn.Module):
 
 # ---------------------------------------------------------------------------------------------- the stage
 def run(cfg: TrainTeacherConfig) -> Path:
-    _check(cfg)
+    check(cfg)
     paths = layout.Run(Path(cfg.run))
     out = Path(cfg.out) if cfg.out else paths.teacher_train
     acc, dist, log = accelerator(cfg, out)
@@ -133,12 +133,11 @@ def mined_queries(mine: dict) -> int:
     return sum(mine["shards"][p["file"]]["rows"] for p in mine["shard_plan"])
 
 
-def _check(cfg: TrainTeacherConfig) -> None:
+def check(cfg: TrainTeacherConfig) -> None:
+    """What the declared ranges and choices cannot say (the loop runs this before the first stage starts)."""
     if not cfg.run or not cfg.teacher:
         raise PipelineError("train-teacher needs --run and --teacher")
-    check_length(cfg, ("batch_size", "num_negatives"), ("sample_temperature", "itc_temperature"))
-    if cfg.itc_weight < 0:
-        raise PipelineError(f"--itc-weight must be at least 0, got {cfg.itc_weight}")
+    check_training(cfg)
 
 
 class TeacherTraining(StepLoop):

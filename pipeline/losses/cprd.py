@@ -108,13 +108,14 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
 
 @dataclass
 class CPRDOptions:
-    num_valid: Optional[int] = option(4, "at most this many of the teacher's top candidates have their order taught")
+    num_valid: Optional[int] = option(4, "at most this many of the teacher's top candidates have their order taught",
+                                      at_least=1)
     min_teacher_score: Optional[float] = option(None, "a candidate is valid only if its teacher score >= this")
     include_positive: bool = option(False, "the positive joins the list with its teacher score (LoopITR's list)")
     student_temperature: float = option(1.0, "the ranking term's student logits are divided by this (apart from "
-                                             "the contrastive term's learned scale)")
+                                             "the contrastive term's learned scale)", above=0)
     tie_margin: Optional[float] = option(None, "order only pairs the teacher scores at least this far apart (ties "
-                                               "and near-ties are not taught)", added=True)
+                                               "and near-ties are not taught)", added=True, above=0)
     lift: str = option("negative", "where each ordered pair's gradient goes: negative (lift the higher-ranked "
                                    "negative, lower the lower one), positive (lift the positive instead), only (lift "
                                    "the higher one, lower nothing)", choices=LIFTS, added=True)

@@ -13,8 +13,8 @@ from .registry import DistillInputs, register
 
 @dataclass
 class CPRDKLOptions(CPRDOptions):
-    teacher_temperature: float = option(1.0, "teacher scores are divided by this")
-    kl_weight: float = option(1.0, "weight of the KL term next to the ranking term (weight 1)")
+    teacher_temperature: float = option(1.0, "teacher scores are divided by this", above=0)
+    kl_weight: float = option(1.0, "weight of the KL term next to the ranking term (weight 1)", at_least=0)
 
 
 @register("cprd-kl", CPRDKLOptions, "cprd plus kl over the same list, logged as two terms")

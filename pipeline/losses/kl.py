@@ -38,7 +38,7 @@ def kl_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: to
 
 @dataclass
 class KLOptions:
-    teacher_temperature: float = option(1.0, "teacher scores are divided by this")
+    teacher_temperature: float = option(1.0, "teacher scores are divided by this", above=0)
     include_positive: bool = option(False, "the positive joins the list with its teacher score (LoopITR's list)")
 
 

@@ -4,7 +4,7 @@ Each loss file registers itself:
 
     @dataclass
     class KLOptions:
-        teacher_temperature: float = option(1.0, "teacher scores are divided by this")
+        teacher_temperature: float = option(1.0, "teacher scores are divided by this", above=0)   # its range
 
     @register("kl", KLOptions, "the teacher's softmax distribution")
     def kl(x: DistillInputs, o: KLOptions) -> torch.Tensor:

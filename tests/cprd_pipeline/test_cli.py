@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, cli
 from stages import STAGES
 
@@ -96,3 +98,56 @@ def test_a_storage_error_is_one_line(tmp_path):
                  expect=2)
     assert result.output.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in result.output
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.output
+    return result.stderr.strip()
+
+
+@pytest.mark.parametrize("args, line", [
+    (("mine", "--stduent", "x"), "error: mine: No such option '--stduent'. Did you mean '--student'?"),
+    (("mine", "--index", "kd"), "error: mine: Invalid value for '--index': 'kd' is not one of 'flat', 'ivf', 'hnsw'."),
+    (("distill", "--batch-size", "many"), "error: distill: Invalid value for '--batch-size': 'many' is not a valid "
+                                          "integer."),
+    (("mien",), "error: no such command 'mien' (did you mean 'mine'?)"),
+    (("loop", "--config", "p.yaml"), "error: loop: Missing option '--run'."),
+])
+def test_a_usage_error_is_one_error_line(args, line):
+    assert _one_error_line(cli(*args, expect=None)) == line
+
+
+def test_help_still_works():
+    assert "--student" in cli("mine", "--help").output and "Commands" in cli("--help").output
+
+
+@pytest.mark.parametrize("args, line", [
+    (("mine", "--batch-size", "0"), "--batch-size: must be >= 1, got 0"),
+    (("mine", "--search-batch", "0"), "--search-batch: must be >= 1, got 0"),
+    (("mine", "--num-workers", "-1"), "--num-workers: must be >= 0, got -1"),
+    (("mine", "--index", "ivf", "--nprobe", "0"), "--nprobe: must be >= 1, got 0"),
+    (("evaluate", "--batch-size", "0"), "--batch-size: must be >= 1, got 0"),
+    (("score-teacher", "--batch-size", "0"), "--batch-size: must be >= 1, got 0"),
+    (("score-teacher", "--image-batch-size", "0"), "--image-batch-size: must be >= 1, got 0"),
+    (("distill", "--image-cache-mb", "-1"), "--image-cache-mb: must be >= 0, got -1.0"),
+    (("distill", "--shuffle-buffer", "-1"), "--shuffle-buffer: must be >= 0, got -1"),   # 0: the files' order
+    (("train-teacher", "--sample-temperature", "0"), "--sample-temperature: must be > 0, got 0.0"),
+])
+def test_numeric_options_out_of_range_are_refused_before_anything_is_written(tmp_path, args, line):
+    verb, *flags = args
+    given = {"--run": tmp_path / "run", "--data": tmp_path / "ann.json", "--student": "s", "--teacher": "t"}
+    needed = {"mine": ("--run", "--data", "--student"), "evaluate": ("--run", "--data"),
+              "score-teacher": ("--run", "--teacher"), "distill": ("--run",), "train-teacher": ("--run", "--teacher")}
+    base = [x for flag in needed[verb] for x in (flag, given[flag])]
+    assert _one_error_line(cli(verb, *base, *flags, expect=None)) == f"error: {line}"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("verb", ["distill", "train-teacher"])
+def test_fp16_on_the_cpu_is_refused_with_what_works_there(tmp_path, verb):
+    teacher = ("--teacher", "t") if verb == "train-teacher" else ()
+    result = cli(verb, "--run", tmp_path / "run", *teacher, "--mixed-precision", "fp16", "--device", "cpu", expect=None)
+    assert _one_error_line(result) == ("error: --mixed-precision fp16 needs a GPU; on the CPU use --mixed-precision "
+                                       "bf16 (or no)")
+    assert not (tmp_path / "run").exists()

@@ -3,6 +3,7 @@ finished round, status shows the rounds, and the pipeline file is checked."""
 import json
 import signal
 
+import pytest
 import yaml
 
 from conftest import cli, cli_subprocess, write_albef_corpus
@@ -69,8 +70,8 @@ def test_the_pipeline_file_is_checked(tmp_path, corpus_file, tiny_clip, tiny_bli
     assert "distill's `student` is set by the loop" in cli("loop", "--run", tmp_path / "l", "--config", bad,
                                                            expect=2).output
     bad = pipeline_file(tmp_path, corpus_file, tiny_clip, tiny_blip, devcie="cpu")
-    assert "top-level option 'devcie' belongs to no verb" in cli("loop", "--run", tmp_path / "l", "--config", bad,
-                                                                 expect=2).output
+    assert "top-level option 'devcie' belongs to no verb (did you mean 'device'?)" in \
+        cli("loop", "--run", tmp_path / "l", "--config", bad, expect=2).output
     assert not (tmp_path / "l").exists()
 
 
@@ -91,3 +92,54 @@ def test_the_pipeline_files_device_reaches_every_stage_unless_a_flag_overrides_i
     calls.clear()
     rounds.run(rounds.LoopConfig(run=str(tmp_path / "l"), rounds=1, pipeline=str(config), device="cuda"))
     assert len(calls) == 6 and all(cfg.device == "cuda" for _, cfg in calls)
+
+
+def record_stages(monkeypatch, tmp_path) -> list:
+    """(verb, resolved config) of each stage the loop runs; the stages' entry points are replaced, not their
+    resolution or checks."""
+    from stages import Stage
+
+    calls = []
+    real_load = Stage.load
+    monkeypatch.setattr(Stage, "load", lambda self: (real_load(self)[0],
+                                                     lambda cfg, verb=self.verb: calls.append((verb, cfg)) or tmp_path))
+    return calls
+
+
+@pytest.mark.parametrize("section, values, line", [
+    ("distill", {"max-steps": 2, "num-negative": 4},
+     "({s}:): unknown option 'num-negative' (did you mean 'num-negatives'?)"),
+    ("distill", {"max_steps": 2, "num_negative": 4},
+     "({s}:): unknown option 'num_negative' (did you mean 'num_negatives'?)"),
+    ("score-teacher", {"teacher": "t", "batch-size": 0}, "({s}:): --batch-size: must be >= 1, got 0"),
+    ("distill", {"max-steps": 2, "cluster-size": 8}, "--cluster-size sizes the clusters of --batching packed"),
+    ("train-teacher", {"max-steps": 2, "mixed-precision": "fp16"}, "--mixed-precision fp16 needs a GPU"),
+])
+def test_every_section_is_resolved_and_checked_before_any_stage_runs(tmp_path, monkeypatch, corpus_file, tiny_clip,
+                                                                      tiny_blip, section, values, line):
+    calls = record_stages(monkeypatch, tmp_path)
+    config = pipeline_file(tmp_path, corpus_file, tiny_clip, tiny_blip, **{section: values})
+    result = cli("loop", "--run", tmp_path / "l", "--config", config, expect=2)
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert line.format(s=section) in result.stderr
+    assert calls == [] and not (tmp_path / "l").exists()
+
+
+def test_rounds_below_one_are_refused(tmp_path, corpus_file, tiny_clip, tiny_blip):
+    config = pipeline_file(tmp_path, corpus_file, tiny_clip, tiny_blip)
+    result = cli("loop", "--run", tmp_path / "l", "--config", config, "--rounds", "0", expect=2)
+    assert result.stderr.strip() == "error: --rounds: must be >= 1, got 0"
+
+
+def test_the_round_table_is_the_result_on_stdout(tmp_path, monkeypatch, corpus_file, tiny_clip, tiny_blip):
+    calls = record_stages(monkeypatch, tmp_path)
+    root = tmp_path / "l"
+    for folder, rsum in (("eval-start", 50.0), ("round-1/eval", 62.5)):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "metrics.json").write_text(json.dumps({"rsum": rsum}))
+    config = pipeline_file(tmp_path, corpus_file, tiny_clip, tiny_blip)
+    result = cli("loop", "--run", root, "--config", config, "--rounds", "1")
+    assert len(calls) == 6
+    assert "| 0 | the starting student | 50.0 |" in result.stdout
+    assert "| 1 | round-1/distill/final | 62.5 | +12.5 |" in result.stdout
+    assert "RSUM" not in result.stderr and "[loop] round 1 of 1" in result.stderr

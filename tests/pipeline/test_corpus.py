@@ -210,9 +210,22 @@ def _albef(tmp_path, caption):
     return ann
 
 
-def test_a_caption_that_reads_as_a_number_is_text(tmp_path):
-    corpus = read_corpus(str(_albef(tmp_path, 1984)), log=lambda *_: None)
+def test_a_numeric_caption_is_refused_a_quoted_one_is_text(tmp_path):
+    """A number where a caption belongs is most often the wrong column or field (a label, a count)."""
+    ann = _albef(tmp_path, 1984)
+    with pytest.raises(PipelineError, match=rf"^{ann}: caption 1984 is a number, not text \(quote it if it is one\) "
+                                            r"\(record 1, caption 0\)$"):
+        read_corpus(str(ann), log=lambda *_: None)
+    corpus = read_corpus(str(_albef(tmp_path / "quoted", "1984")), log=lambda *_: None)
     assert "1984" in corpus.texts
+
+
+@pytest.mark.parametrize("caption", ["\u200b\u200b", " \ufeff\u2060 ", "\u200d\t"])
+def test_a_caption_of_zero_width_characters_only_is_refused(tmp_path, caption):
+    ann = _albef(tmp_path, caption)
+    with pytest.raises(PipelineError, match=rf"^{ann}: caption of zero-width characters only \(nothing to read\) "
+                                            r"\(record 1, caption 0\)$"):
+        read_corpus(str(ann), log=lambda *_: None)
 
 
 def test_an_unpaired_surrogate_in_a_caption_is_named(tmp_path):

@@ -270,24 +270,24 @@ def test_unknown_loss(run):
     assert "'hinge' is not one of" in distill(run, "--loss", "hinge", expect=None).output
 
 
-@pytest.mark.parametrize("flags,message", [(("--max-steps", "0"), "--max-steps must be at least 1, got 0"),
-                                           (("--epochs", "0"), "--epochs must be at least 1, got 0"),
-                                           (("--max-steps", "-5"), "--max-steps must be at least 1, got -5"),
-                                           (("--lr", "-1"), "--lr must be positive, got -1.0"),
-                                           (("--batch-size", "0"), "--batch-size must be at least 1, got 0"),
-                                           (("--num-valid", "-1"), "--num-valid must be at least 1"),
-                                           (("--tie-margin", "0"), "--tie-margin must be > 0 (or unset), got 0.0"),
+@pytest.mark.parametrize("flags,message", [(("--max-steps", "0"), "--max-steps: must be >= 1, got 0"),
+                                           (("--epochs", "0"), "--epochs: must be >= 1, got 0"),
+                                           (("--max-steps", "-5"), "--max-steps: must be >= 1, got -5"),
+                                           (("--lr", "-1"), "--lr: must be > 0, got -1.0"),
+                                           (("--batch-size", "0"), "--batch-size: must be >= 1, got 0"),
+                                           (("--num-valid", "-1"), "--num-valid: must be >= 1"),
+                                           (("--tie-margin", "0"), "--tie-margin: must be > 0, got 0.0"),
                                            (("--loss", "cprd-kl", "--kl-weight", "-1"),
-                                            "--kl-weight must be >= 0, got -1.0"),
-                                           (("--student-temperature", "0"), "--student-temperature must be > 0"),
+                                            "--kl-weight: must be >= 0, got -1.0"),
+                                           (("--student-temperature", "0"), "--student-temperature: must be > 0"),
                                            (("--out-of-batch", "encode", "--out-of-batch-budget", "0"),
-                                            "--out-of-batch-budget must be at least 1, with --out-of-batch encode"),
+                                            "--out-of-batch-budget: must be >= 1, got 0"),
                                            (("--out-of-batch", "drop", "--out-of-batch-budget", "8"),
                                             "(got 8 with --out-of-batch drop)"),
                                            (("--cluster-size", "8"), "--cluster-size sizes the clusters of "
                                                                      "--batching packed"),
                                            (("--batching", "packed", "--cluster-size", "0"),
-                                            "--cluster-size must be at least 1, got 0"),
+                                            "--cluster-size: must be >= 1, got 0"),
                                            (("--frozen-negatives", "--out-of-batch", "drop"),
                                             "with --out-of-batch drop there are none")])
 def test_out_of_range_values_are_refused_before_anything_is_written(run, flags, message):

@@ -57,7 +57,7 @@ def test_validation_rows_the_best_checkpoint_and_its_card_match_evaluate(run, va
     card = (out / "final" / "README.md").read_text()
     assert card.startswith("---\n") and "model-index:" in card and "cprd-pipeline" in card
     for text in ("after 6 optimizer steps", "loss: cprd", str(val_data), "teacher: local folder",
-                 f"{validated[-1]['val_rsum']:.3f}"):
+                 f"{validated[-1]['val_rsum']:.3f}", "(split `val`)", "split: val"):   # --val-split's default, named
         assert text in card, text
     best_card = (out / "best" / "README.md").read_text()
     assert f"at step {best['step']} (the best validation RSUM of the run)" in best_card
@@ -113,7 +113,7 @@ def test_report_to_tensorboard_logs_every_named_term(run):
     (("--report-to", "swanlab"), "--report-to swanlab: its package is not installed (pip install swanlab)"),
     (("--eval-every", "2"), "--eval-every needs --val-data"),
     (("--keep-best",), "--keep-best needs --val-data"),
-    (("--val-data", "x.json", "--eval-every", "0"), "--eval-every must be at least 1, got 0"),
+    (("--val-data", "x.json", "--eval-every", "0"), "--eval-every: must be >= 1, got 0"),
     (("--val-image-root", "imgs"), "--val-image-root needs --val-data"),
     (("--val-caption-column", "captions"), "--val-caption-column needs --val-data"),
     (("--val-data", "x.json", "--val-format", "parquet"), "Invalid value for '--val-format'"),

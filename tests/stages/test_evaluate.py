@@ -90,7 +90,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
 def test_k_test_below_two_is_refused(tmp_path, tiny_clip, k):
     ann = write_albef_corpus(tmp_path / "test", n_images=5)
     r = cli("evaluate", "--data", ann, "--model", tiny_clip, "--out", tmp_path / "e", "--k-test", k, expect=2)
-    assert f"--k-test must be at least 2 (candidates the teacher re-ranks), got {k}" in r.output.strip().splitlines()[-1]
+    assert r.output.strip().splitlines()[-1] == f"error: --k-test: must be >= 2, got {k}"
 
 
 def test_evaluation_keeps_the_artifact_contract(tmp_path, tiny_clip, tiny_blip):
@@ -170,3 +170,25 @@ def test_test_images_from_the_training_corpus_are_refused_or_reported(tmp_path, 
     result = cli("evaluate", "--run", run, "--data", copies / "ann.json", "--out", tmp_path / "c", "--device", "cpu",
                  expect=2)
     assert "5 of the 12 test images are in the corpus" in result.output
+
+
+def test_rerank_teacher_train_teacher_is_the_runs_fine_tuned_teacher(tmp_path, mined_run, tiny_clip, tiny_blip):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(mined_run, run)
+    ann = write_albef_corpus(tmp_path / "test", n_images=6, seed=5)
+    args = ("--data", ann, "--model", tiny_clip, "--rerank-teacher", "train-teacher", "--k-test", "4",
+            "--device", "cpu")
+    # before train-teacher has run, the shortcut says what to run (not that the hub cannot be reached)
+    line = cli("evaluate", "--run", run, *args, "--out", tmp_path / "e", expect=2).output.strip().splitlines()[-1]
+    assert "train-teacher" in line and "hub" not in line
+    line = cli("evaluate", *args, "--out", tmp_path / "e", expect=2).output.strip().splitlines()[-1]
+    assert line == "error: --rerank-teacher train-teacher is the fine-tuned teacher of --run; give --run"
+    cli("train-teacher", "--run", run, "--teacher", tiny_blip, "--batch-size", "32", "--lr", "1e-3", "--device", "cpu",
+        "--max-steps", "1", "--train", "head")
+    cli("evaluate", "--run", run, *args, "--out", tmp_path / "e")
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["rerank"]["teacher"] == str(run / "teacher-train" / "final")
+    identity = json.loads((tmp_path / "e" / "manifest.json").read_text())["identity"]["teacher"]
+    assert identity["path"] == str((run / "teacher-train" / "final").resolve())

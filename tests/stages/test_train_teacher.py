@@ -109,8 +109,9 @@ def test_vilt_and_blip_itc_run(run, tiny_vilt, tiny_blip, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (("--itc-weight", "1"), "--itc-weight: ViltForImageAndTextRetrieval has no contrastive (ITC) towers"),
-    (("--lr", "0"), "--lr must be positive, got 0.0"),
-    (("--max-steps", "0"), "--max-steps must be at least 1, got 0"),
+    (("--lr", "0"), "--lr: must be > 0, got 0.0"),
+    (("--max-steps", "0"), "--max-steps: must be >= 1, got 0"),
+    (("--itc-weight", "-1"), "--itc-weight: must be >= 0, got -1.0"),
 ])
 def test_bad_options_are_refused(run, tiny_vilt, flags, message):
     result = cli("train-teacher", "--run", run, "--teacher", tiny_vilt, "--device", "cpu", *flags, expect=2)
