@@ -4,8 +4,9 @@
     write(sections, root / "report")       # index.html (images embedded), report.md + fig-*.png
 
 Sections, each present when its stage output is (and otherwise named, with what to run):
-  scores       teacher and student scores over the mined hard negatives, per direction (the CPRD paper's
-               first finding: the cross-encoder's scores are concentrated, the dual encoder's near-normal)
+  scores       teacher and student scores over the mined hard negatives, per direction and teacher cache (every
+               round of a loop; the CPRD paper's first finding: the cross-encoder's scores are concentrated, the
+               dual encoder's near-normal)
   positives    teacher scores of positives vs hard negatives, and the share of negatives above the positive
   agreement    per-query Kendall tau between the student's and the teacher's order at mining time, and the
                mean agreement of every evaluated student
@@ -13,7 +14,8 @@ Sections, each present when its stage output is (and otherwise named, with what 
                with validation during training, its RSUM
   evaluations  every evaluation's recall in one table, with the change against the starting student
 
-Large runs are sampled (at most MAX_QUERIES queries per direction) for the distributions; the section says so.
+Large runs are sampled (at most MAX_QUERIES queries per direction of a cache) for the distributions; the section
+says so. The HTML never widens the page: a wide table scrolls inside its own box.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import base64
 import html
 import io
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -31,8 +34,6 @@ from .artifacts import MANIFEST, SUCCESS, atomic_write_bytes, read_json, read_js
 from .metrics import KS, kendall_tau
 
 MAX_QUERIES = 20000
-SKIP = {"checkpoints", "final", "best", "corpus", "embeddings", "candidates", "pairs", "images", "models", "data",
-        "report", "teacher-scores"}   # folders that never hold a stage's manifest
 
 
 @dataclass
@@ -56,28 +57,45 @@ class Found:
         return rel if rel != "." else self.path.name
 
 
+def _natural(name: str) -> list:
+    """Sort key that orders round-2 before round-10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
 def discover(root: Path, max_depth: int = 4) -> dict[str, list[Found]]:
-    """Stage directories under root, by manifest stage (mine, teacher, distill, evaluate), in path order."""
+    """Stage directories under root, by manifest stage (mine, teacher, distill, evaluate), in path order.
+
+    A folder whose manifest names a stage is that stage's output, and its subfolders (checkpoints, corpus,
+    embeddings, ...) are its own, so the walk does not enter it; every other folder is walked, to max_depth."""
     found: dict[str, list[Found]] = {}
 
     def walk(d: Path, depth: int) -> None:
         m = read_json(d / MANIFEST) if (d / MANIFEST).is_file() else None
         if m is not None and "stage" in m:
             found.setdefault(m["stage"], []).append(Found(d, m, (d / SUCCESS).exists()))
+            return
         if depth == max_depth:
             return
-        for sub in sorted(p for p in d.iterdir() if p.is_dir() and p.name not in SKIP and not p.name.startswith(".")):
-            walk(sub, depth + 1)
+        with os.scandir(d) as entries:   # DirEntry.is_dir needs no stat per file (large image folders)
+            subs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+        for name in sorted(subs, key=_natural):
+            walk(d / name, depth + 1)
 
     walk(Path(root), 0)
     return found
 
 
 # ---------------------------------------------------------------------------------------------- figures
-def _png(fig) -> bytes:
+LEGEND_SIZE = 9       # points: read at the page's width, where a figure is shown at about 85% of its size
+
+
+def _png(fig, title: Optional[str] = None) -> bytes:
+    """The figure as PNG; `title` (the output a figure draws, e.g. `round-2/teacher`) goes above its panels."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
+    if title:
+        fig.suptitle(title, fontsize=12, fontweight="bold")
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=96)
     plt.close(fig)
@@ -138,91 +156,149 @@ def read_teacher(teacher_dir: Path, manifest: dict, max_queries: int = MAX_QUERI
     return out
 
 
-def _sample_note(dirs: dict[str, Direction]) -> str:
-    sampled = {d: (len(v.student), v.total) for d, v in dirs.items() if len(v.student) < v.total}
-    if not sampled:
-        return ""
-    return " Sampled: " + ", ".join(f"{d} {n:,} of {t:,} queries" for d, (n, t) in sampled.items()) + "."
+@dataclass
+class Cache:
+    """A complete teacher cache, read: its label under the root, the teacher's score, its rows per direction."""
+    label: str
+    score: str
+    dirs: dict[str, Direction]
 
 
-def scores_section(found: Found, dirs: dict[str, Direction], root: Path) -> Section:
-    fig, axes = _figure(len(dirs), 2)
-    lines = ["| direction | model | mean | std | skew | excess kurtosis |", "| --- | --- | --- | --- | --- | --- |"]
-    score = found.manifest["config"].get("score", "teacher")
-    for row, (d, v) in enumerate(dirs.items()):
-        for col, (who, x, color) in enumerate((("teacher", v.teacher, "tab:red"), ("student", v.student, "tab:blue"))):
-            ax = axes[row][col]
-            ax.hist(x.ravel(), bins=60, color=color, alpha=0.8)
-            ax.set_title(f"{d}: {who} scores of hard negatives" + (f" ({score})" if who == "teacher" else " (cosine)"))
-            m = _moments(x.ravel())
-            lines.append(f"| {d} | {who} | {m['mean']:.3f} | {m['std']:.3f} | {m['skew']:+.2f} | {m['kurtosis']:+.2f} |")
-    text = (f"Teacher cache `{found.label(root)}`: the teacher's ({score}) and the student's (cosine at mining time) "
-            f"scores of the same mined hard negatives.{_sample_note(dirs)} Compare the shapes: where the teacher's "
-            "scores are concentrated or skewed and the student's near-normal (the CPRD paper's first finding), "
-            "matching raw scores transfers poorly and matching the teacher's ranking does better.\n\n"
-            + "\n".join(lines))
-    return Section("scores", "Teacher and student scores of the hard negatives", text,
-                   [("score distributions per direction", _png(fig))])
+def read_caches(teachers: list[Found], root: Path, max_queries: int = MAX_QUERIES) -> list[Cache]:
+    caches = [Cache(t.label(root), t.manifest["config"].get("score", "teacher"),
+                    read_teacher(t.path, t.manifest, max_queries)) for t in teachers]
+    return [c for c in caches if c.dirs]
 
 
-def positives_section(found: Found, dirs: dict[str, Direction], root: Path) -> Section:
-    fig, axes = _figure(1, len(dirs))
-    lines = ["| direction | queries | positive: mean teacher score | hard negative: mean | negatives above the positive |",
-             "| --- | --- | --- | --- | --- |"]
-    for col, (d, v) in enumerate(dirs.items()):
-        pos = np.concatenate(v.positives) if v.positives else np.empty(0)
-        # share of (negative, positive) pairs of a query where the negative scores higher, averaged over queries
-        above = np.array([(v.teacher[q][:, None] > p[None, :]).mean() for q, p in enumerate(v.positives) if len(p)])
-        ax = axes[0][col]
-        bins = np.histogram_bin_edges(np.concatenate([v.teacher.ravel(), pos]), bins=60)
-        ax.hist(v.teacher.ravel(), bins=bins, alpha=0.6, density=True, label="hard negatives", color="tab:gray")
-        ax.hist(pos, bins=bins, alpha=0.6, density=True, label="positives", color="tab:green")
-        ax.set_title(f"{d}: teacher scores")
-        ax.legend()
-        lines.append(f"| {d} | {len(v.positives):,} | {pos.mean():.3f} | {v.teacher.mean():.3f} | "
-                     f"{100 * above.mean():.1f}% |")
-    text = (f"Teacher cache `{found.label(root)}`. `negatives above the positive`: of a query's (hard negative, "
-            "positive) pairs, the share where the teacher scores the negative higher, averaged over queries; these "
-            "are likely false negatives (distill's `--max-teacher-margin` drops them).\n\n" + "\n".join(lines))
-    return Section("positives", "Positives and hard negatives under the teacher", text,
-                   [("teacher scores of positives and hard negatives", _png(fig))])
+def _sample_note(caches: list[Cache]) -> str:
+    sampled = [f"`{c.label}` {d} {len(v.student):,} of {v.total:,}"
+               for c in caches for d, v in c.dirs.items() if len(v.student) < v.total]
+    return " Sampled: " + ", ".join(sampled) + " queries." if sampled else ""
 
 
-def agreement_section(teacher: Optional[Found], dirs: dict[str, Direction], evaluations: list["Evaluation"],
-                      root: Path) -> Section:
-    text, figures = "", []
-    if dirs:
-        fig, axes = _figure(1, len(dirs))
-        lines = ["| direction | mean Kendall tau | median | share below 0 |", "| --- | --- | --- | --- |"]
-        for col, (d, v) in enumerate(dirs.items()):
+def _table(header: list[str], rows: list[str]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + rows)
+
+
+def scores_section(caches: list[Cache]) -> Section:
+    from matplotlib.ticker import MaxNLocator
+
+    rows, figures = [], []
+    for c in caches:
+        fig, axes = _figure(len(c.dirs), 2)
+        for row, (d, v) in enumerate(c.dirs.items()):
+            for col, (who, x, color) in enumerate(((f"teacher ({c.score})", v.teacher, "tab:red"),
+                                                   ("student (cosine)", v.student, "tab:blue"))):
+                ax = axes[row][col]
+                ax.hist(x.ravel(), bins=60, color=color, alpha=0.8)
+                ax.xaxis.set_major_locator(MaxNLocator(6))   # narrow score ranges print long tick labels
+                ax.set_title(f"{d}: {who} scores of hard negatives")
+                m = _moments(x.ravel())
+                rows.append(f"| {c.label} | {d} | {who} | {m['mean']:.3f} | {m['std']:.3f} | {m['skew']:+.2f} | "
+                            f"{m['kurtosis']:+.2f} |")
+        figures.append((f"{c.label}: score distributions per direction", _png(fig, c.label)))
+    text = ("Per teacher cache: the teacher's and the student's (cosine at mining time) scores of the same mined hard "
+            f"negatives.{_sample_note(caches)} Compare the shapes: where the teacher's scores are concentrated or "
+            "skewed and the student's near-normal (the CPRD paper's first finding), matching raw scores transfers "
+            "poorly and matching the teacher's ranking does better.\n\n"
+            + _table(["teacher cache", "direction", "model", "mean", "std", "skew", "excess kurtosis"], rows))
+    return Section("scores", "Teacher and student scores of the hard negatives", text, figures)
+
+
+def positives_section(caches: list[Cache]) -> Section:
+    rows, figures = [], []
+    for c in caches:
+        fig, axes = _figure(1, len(c.dirs))
+        for col, (d, v) in enumerate(c.dirs.items()):
+            pos = np.concatenate(v.positives) if v.positives else np.empty(0)
+            # share of (negative, positive) pairs of a query where the negative scores higher, averaged over queries
+            above = np.array([(v.teacher[q][:, None] > p[None, :]).mean() for q, p in enumerate(v.positives) if len(p)])
+            ax = axes[0][col]
+            bins = np.histogram_bin_edges(np.concatenate([v.teacher.ravel(), pos]), bins=60)
+            ax.hist(v.teacher.ravel(), bins=bins, alpha=0.6, density=True, label="hard negatives", color="tab:gray")
+            ax.hist(pos, bins=bins, alpha=0.6, density=True, label="positives", color="tab:green")
+            ax.set_title(f"{d}: teacher scores ({c.score})")
+            ax.legend(fontsize=LEGEND_SIZE)
+            rows.append(f"| {c.label} | {d} | {len(v.positives):,} | {pos.mean():.3f} | {v.teacher.mean():.3f} | "
+                        f"{100 * above.mean():.1f}% |")
+        figures.append((f"{c.label}: teacher scores of positives and hard negatives", _png(fig, c.label)))
+    text = ("Per teacher cache. `negatives above the positive`: of a query's (hard negative, positive) pairs, the "
+            "share where the teacher scores the negative higher, averaged over queries; these are likely false "
+            "negatives (distill's `--max-teacher-margin` drops them).\n\n"
+            + _table(["teacher cache", "direction", "queries", "positive: mean teacher score", "hard negative: mean",
+                      "negatives above the positive"], rows))
+    return Section("positives", "Positives and hard negatives under the teacher", text, figures)
+
+
+def agreement_section(caches: list[Cache], evaluations: list["Evaluation"]) -> Section:
+    text, figures, rows = "", [], []
+    for c in caches:
+        fig, axes = _figure(1, len(c.dirs))
+        for col, (d, v) in enumerate(c.dirs.items()):
             tau = kendall_tau(v.student, v.teacher)
             tau = tau[np.isfinite(tau)]
             axes[0][col].hist(tau, bins=40, range=(-1, 1), color="tab:purple")
             axes[0][col].axvline(tau.mean(), color="k", linestyle="--", label=f"mean {tau.mean():.3f}")
             axes[0][col].set_title(f"{d}: Kendall tau per query, at mining time")
-            axes[0][col].legend()
-            lines.append(f"| {d} | {tau.mean():.3f} | {np.median(tau):.3f} | {100 * (tau < 0).mean():.1f}% |")
-        figures.append(("per-query Kendall tau at mining time", _png(fig)))
-        text += (f"At mining time (`{teacher.label(root)}`): Kendall's tau-b between the student's and the teacher's "
-                 f"scores of each query's {v.student.shape[1]} mined candidates.{_sample_note(dirs)}\n\n"
-                 + "\n".join(lines) + "\n\n")
-    rows = [e for e in evaluations if e.metrics.get("agreement")]
-    if rows:
-        names = list(rows[0].metrics["agreement"]["i2t"])
+            axes[0][col].legend(fontsize=LEGEND_SIZE)
+            rows.append(f"| {c.label} | {d} | {v.student.shape[1]} | {tau.mean():.3f} | {np.median(tau):.3f} | "
+                        f"{100 * (tau < 0).mean():.1f}% |")
+        figures.append((f"{c.label}: per-query Kendall tau at mining time", _png(fig, c.label)))
+    if caches:
+        text += ("At mining time, per teacher cache: Kendall's tau-b between the student's and the teacher's scores of "
+                 f"each query's mined candidates.{_sample_note(caches)}\n\n"
+                 + _table(["teacher cache", "direction", "candidates", "mean Kendall tau", "median", "share below 0"],
+                          rows) + "\n\n")
+    evaluated = [e for e in evaluations if e.metrics.get("agreement")]
+    if evaluated:
+        names = list(evaluated[0].metrics["agreement"]["i2t"])
         text += ("Evaluated students: the same agreement over each test query's top `k_test` candidates (mean over "
                  "queries).\n\n| evaluation | model | " + " | ".join(f"i2t {n}" for n in names) + " | "
                  + " | ".join(f"t2i {n}" for n in names) + " |\n| --- | --- |" + " --- |" * (2 * len(names)) + "\n")
-        for e in rows:
+        for e in evaluated:
             a = e.metrics["agreement"]
             text += (f"| {e.label} | {e.model} | " + " | ".join(f"{a[d][n]:.3f}" for d in ("i2t", "t2i") for n in names)
                      + " |\n")
-    elif dirs:
+    elif caches:
         text += "No evaluation in this run was made with a teacher (`evaluate --rerank-teacher`), so none has an agreement.\n"
     return Section("agreement", "Student-teacher rank agreement", text, figures)
 
 
 # ---------------------------------------------------------------------------------------------- training
 TRAINING_SKIP = {"step", "epoch", "false_negatives", "dropped_by_margin", "negatives", "negatives_in_batch"}
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
+INSIDE_LEGEND = 6     # students a legend may list inside its panel before it hides the curves
+
+
+def training_figure(runs: list[tuple[str, list[dict]]], keys: list[str]):
+    """One panel per key over the steps, each with its own legend; a student keeps its colour and line style in
+    every panel (also in those where another student has no curve)."""
+    from matplotlib.ticker import MaxNLocator
+
+    cols = min(2, len(keys))
+    outside = len(runs) > INSIDE_LEGEND
+    fig, axes = _figure((len(keys) + cols - 1) // cols, cols, width=6.0,
+                        height=3.4 + (0.25 * ((len(runs) + 1) // 2) if outside else 0))
+    styles = {label: {"color": f"C{i % 10}", "linestyle": LINE_STYLES[i // 10 % len(LINE_STYLES)]}
+              for i, (label, _) in enumerate(runs)}
+    for i, key in enumerate(keys):
+        ax = axes[i // cols][i % cols]
+        for label, rows in runs:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=label, **styles[label])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if outside:   # under the panel, not over its curves
+            ax.legend(fontsize=LEGEND_SIZE, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
+        else:
+            ax.legend(fontsize=LEGEND_SIZE)
+    for j in range(len(keys), axes.size):
+        axes[j // cols][j % cols].axis("off")
+    return fig
 
 
 def training_section(students: list[Found], root: Path) -> Section:
@@ -235,23 +311,6 @@ def training_section(students: list[Found], root: Path) -> Section:
     for _, rows in runs:
         for r in rows:
             keys += [k for k in r if k not in TRAINING_SKIP and k not in keys and isinstance(r[k], (int, float))]
-    cols = min(3, len(keys))
-    fig, axes = _figure((len(keys) + cols - 1) // cols, cols, width=4.5)
-    for i, key in enumerate(keys):
-        ax = axes[i // cols][i % cols]
-        for s, rows in runs:
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=s.label(root))
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    for j in range(len(keys), axes.size):
-        axes[j // cols][j % cols].axis("off")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if len(keys) < axes.size:      # the first empty cell holds the legend
-        axes[len(keys) // cols][len(keys) % cols].legend(handles, labels, loc="upper left", fontsize=7, ncol=2)
-    else:
-        fig.legend(handles, labels, loc="lower center", fontsize=7, ncol=4)
     val_keys = [k for k in keys if k.startswith("val_")]
     lines = ["| " + " | ".join(["student", "state", "steps", "last loss"] + val_keys) + " |",
              "|" + " --- |" * (4 + len(val_keys))]
@@ -267,6 +326,7 @@ def training_section(students: list[Found], root: Path) -> Section:
              if "in_batch_share" in keys else "") +
             (", and the validation metrics (`val_*`)" if any(k.startswith("val_") for k in keys) else "") +
             ".\n\n" + "\n".join(lines))
+    fig = training_figure([(s.label(root), rows) for s, rows in runs], keys)
     return Section("training", "Training", text, [("training curves", _png(fig))])
 
 
@@ -300,6 +360,19 @@ def read_evaluations(found: list[Found], mines: list[Found], students: list[Foun
     return out
 
 
+def rsum_figure(bars: list[tuple[str, float]]):
+    """RSUM per evaluation as bars from zero (so a bar's length is its RSUM), each labelled with its value."""
+    fig, axes = _figure(1, 1, width=8, height=0.32 * len(bars) + 1.2)
+    ax = axes[0][0]
+    drawn = ax.barh(range(len(bars)), [v for _, v in bars], color="tab:blue")
+    ax.bar_label(drawn, fmt="%.1f", padding=3, fontsize=LEGEND_SIZE)
+    ax.set_yticks(range(len(bars)), [n for n, _ in bars], fontsize=LEGEND_SIZE)
+    ax.set_xlim(0, 1.12 * max(max(v for _, v in bars), 1.0))   # room for the value labels
+    ax.invert_yaxis()
+    ax.set_title("RSUM per evaluation (higher is better)")
+    return fig
+
+
 def evaluations_section(evaluations: list[Evaluation], figure: bool = True) -> Section:
     if not evaluations:
         return Section("evaluations", "Evaluations", missing="no finished evaluation "
@@ -323,17 +396,7 @@ def evaluations_section(evaluations: list[Evaluation], figure: bool = True) -> S
     if not base:
         text += ("\nThe starting student has no evaluation here: run `cprd-pipeline evaluate --model STUDENT "
                  "--data TEST --out RUN/eval-student` to get the column.\n")
-    figures = []
-    if figure:
-        fig, axes = _figure(1, 1, width=8, height=0.3 * len(bars) + 1.2)
-        ax = axes[0][0]
-        ax.barh(range(len(bars)), [v for _, v in bars], color="tab:blue")
-        ax.set_yticks(range(len(bars)), [n for n, _ in bars], fontsize=7)
-        lo, hi = min(v for _, v in bars), max(v for _, v in bars)
-        ax.set_xlim(max(0.0, lo - 0.1 * (hi - lo + 10)), hi + 0.05 * (hi - lo + 10))
-        ax.invert_yaxis()
-        ax.set_title("RSUM per evaluation (higher is better)")
-        figures.append(("RSUM per evaluation", _png(fig)))
+    figures = [("RSUM per evaluation", _png(rsum_figure(bars)))] if figure else []
     return Section("evaluations", "Evaluations", text, figures)
 
 
@@ -343,29 +406,22 @@ def build(root: Path, extra: Optional[list[Section]] = None, max_queries: int = 
     root = Path(root)
     found = discover(root)
     mines = [f for f in found.get("mine", []) if f.complete]
-    # the teacher cache drawn: one scored by the given teacher (not a fine-tuned one), the shallowest (a run's
-    # own, before those of later rounds nested below it), the first made
-    teachers = sorted((f for f in found.get("teacher", []) if f.complete),
-                      key=lambda f: ("lineage" in f.manifest.get("identity", {}), len(f.path.relative_to(root).parts),
-                                     str(f.manifest.get("created", ""))))
     students = found.get("distill", [])
     evaluations = read_evaluations(found.get("evaluate", []), mines, students, root)
     sections = list(extra or [])
-    if teachers:
-        t = teachers[0]
-        dirs = read_teacher(t.path, t.manifest, max_queries)
-        sections += [scores_section(t, dirs, root), positives_section(t, dirs, root)]
-        if len(teachers) > 1:
-            sections[-1].text += ("\n\nOther teacher caches in this run (not plotted): "
-                                  + ", ".join(f"`{x.label(root)}`" for x in teachers[1:]) + ".")
+    caches = read_caches([f for f in found.get("teacher", []) if f.complete], root, max_queries)
+    unfinished = [f.label(root) for f in found.get("teacher", []) if not f.complete]
+    if caches:
+        sections += [scores_section(caches), positives_section(caches)]
+        if unfinished:
+            sections[-2].text += ("\n\nUnfinished teacher caches (drawn once complete): "
+                                  + ", ".join(f"`{u}`" for u in unfinished) + ".")
     else:
         hint = "no finished teacher cache (run `cprd-pipeline score-teacher --run RUN`)"
-        partial = [f.label(root) for f in found.get("teacher", []) if not f.complete]
-        hint += f"; unfinished: {', '.join(partial)}" if partial else ""
+        hint += f"; unfinished: {', '.join(unfinished)}" if unfinished else ""
         sections += [Section("scores", "Teacher and student scores of the hard negatives", missing=hint),
                      Section("positives", "Positives and hard negatives under the teacher", missing=hint)]
-        dirs, t = {}, None
-    agreement = agreement_section(t, dirs, evaluations, root)
+    agreement = agreement_section(caches, evaluations)
     if not agreement.text:
         agreement.missing = "no teacher cache and no evaluation with a teacher (`evaluate --rerank-teacher`)"
     sections += [agreement, training_section(students + found.get("train-teacher", []), root),
@@ -387,8 +443,6 @@ def render_markdown(sections: list[Section], title: str, figure_names: list[list
 
 def _md_to_html(text: str) -> str:
     """The Markdown this module writes (paragraphs, pipe tables, `code`, **bold**) as HTML."""
-    import re
-
     def inline(s: str) -> str:
         s = html.escape(s)
         s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
@@ -400,9 +454,11 @@ def _md_to_html(text: str) -> str:
         if lines and all(l.startswith("|") for l in lines):
             rows = [[c.strip() for c in l.strip().strip("|").split("|")] for l in lines]
             body = [r for r in rows[1:] if not all(set(c) <= {"-", " "} for c in r)]
-            out.append("<table><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"
+            # a wide table scrolls inside its own box; the page keeps its width
+            out.append('<div class="table-scroll"><table><thead><tr>'
+                       + "".join(f"<th>{inline(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"
                        + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body)
-                       + "</tbody></table>")
+                       + "</tbody></table></div>")
         elif lines and lines[0].startswith("#"):
             level = min(len(lines[0]) - len(lines[0].lstrip("#")) + 1, 4)
             out.append(f"<h{level}>{inline(lines[0].lstrip('#').strip())}</h{level}>")
@@ -413,10 +469,14 @@ def _md_to_html(text: str) -> str:
     return "\n".join(out)
 
 
+# Nothing may widen the page: tables scroll in their box (cells stay on one line, so rows read across), images
+# shrink to the column, and long paths in text break.
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-         "table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 8px;"
-         "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-         "img{max-width:100%;border:1px solid #eee}.missing{color:#a33}nav a{margin-right:1em}code{font-size:90%}")
+         ".table-scroll{max-width:100%;overflow-x:auto;margin:1em 0}"
+         "table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ccc;padding:3px 8px;"
+         "text-align:right;white-space:nowrap}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+         "figure{margin:1em 0}img{max-width:100%;height:auto;border:1px solid #eee}"
+         "p,figcaption,nav{overflow-wrap:anywhere}.missing{color:#a33}nav a{margin-right:1em}code{font-size:90%}")
 
 
 def render_html(sections: list[Section], title: str) -> str:

@@ -37,7 +37,8 @@ def test_quick_demo_runs_every_path_and_enforces_the_teacher_check(tmp_path):
     # the run report of everything under OUT, with the demo's table as its first section
     checker = parse_report_html(out / "report" / "index.html")
     assert checker.sections == ["demo", "scores", "positives", "agreement", "training", "evaluations"]
-    assert not checker.missing and len(checker.images) == 5
+    caches = len(list(out.glob("**/teacher/_SUCCESS")))   # each drawn: its scores, positives and agreement
+    assert not checker.missing and caches >= 3 and len(checker.images) == 3 * caches + 2
     # the committed teacher beats the student, so without --allow-weak-teacher the demo passes its check (the
     # losing side is the next test's)
     student = data["student (before distillation)"][0]["rsum"]

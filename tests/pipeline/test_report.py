@@ -1,7 +1,9 @@
 """The run report: a full run has every section with figures that decode and numbers that match a naive
-recomputation; a partial run names what is missing; the HTML is well formed and self-contained."""
+recomputation; every round of a loop is drawn; a partial run names what is missing; the HTML is well formed,
+self-contained, and its tables scroll in their own box; the figures read at a glance."""
 import json
 import shutil
+from html.parser import HTMLParser
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -74,8 +76,8 @@ def test_full_run_has_every_section_and_the_numbers_match_a_naive_count(full_run
             im.load()
 
     want = naive_teacher_numbers(full_run)
-    positives = {r[0]: float(r[4].rstrip("%")) for r in table(md, "| direction | queries |")}
-    agreement = {r[0]: float(r[1]) for r in table(md, "| direction | mean Kendall tau |")}
+    positives = {r[1]: float(r[5].rstrip("%")) for r in table(md, "| teacher cache | direction | queries |")}
+    agreement = {r[1]: float(r[3]) for r in table(md, "| teacher cache | direction | candidates |")}
     for d in ("i2t", "t2i"):
         assert positives[d] == pytest.approx(want[d][0], abs=0.051)   # printed with one decimal
         assert agreement[d] == pytest.approx(want[d][1], abs=0.0006)
@@ -123,3 +125,92 @@ def test_torn_metrics_line_is_left_out_and_an_unfinished_student_is_marked(full_
 def test_missing_run_directory_is_an_error(tmp_path):
     result = cli("report", "--run", tmp_path / "nope", expect=2)
     assert "no such run directory" in result.output and not (tmp_path / "nope").exists()
+
+
+@pytest.fixture(scope="module")
+def loop_run(tmp_path_factory, full_run):
+    """A loop's layout (RUN/round-N/{mine,teacher,distill,eval}) from copies of the full run's stages, with a
+    round 10 to check the order."""
+    root = tmp_path_factory.mktemp("loop")
+    for r in (1, 2, 10):
+        for stage in ("mine", "teacher", "distill", "eval"):
+            shutil.copytree(full_run / stage, root / f"round-{r}" / stage, symlinks=True)
+    return root
+
+
+def test_every_round_of_a_loop_is_drawn_in_round_order(loop_run):
+    sections = {s.key: s for s in rep.build(loop_run)}
+    rounds = ["round-1/teacher", "round-2/teacher", "round-10/teacher"]
+    for key, header in (("scores", "| teacher cache | direction | model |"),
+                        ("positives", "| teacher cache | direction | queries |"),
+                        ("agreement", "| teacher cache | direction | candidates |")):
+        s = sections[key]
+        assert [caption.split(":")[0] for caption, _ in s.figures] == rounds, key
+        assert list(dict.fromkeys(r[0] for r in table(s.text, header))) == rounds, key
+        assert "not plotted" not in s.text
+    (training,) = sections["training"].figures
+    assert [r[0] for r in table(sections["training"].text, "| student | state |")] == \
+           ["round-1/distill", "round-2/distill", "round-10/distill"]
+
+
+def test_stage_outputs_are_found_by_their_manifests_and_not_searched_inside(full_run, tmp_path):
+    # any folder name may hold a stage's output ("models" and "data" included); a stage folder's own
+    # subfolders are its contents, not more outputs
+    shutil.copytree(full_run / "eval", tmp_path / "run" / "models" / "eval")
+    shutil.copytree(full_run / "teacher", tmp_path / "run" / "data" / "teacher")
+    shutil.copytree(full_run / "eval", tmp_path / "run" / "data" / "teacher" / "inside" / "eval")
+    found = rep.discover(tmp_path / "run")
+    assert {k: [f.label(tmp_path / "run") for f in v] for k, v in found.items()} == \
+           {"evaluate": ["models/eval"], "teacher": ["data/teacher"]}
+
+
+class Tables(HTMLParser):
+    """Each <table>'s enclosing element, as (tag, class)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.parents = [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.parents.append(self.stack[-1])
+        if tag not in ("meta", "img", "br"):
+            self.stack.append((tag, dict(attrs).get("class")))
+
+    def handle_endtag(self, tag):
+        self.stack.pop()
+
+
+def test_wide_tables_scroll_in_their_own_box(full_run, tmp_path):
+    index = rep.write(rep.build(full_run), tmp_path / "r", "t")
+    tables = Tables()
+    tables.feed(index.read_text())
+    assert len(tables.parents) >= 5 and set(tables.parents) == {("div", "table-scroll")}
+    style = rep.STYLE.replace(" ", "")
+    rule = style.split(".table-scroll{")[1].split("}")[0]
+    assert "overflow-x:auto" in rule.split(";")
+
+
+def test_rsum_bars_start_at_zero_and_show_their_values():
+    fig = rep.rsum_figure([("a", 250.0), ("b", 262.5)])
+    (ax,) = fig.axes
+    assert ax.get_xlim()[0] == 0 and ax.get_xlim()[1] > 262.5
+    assert [t.get_text() for t in ax.texts] == ["250.0", "262.5"]
+
+
+@pytest.mark.parametrize("students", [2, 12])
+def test_every_training_panel_has_its_own_legend_and_a_student_keeps_its_line(students):
+    runs = [(f"s{i}", [{"step": t, "loss": 1.0 / t, **({"val_rsum": 200.0 + t} if i % 2 else {})} for t in (1, 2, 3)])
+            for i in range(students)]
+    fig = rep.training_figure(runs, ["loss", "val_rsum"])
+    loss, val = fig.axes[:2]
+    for ax, want in ((loss, [f"s{i}" for i in range(students)]), (val, [f"s{i}" for i in range(1, students, 2)])):
+        legend = ax.get_legend()
+        assert [t.get_text() for t in legend.get_texts()] == want
+        assert all(t.get_fontsize() >= 9 for t in legend.get_texts())
+    line = lambda ax, label: next(l for l in ax.get_lines() if l.get_label() == label)
+    for i in range(1, students, 2):   # the same colour and style where a panel lacks the even students
+        assert (line(loss, f"s{i}").get_color(), line(loss, f"s{i}").get_linestyle()) == \
+               (line(val, f"s{i}").get_color(), line(val, f"s{i}").get_linestyle())
+    styles = {(l.get_color(), l.get_linestyle()) for l in loss.get_lines()}
+    assert len(styles) == students   # no two students share a line
