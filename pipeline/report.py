@@ -340,12 +340,21 @@ class Evaluation:
     starting: bool      # the evaluated model is the student that mined the run
 
 
+def _found_at(manifest: dict, key: str) -> str | None:
+    """Where a stage found its model `key`: the manifest's locations, or the path earlier versions kept in the
+    identity; None for a hub model."""
+    identity = manifest.get("identity", {}).get(key) or {}
+    if "hub" in identity:
+        return None
+    return (manifest.get("locations") or {}).get(key) or identity.get("path")
+
+
 def read_evaluations(found: list[Found], mines: list[Found], students: list[Found], root: Path) -> list[Evaluation]:
     """Finished evaluations. The starting student is a mine's student that no distill under root made (in a
     loop, round r mines with round r-1's distilled student)."""
     distilled = {str((s.path / "final").resolve()) for s in students}
     starting = [m.manifest["identity"].get("student") for m in mines
-                if (m.manifest["identity"].get("student") or {}).get("path") not in distilled]
+                if _found_at(m.manifest, "student") not in distilled]
     out = []
     for e in found:
         metrics = read_json(e.path / "metrics.json") if e.complete else None
@@ -353,8 +362,9 @@ def read_evaluations(found: list[Found], mines: list[Found], students: list[Foun
             continue
         ident = e.manifest.get("identity", {})
         model = ident.get("model") or {}
-        name = model.get("path") or model.get("hub") or metrics.get("model", "?")
-        rel = os.path.relpath(name, root) if model.get("path") else name
+        where = _found_at(e.manifest, "model")
+        name = where or model.get("hub") or metrics.get("model", "?")
+        rel = os.path.relpath(name, root) if where else name
         out.append(Evaluation(e.label(root), rel if not rel.startswith("../..") else name, metrics,
                               ident.get("corpus", ""), model in starting))
     return out
