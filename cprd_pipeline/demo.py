@@ -143,7 +143,7 @@ def run(cfg: DemoConfig) -> dict:
     train, galleries = _prepare_data(recipe, cfg.quick, cfg.split, out, log)
     student, teacher, meta = _prepare_models(assets, out, log)
     w = float(meta["itc_weight"])
-    dev = dict(device=cfg.device, force=cfg.force)
+    dev = dict(device=cfg.device, replace=cfg.force)
     k_test = int(recipe.get("evaluate", {}).get("k_test", 16))
     teacher_galleries = int(recipe.get("evaluate", {}).get("teacher_galleries", len(galleries)))
 

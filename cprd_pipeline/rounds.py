@@ -37,7 +37,8 @@ class LoopConfig:
                                             "score-teacher:, distill:, evaluate:) over shared top-level options")
     device: Optional[str] = runtime(None, "auto | cpu | cuda (default: the pipeline file's `device:`, else auto)",
                                     choices=("auto", "cpu", "cuda"))
-    force: bool = runtime(False, "let each stage replace an output made with other settings")
+    force: bool = runtime(False, "let each stage replace an output made with other settings (and keep one that is up "
+                                 "to date)")
 
 
 def sections(path: Path) -> dict[str, dict[str, Any]]:
@@ -97,7 +98,7 @@ def run(cfg: LoopConfig) -> Path:
     path = Path(cfg.pipeline)
     plan = sections(path)
     root = Path(cfg.run)
-    common = {"force": cfg.force, **({"device": cfg.device} if cfg.device else {})}   # a flag beats the file
+    common = {"replace": cfg.force, **({"device": cfg.device} if cfg.device else {})}   # a flag beats the file
     # every stage resolved (the file's section for the verb, under the loop's values) and checked before any runs
     ready = [(r, verb, *stage(verb).prepare(str(path), section=verb, **common, **values))
              for r, verb, values in schedule(plan, root, cfg.rounds)]

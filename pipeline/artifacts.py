@@ -300,7 +300,7 @@ def library_versions() -> dict[str, str]:
 @dataclass(frozen=True)
 class Found:
     """What a stage directory holds, as far as the policy needs to know (StageWriter._found reads it)."""
-    manifest: str = "none"         # none | damaged | ok
+    manifest: str = "absent"       # absent | damaged | ok
     same: bool = False             # made with this identity (or an equal one recorded by an earlier version)
     same_config: bool = False      # the stage's own settings are unchanged (only its inputs differ)
     complete: bool = False         # _SUCCESS present
@@ -314,19 +314,20 @@ ACTIONS = ("up-to-date", "redo-shards", "resume", "start", "start-over", "extend
            "refuse-foreign", "refuse-damaged", "refuse-settings")
 
 
-def decide(found: Found, force: bool) -> str:
+def decide(found: Found, force: bool, replace: bool = False) -> str:
     """What a stage does with what it finds, as `make` would: one of ACTIONS.
 
     --force starts over whatever is there. Otherwise an output made with the same identity is kept (complete),
     repaired (shards failing their checksum) or resumed; one whose own settings are unchanged but whose inputs
     changed (upstream fingerprint, corpus, model files) is made again; one made with other settings is refused,
-    unless it finished nothing worth keeping or the new settings only extend a training run.
+    unless it finished nothing worth keeping or the new settings only extend a training run; `replace` (what
+    the demo and loop pass for their --force) turns that refusal, and only that, into starting over.
     """
     if force:
         return "start-over"
     if found.manifest == "damaged":
-        return "refuse-damaged"
-    if found.manifest == "none":
+        return "start-over" if replace else "refuse-damaged"
+    if found.manifest == "absent":
         return "refuse-foreign" if found.leftovers else "start"
     if found.same:
         if found.complete:
@@ -336,7 +337,9 @@ def decide(found: Found, force: bool) -> str:
         return "start"
     if found.extends:
         return "extend"
-    return "remake" if found.same_config else "refuse-settings"
+    if found.same_config:
+        return "remake"
+    return "start-over" if replace else "refuse-settings"
 
 
 def comparable(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -366,6 +369,7 @@ class StageWriter:
         *,
         force: bool,
         dist: Dist,
+        replace: bool = False,
         keep: Iterable[str] = (),
         config: dict[str, Any] | None = None,
         log=print,
@@ -380,7 +384,7 @@ class StageWriter:
         self.dir = Path(directory)
         self.identity = {"schema_version": SCHEMA_VERSION, **identity}
         self.fingerprint = fingerprint(self.identity)
-        self.force = force
+        self.force, self.replace = force, replace
         self.dist = dist
         self.keep = set(keep) | {LOCK}
         self.config = config
@@ -435,7 +439,7 @@ class StageWriter:
     def _prepare(self) -> None:
         self._remove_orphans()
         old, found = self._found()
-        action = decide(found, self.force)
+        action = decide(found, self.force, self.replace)
         name = f"[{self.dir.name}]"
         if action == "refuse-damaged":
             raise PipelineError(f"{old}; rerun the stage with --force to start it over")
@@ -458,7 +462,10 @@ class StageWriter:
         elif action == "extend":
             self._extend(old)
         else:
-            if action == "start-over" and self.dir.exists() and any(self.dir.iterdir()):
+            if action == "start-over" and not self.force:
+                said = self._changes(old) if isinstance(old, dict) else "its manifest was damaged"
+                self.log(f"{name} replacing output made with other settings ({said})")
+            elif action == "start-over" and self.dir.exists() and any(self.dir.iterdir()):
                 self.log(f"{name} --force: starting over")
             elif action == "start" and old is not None:
                 self.log(f"{name} replacing an attempt with other settings that finished no shard")

@@ -74,6 +74,8 @@ class TrainingRuntime:
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     force: bool = runtime(False, "train again from the start, whatever the output folder holds (checkpoints "
                                  "included)")
+    replace: bool = runtime(False, "replace an output made with other settings, keep one that is up to date (what "
+                                   "`demo --force` and `loop --force` pass each stage)")
 
 
 class StepLoop:

@@ -230,7 +230,7 @@ def run(cfg: DistillConfig) -> Path:
         identity["validation"] = val.content_hash()
     length = Length.of(cfg, teacher_rows(teacher), dist.world_size, "teacher rows")
     student = functools.cache(lambda: DualEncoder(cfg.student, device="cpu"))   # loaded once: precheck, then setup
-    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log,
+    writer = StageWriter(out, identity, force=cfg.force, replace=cfg.replace, dist=dist, config=cfgmod.as_dict(cfg), log=log,
                          reads=[paths.mine, paths.teacher], precheck=student, elsewhere="another --out folder",
                          locations={"student": cfg.student, "scores": str(paths.teacher), "val_data": cfg.val_data},
                          growth=length.growth())

@@ -63,6 +63,8 @@ class EvalConfig:
     teacher_cache: Optional[str] = runtime(None, "folder of teacher pair scores kept across evaluations: students "
                                                  "of one teacher on one test set share most re-rank pairs")
     force: bool = runtime(False, "start the evaluation over, whatever its output folder holds")
+    replace: bool = runtime(False, "replace an output made with other settings, keep one that is up to date (what "
+                                   "`demo --force` and `loop --force` pass each stage)")
 
 
 def report(metrics: dict) -> str:
@@ -123,9 +125,9 @@ def run(cfg: EvalConfig) -> Path:
     # load both models before the output is touched: a bad --model fails here, with nothing replaced
     encoder = DualEncoder(model, device=device)
     teacher = load_teacher(cfg.rerank_teacher, device, torch_dtype(cfg.dtype, device)) if cfg.rerank_teacher else None
-    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log,
+    writer = StageWriter(out, identity, force=cfg.force, replace=cfg.replace, dist=dist, config=cfgmod.as_dict(cfg), log=log,
                          elsewhere="another --out folder",
-                         locations={"model": model, "rerank_teacher": cfg.rerank_teacher, "data": cfg.data},
+                         locations={"model": model, "teacher": cfg.rerank_teacher, "data": cfg.data},
                          reads=[layout.Run(Path(cfg.run)).distill] if upstream else [])
     if not writer.begin():
         return out

@@ -58,6 +58,8 @@ class MineConfig:
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     force: bool = runtime(False, "start the stage over, whatever RUN/mine holds (the embeddings cache is kept: it is "
                                  "checked by content)")
+    replace: bool = runtime(False, "replace an output made with other settings, keep one that is up to date (what "
+                                   "`demo --force` and `loop --force` pass each stage)")
 
 
 def _directions(cfg: MineConfig) -> list[str]:
@@ -151,7 +153,7 @@ def run(cfg: MineConfig) -> Path:
     shard_files = [layout.candidate_shard(i) for i in range(len(plan))]
     expected = list(layout.CORPUS_FILES) + shard_files
 
-    writer = StageWriter(out, identity, force=cfg.force, dist=dist, keep=["embeddings"],
+    writer = StageWriter(out, identity, force=cfg.force, replace=cfg.replace, dist=dist, keep=["embeddings"],
                          config=cfgmod.as_dict(cfg), log=log, derived=layout.CORPUS_FILES,
                          locations={"student": cfg.student, "data": cfg.data},
                          explain={"corpus": lambda: corpus_changes(paths.corpus, corpus)},

@@ -60,6 +60,8 @@ class TeacherConfig:
                                               "ran (default: the folder mine recorded)")
     device: str = runtime("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     force: bool = runtime(False, "start the stage over, whatever its output folder holds")
+    replace: bool = runtime(False, "replace an output made with other settings, keep one that is up to date (what "
+                                   "`demo --force` and `loop --force` pass each stage)")
     out: Optional[str] = runtime(None, "output folder (default RUN/teacher); another folder keeps a second teacher's "
                                        "scores beside the first (distill --scores reads it)")
 
@@ -121,7 +123,7 @@ def run(cfg: TeacherConfig) -> Path:
         log(f"[teacher] scoring with the fine-tuned teacher {teacher_path} (train-teacher "
             f"{lineage['fingerprint'][:12]})")
     reads = [mine_dir] + ([Path(lineage["output"])] if lineage else [])
-    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log, reads=reads,
+    writer = StageWriter(out, identity, force=cfg.force, replace=cfg.replace, dist=dist, config=cfgmod.as_dict(cfg), log=log, reads=reads,
                          elsewhere="another --out folder", locations={"teacher": teacher_path},
                          precheck=lambda: load_teacher(cfg.teacher, "cpu", dtype, cfg.revision, cfg.trust_remote_code))
     if not writer.begin():

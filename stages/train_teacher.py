@@ -119,8 +119,9 @@ def run(cfg: TrainTeacherConfig) -> Path:
     identity = {"stage": "train-teacher", "config": cfgmod.fingerprinted(cfg), "upstream": mine["fingerprint"],
                 "teacher": model_identity(cfg.teacher, cfg.revision), "world_size": dist.world_size}
     length = Length.of(cfg, mined_queries(mine), dist.world_size, "mined queries")
-    writer = StageWriter(out, identity, force=cfg.force, dist=dist, config=cfgmod.as_dict(cfg), log=log,
-                         reads=[paths.mine], growth=length.growth())   # the teacher is loaded above
+    writer = StageWriter(out, identity, force=cfg.force, replace=cfg.replace, dist=dist, config=cfgmod.as_dict(cfg), log=log,
+                         reads=[paths.mine], growth=length.growth(),   # the teacher is loaded above
+                         locations={"teacher": cfg.teacher})
     if not writer.begin():
         return out
     run_loop(lambda: TeacherTraining.setup(cfg, acc, dist, paths, mine, teacher, out, log, length), writer, acc,

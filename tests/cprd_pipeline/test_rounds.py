@@ -40,8 +40,8 @@ def test_two_rounds_chain_students_and_teachers_and_resume_after_a_kill(tmp_path
     assert {d: manifest(root / "round-1" / d)["created"] for d in first} == first   # round 1 never recomputed
     r1, r2 = root / "round-1", root / "round-2"
     # round 2 mined with round 1's distilled student, fine-tuned round 1's fine-tuned teacher, scored with it
-    assert manifest(r2 / "mine")["identity"]["student"]["path"] == str((r1 / "distill" / "final").resolve())
-    assert manifest(r2 / "teacher-train")["identity"]["teacher"]["path"] == str((r1 / "teacher-train" / "final").resolve())
+    assert manifest(r2 / "mine")["locations"]["student"] == str((r1 / "distill" / "final").resolve())
+    assert manifest(r2 / "teacher-train")["locations"]["teacher"] == str((r1 / "teacher-train" / "final").resolve())
     assert manifest(r2 / "teacher")["identity"]["lineage"]["fingerprint"] == manifest(r2 / "teacher-train")["fingerprint"]
     # the per-round table: the starting student, then each round with its change
     start = json.loads((root / "eval-start" / "metrics.json").read_text())["rsum"]

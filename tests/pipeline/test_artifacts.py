@@ -188,6 +188,22 @@ def test_policy_table(found, force, action):
     assert decide(found, force) == action
 
 
+REPLACE = [  # what demo --force and loop --force ask of each stage: other settings replaced, the rest as usual
+    (Found(**ok, finished_work=True), "start-over"),
+    (Found(manifest="damaged"), "start-over"),
+    (Found(**ok, same=True, complete=True), "up-to-date"),
+    (Found(**ok, same=True), "resume"),
+    (Found(**ok, finished_work=True, same_config=True), "remake"),
+    (Found(**ok, finished_work=True, extends=True), "extend"),
+    (Found(leftovers=True), "refuse-foreign"),
+]
+
+
+@pytest.mark.parametrize("found,action", REPLACE)
+def test_replace_changes_only_the_refusal_of_other_settings(found, action):
+    assert decide(found, force=False, replace=True) == action
+
+
 def test_force_starts_a_complete_up_to_date_output_over(tmp_path):
     _complete(tmp_path / "s")
     w = _writer(tmp_path / "s", force=True)

@@ -190,5 +190,6 @@ def test_rerank_teacher_train_teacher_is_the_runs_fine_tuned_teacher(tmp_path, m
     cli("evaluate", "--run", run, *args, "--out", tmp_path / "e")
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["rerank"]["teacher"] == str(run / "teacher-train" / "final")
-    identity = json.loads((tmp_path / "e" / "manifest.json").read_text())["identity"]["teacher"]
-    assert identity["path"] == str((run / "teacher-train" / "final").resolve())
+    made = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert made["locations"]["teacher"] == str((run / "teacher-train" / "final").resolve())
+    assert "model.safetensors" in made["identity"]["teacher"]["files"]
