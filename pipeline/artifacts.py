@@ -404,6 +404,7 @@ class StageWriter:
         self.locations = {k: str(Path(v).resolve()) if Path(v).exists() else v
                           for k, v in (locations or {}).items() if v}
         self._started, self._base = _dt.datetime.now(), None
+        self.location_stats = self._location_stats()
 
     # -- start
     def begin(self) -> bool:
@@ -454,8 +455,7 @@ class StageWriter:
             self.log(f"{name} up to date (fingerprint {self.fingerprint[:12]}); nothing to do")
             return
         if action == "redo-shards":
-            bad = [rel for rel in old.get("expected_shards") or [] if not _record_ok(self.dir, rel)]
-            self.log(f"{name} {len(bad)} shard(s) missing or failing their checksum; redoing them")
+            self.log(f"{name} {len(self._bad)} shard(s) missing or failing their checksum; redoing them")
             (self.dir / SUCCESS).unlink()
         elif action == "resume":
             self.log(f"{name} resuming an incomplete run (fingerprint {self.fingerprint[:12]})")
@@ -485,15 +485,16 @@ class StageWriter:
             leftovers = self.dir.exists() and any(p.name not in self.keep for p in self.dir.iterdir())
             return None, Found(leftovers=leftovers)
         identity = old.get("identity") if isinstance(old.get("identity"), dict) else {}
+        old_view, new_view = comparable(identity, self.identity)
         same = old.get("fingerprint") == self.fingerprint
-        if not same and fingerprint(comparable(identity, self.identity)[0]) == \
-                fingerprint(comparable(identity, self.identity)[1]):
+        if not same and fingerprint(old_view) == fingerprint(new_view):
             same, self.fingerprint = True, old["fingerprint"]   # keep the name downstream stages know it by
         complete = (self.dir / SUCCESS).exists()
-        bad = complete and any(not _record_ok(self.dir, rel) for rel in old.get("expected_shards") or [])
-        old_config = comparable(identity, self.identity)[0].get("config")
-        return old, Found(manifest="ok", same=same, same_config=old_config == self.identity.get("config"),
-                          complete=complete, bad_shards=bad,
+        # each shard's checksum read once: redo-shards reports these
+        self._bad = [rel for rel in old.get("expected_shards") or [] if not _record_ok(self.dir, rel)] if complete \
+            else []
+        return old, Found(manifest="ok", same=same, same_config=old_view.get("config") == self.identity.get("config"),
+                          complete=complete, bad_shards=bool(self._bad),
                           finished_work=(work := not same and self._has_finished_work()),
                           extends=work and not self.force and self._continues(old))
 
@@ -595,7 +596,7 @@ class StageWriter:
             "shards": shards if shards is not None else old.get("shards", {}),
             **({"extended": extended} if extended else {}),
             "locations": self.locations or old.get("locations", {}),
-            "location_stats": self._location_stats() or old.get("location_stats", {}),
+            "location_stats": self.location_stats or old.get("location_stats", {}),
             "versions": library_versions(),
             # wall time of the attempts at this output (a killed one's up to its last manifest write)
             "seconds": round(self._base + (_dt.datetime.now() - self._started).total_seconds(), 1),

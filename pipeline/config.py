@@ -50,11 +50,6 @@ def location(default: Any, help: str = "") -> Any:
                                                         "choices": None})
 
 
-def locations(cls: type) -> set[str]:
-    """The names of a config class's `location` fields."""
-    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("location")}
-
-
 def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple[str, ...] | None = None,
            added: bool = False, *, at_least: Any = None, above: Any = None, at_most: Any = None) -> Any:
     """A config field that is part of the stage's identity.

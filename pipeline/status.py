@@ -1,12 +1,11 @@
 """`cprd-pipeline status`: what each stage directory of a run holds, and whether it is still up to date."""
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import MANIFEST, read_json, read_jsonl, stage_state
+from .artifacts import MANIFEST, read_json, read_jsonl, sha256_file, stage_state
 from .errors import PipelineError
 
 
@@ -111,11 +110,8 @@ def _inputs_changed(directory: Path, manifest: dict) -> str | None:
             if not path.is_file():
                 return f"{key} file {path} is gone (run the stage again, with the model's new folder)"
             st = os.stat(path)
-            if [st.st_size, st.st_mtime_ns] == stats.get(rel):
-                continue
-            with open(path, "rb") as f:
-                if hashlib.file_digest(f, "sha256").hexdigest() != digest:
-                    return f"{key} file {path} changed since it was made (run the stage again)"
+            if [st.st_size, st.st_mtime_ns] != stats.get(rel) and sha256_file(path) != digest:
+                return f"{key} file {path} changed since it was made (run the stage again)"
     return None
 
 
