@@ -1,7 +1,7 @@
 """`make bench`: every benchmark, each writing bench/results/NAME.json. `--quick` shrinks the corpora."""
 import sys
 
-from bench import corpus_hash_bench, distill_bench, epoch_bench, mine_bench, teacher_bench, teacher_kv_bench
+from bench import blip2_bench, corpus_hash_bench, distill_bench, epoch_bench, mine_bench, teacher_bench, teacher_kv_bench
 from bench.common import write
 
 if __name__ == "__main__":
@@ -10,6 +10,7 @@ if __name__ == "__main__":
     write("corpus_hash" + ("_quick" if quick else ""), corpus_hash_bench.main(n_files=500 if quick else 5000))
     write("score_teacher", teacher_bench.main())
     write("score_teacher_kv" + ("_quick" if quick else ""), teacher_kv_bench.main(quick=quick))
+    write("score_teacher_blip2", blip2_bench.main())
     write("distill", distill_bench.main())
     if not quick:   # the transfer demo's data: mining and scoring it once takes minutes
         write("epoch", epoch_bench.main())

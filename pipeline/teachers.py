@@ -8,6 +8,7 @@ A teacher scores (image, text) pairs as raw match log-odds. Its image side runs 
 | ------------------------------ | ------------------------------------ | --------------------------------------- |
 | BlipForImageTextRetrieval      | vision tower hidden states [N, P, H] | ITM logit[match] - logit[no match]      |
 | ViltForImageAndTextRetrieval   | patch embeddings + mask [N, P, H]    | the single retrieval logit              |
+| Blip2ForImageTextRetrieval     | vision tower hidden states [N, P, H] | Q-Former ITM logit[match] - logit[no match], mean over the query tokens |
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import cross_kv
+from . import cross_kv, qformer_kv
 from .errors import PipelineError
 from .models import _pretrained, image_batches, load_processors
 
@@ -31,8 +32,12 @@ class CrossEncoder:
         self.model = model.to(device=device, dtype=dtype).eval()
         self.image_processor, self.tokenizer = image_processor, tokenizer
         self.device, self.dtype = device, dtype
-        text_cfg = getattr(model.config, "text_config", model.config)
-        self.max_length = int(getattr(text_cfg, "max_position_embeddings", 512))
+        self.max_length = int(getattr(self.text_config(model.config), "max_position_embeddings", 512))
+
+    @staticmethod
+    def text_config(config: Any) -> Any:
+        """The config of the tower that reads the caption (its vocabulary and positions)."""
+        return getattr(config, "text_config", config)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
@@ -128,7 +133,92 @@ class ViltRetrieval(CrossEncoder):
         return out.logits[:, 0].float()
 
 
-ADAPTERS = {"blip": ("BlipForImageTextRetrieval", BlipITM), "vilt": ("ViltForImageAndTextRetrieval", ViltRetrieval)}
+def blip2_itm_logodds(model: Any, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] match log-odds of BLIP-2's ITM head for B (vision hidden states [B, P, H], caption) pairs: the
+    Q-Former reads the query tokens and the caption together, the query tokens attend to the image, and the
+    head's two logits are averaged over the query positions (as `Blip2ForImageTextRetrieval` does)."""
+    b = image_embeds.shape[0]
+    queries = model.query_tokens.expand(b, -1, -1)
+    mask = torch.cat([torch.ones(queries.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device),
+                      attention_mask], 1)
+    hidden = model.qformer(query_embeds=model.embeddings(input_ids=input_ids, query_embeds=queries),
+                           query_length=queries.shape[1], attention_mask=mask, encoder_hidden_states=image_embeds,
+                           encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long,
+                                                             device=image_embeds.device)).last_hidden_state
+    head = model.itm_head
+    logits = head(hidden[:, :queries.shape[1]].to(head.weight.dtype)).mean(1).float()   # [B, 2]: no match, match
+    return logits[:, 1] - logits[:, 0]
+
+
+def blip2_itc_features(model: Any, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BLIP-2's contrastive features, L2-normalised: the projected query tokens of N images [N, Q, D] (the
+    Q-Former over the image alone) and the projected [CLS] of B captions [B, D] (the Q-Former over the text alone)."""
+    queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+    img = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
+                        encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long,
+                                                          device=image_embeds.device)).last_hidden_state
+    txt = model.qformer(query_embeds=model.embeddings(input_ids=input_ids), query_length=0,
+                        attention_mask=attention_mask).last_hidden_state[:, 0]
+    img = torch.nn.functional.normalize(model.vision_projection(img.to(model.vision_projection.weight.dtype)).float(),
+                                        dim=-1)
+    txt = torch.nn.functional.normalize(model.text_projection(txt.to(model.text_projection.weight.dtype)).float(),
+                                        dim=-1)
+    return img, txt
+
+
+class Blip2ITM(CrossEncoder):
+    """BLIP-2's Q-Former matching head (`Blip2ForImageTextRetrieval`, e.g. Salesforce/blip2-itm-vit-g). The
+    vision tower runs once per image; with `kv_cache` (the default) so do the Q-Former's cross-attention keys and
+    values (`pipeline/qformer_kv.py`). The Q-Former, its query tokens and the heads stay in fp32 whatever
+    --dtype says, as transformers keeps them; --dtype applies to the vision tower."""
+
+    head = "itm_head"
+    kv_cache = True
+
+    def __init__(self, model: Any, image_processor: Any, tokenizer: Any, device: str, dtype: torch.dtype):
+        super().__init__(model, image_processor, tokenizer, device, dtype)
+        for name, module in self.model.named_children():
+            if name != "vision_model":
+                module.float()
+        self.model.query_tokens.data = self.model.query_tokens.data.float()
+
+    @staticmethod
+    def text_config(config: Any) -> Any:
+        return config.qformer_config   # text_config is the language model's, which retrieval does not have
+
+    def encode_images(self, pixel_values, pixel_mask):
+        return (self.model.vision_model(pixel_values=pixel_values.to(self.device, self.dtype)).last_hidden_state,)
+
+    def score(self, image_state, tokens):
+        (image_embeds,) = image_state
+        return blip2_itm_logodds(self.model, image_embeds.float(), tokens["input_ids"], tokens["attention_mask"])
+
+    def score_indexed(self, image_state, image_index, tokens):
+        if not self.kv_cache:
+            return super().score_indexed(image_state, image_index, tokens)
+        (image_embeds,) = image_state
+        images, per_pair = torch.unique(image_index, return_inverse=True)   # the batch's own images only
+        kv = qformer_kv.image_kv(self.model, image_embeds[images])
+        return qformer_kv.itm_logodds(self.model, kv, per_pair, tokens["input_ids"], tokens["attention_mask"])
+
+    def itc_indexed(self, image_state, image_index, tokens):
+        """BLIP-2's contrastive similarity: the best cosine over the image's query tokens; each image's query
+        features are computed once."""
+        (image_embeds,) = image_state
+        images, per_pair = torch.unique(image_index, return_inverse=True)
+        img, txt = blip2_itc_features(self.model, image_embeds[images].float(), tokens["input_ids"],
+                                      tokens["attention_mask"])
+        return (img[per_pair] * txt[:, None, :]).sum(-1).amax(1)
+
+    def itc(self, image_state, tokens):
+        index = torch.arange(image_state[0].shape[0], device=image_state[0].device)
+        return self.itc_indexed(image_state, index, tokens)
+
+
+ADAPTERS = {"blip": ("BlipForImageTextRetrieval", BlipITM), "vilt": ("ViltForImageAndTextRetrieval", ViltRetrieval),
+            "blip-2": ("Blip2ForImageTextRetrieval", Blip2ITM)}
 
 
 def load_teacher(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -148,14 +238,14 @@ def load_teacher(name_or_path: str, device: str = "cpu", dtype: torch.dtype = to
     if missing:
         raise PipelineError(f"{name_or_path}: checkpoint has no trained matching head ({adapter.head} missing); "
                             f"it cannot score pairs as {class_name}")
-    vocab = getattr(getattr(config, "text_config", config), "vocab_size", None)
+    vocab = getattr(adapter.text_config(config), "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise PipelineError(f"{name_or_path}: tokenizer has {len(tokenizer)} tokens but the model's text "
                             f"embeddings have {vocab}: the tokenizer does not belong to this model")
     teacher = adapter(model, image_processor, tokenizer, device, dtype)
-    if isinstance(teacher, BlipITM):
+    if isinstance(teacher, (BlipITM, Blip2ITM)):
         if kv_cache:
-            cross_kv.check_structure(model)
+            (cross_kv if isinstance(teacher, BlipITM) else qformer_kv).check_structure(model)
         teacher.kv_cache = kv_cache
     return teacher
 

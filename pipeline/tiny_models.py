@@ -52,6 +52,36 @@ def save_tiny_blip(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2,
     return path
 
 
+def save_tiny_blip2(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, image_size: int = 32,
+                    heads: int = 2, queries: int = 4, projection_dim: int = 16, vision_hidden: int | None = None,
+                    vision_layers: int | None = None, vision_heads: int | None = None, vision_intermediate: int | None = None,
+                    patch_size: int = 8, intermediate: int | None = None, cross_attention_frequency: int = 1) -> Path:
+    """A BLIP-2 retrieval model (`Blip2ForImageTextRetrieval`): vision tower, Q-Former with text input, ITM head.
+    The defaults are tiny; bench/blip2_bench.py passes the public ITM checkpoint's layer sizes."""
+    import torch
+    from transformers import BertTokenizerFast, Blip2Config, Blip2ForImageTextRetrieval, BlipImageProcessor
+
+    torch.manual_seed(seed)
+    vh = vision_hidden or hidden
+    cfg = Blip2Config(
+        vision_config=dict(hidden_size=vh, intermediate_size=vision_intermediate or 2 * vh,
+                           num_hidden_layers=vision_layers or layers, num_attention_heads=vision_heads or heads,
+                           image_size=image_size, patch_size=patch_size),
+        qformer_config=dict(vocab_size=30524, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                            intermediate_size=intermediate or 2 * hidden, max_position_embeddings=64,
+                            cross_attention_frequency=cross_attention_frequency, encoder_hidden_size=vh,
+                            use_qformer_text_input=True),
+        num_query_tokens=queries, image_text_hidden_size=projection_dim,
+    )
+    model = Blip2ForImageTextRetrieval(cfg)
+    with torch.no_grad():   # random init leaves the query tokens at 0; real ones differ per token
+        model.query_tokens.normal_(0, 0.02)
+    model.save_pretrained(path)
+    BertTokenizerFast.from_pretrained(bert_tokenizer_dir()).save_pretrained(path)
+    BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return path
+
+
 def save_tiny_vilt(path: Path, seed: int = 0) -> Path:
     import torch
     from transformers import BertTokenizerFast, ViltConfig, ViltForImageAndTextRetrieval, ViltImageProcessor

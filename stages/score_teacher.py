@@ -45,14 +45,15 @@ class TeacherConfig:
                                   "by its files' hashes")
     revision: Optional[str] = option(None, "model revision on the hub")
     trust_remote_code: bool = option(False, "allow model code from the checkpoint (off unless you ask)")
-    score: str = option("itm", "itm: match log-odds; itm+itc: log-odds + itc_weight x BLIP's contrastive "
-                               "cosine (BLIP's own retrieval score)", choices=SCORES)
+    score: str = option("itm", "itm: match log-odds; itm+itc: log-odds + itc_weight x the teacher's "
+                               "contrastive cosine (BLIP: its [CLS] features, BLIP's own retrieval score; BLIP-2: the "
+                               "best over its query tokens)", choices=SCORES)
     itc_weight: float = option(1.0, "weight of the ITC cosine in --score itm+itc", at_least=0)
     dtype: str = option("auto", "auto = bf16 on a GPU that supports it, else fp32",
                         choices=("auto", "fp32", "bf16", "fp16"))
     images_per_shard: int = option(512, "images per pair shard (the unit of resumable work)", at_least=1)
     batch_size: int = runtime(256, "pairs per teacher forward", at_least=1)
-    kv_cache: bool = runtime(True, "BLIP: compute each image's cross-attention keys and values once per batch of "
+    kv_cache: bool = runtime(True, "BLIP and BLIP-2: compute each image's cross-attention keys and values once per batch of "
                                    "pairs, not once per pair (an exact rewrite; off: transformers' own forward)")
     image_batch_size: int = runtime(64, "images per image-side forward", at_least=1)
     num_workers: int = runtime(0, "DataLoader workers that decode images", at_least=0)

@@ -114,8 +114,8 @@ def run(cfg: TrainTeacherConfig) -> Path:
     # load before the output is touched: a model without a matching head fails here, with nothing replaced
     teacher = load_teacher(cfg.teacher, "cpu", torch.float32, cfg.revision, cfg.trust_remote_code, kv_cache=False)
     if cfg.itc_weight > 0 and not isinstance(teacher, BlipITM):
-        raise PipelineError(f"--itc-weight: {type(teacher.model).__name__} has no contrastive (ITC) towers; "
-                            "leave it at 0")
+        raise PipelineError(f"--itc-weight: the ITC term trains BLIP's contrastive towers; "
+                            f"{type(teacher.model).__name__} is trained on ITM only (leave it at 0)")
     identity = {"stage": "train-teacher", "config": cfgmod.fingerprinted(cfg), "upstream": mine["fingerprint"],
                 "teacher": model_identity(cfg.teacher, cfg.revision), "world_size": dist.world_size}
     length = Length.of(cfg, mined_queries(mine), dist.world_size, "mined queries")

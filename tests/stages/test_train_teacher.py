@@ -108,7 +108,7 @@ def test_vilt_and_blip_itc_run(run, tiny_vilt, tiny_blip, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (("--itc-weight", "1"), "--itc-weight: ViltForImageAndTextRetrieval has no contrastive (ITC) towers"),
+    (("--itc-weight", "1"), "--itc-weight: the ITC term trains BLIP's contrastive towers; ViltForImageAndTextRetrieval is trained on ITM only"),
     (("--lr", "0"), "--lr: must be > 0, got 0.0"),
     (("--max-steps", "0"), "--max-steps: must be >= 1, got 0"),
     (("--itc-weight", "-1"), "--itc-weight: must be >= 0, got -1.0"),
