@@ -22,7 +22,7 @@ test: install
 demo: install
 	$(VENV)/bin/cprd-pipeline demo --out runs/demo
 
-# The setting where the teacher's knowledge measurably reaches the student (README, "The demo"): a student of the
+# The setting where the teacher's knowledge measurably reaches the student (docs/demo.md): a student of the
 # teacher's size, 32 mined negatives, 12 test galleries; about 25 minutes on 2 cores.
 demo-transfer: install
 	$(VENV)/bin/cprd-pipeline demo --recipe data/demo-transfer.yaml --out runs/demo-transfer
