@@ -1,4 +1,5 @@
-# Everything installs into .venv; torch is pinned first so pip takes the CPU build instead of a CUDA one.
+# Everything installs into .venv. torch is pinned and installed first; which build pip takes (CPU or CUDA) is your
+# index's: for the CPU build from PyPI's torch, set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
