@@ -14,6 +14,10 @@ shard list), numbered shards and `_SUCCESS`, written last. While a process write
 Shard records live in `.records/` (one small JSON per shard, written after the shard) so that several ranks
 can complete shards without sharing a file; `finish` folds them into the manifest. A shard counts as done
 only when its record exists and the file's size and SHA-256 match it.
+
+What a stage does with what it finds is `pipeline/policy.py` (pure); a training run's extension is
+`pipeline/extension.py`; the writer here reads the folder (StageFolder), holds the locks (StageLocks) and
+carries the decision out.
 """
 from __future__ import annotations
 
