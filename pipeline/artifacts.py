@@ -14,6 +14,10 @@ shard list), numbered shards and `_SUCCESS`, written last. While a process write
 Shard records live in `.records/` (one small JSON per shard, written after the shard) so that several ranks
 can complete shards without sharing a file; `finish` folds them into the manifest. A shard counts as done
 only when its record exists and the file's size and SHA-256 match it.
+
+What a stage does with what it finds is `pipeline/policy.py` (pure); a training run's extension is
+`pipeline/extension.py`; the writer here reads the folder (StageFolder), holds the locks (StageLocks) and
+carries the decision out.
 """
 from __future__ import annotations
 
@@ -26,7 +30,6 @@ import os
 import shutil
 import socket
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -36,6 +39,8 @@ import pyarrow.parquet as pq
 
 from . import faults
 from .errors import PipelineError
+from .extension import Growth   # also imported from here by the training loop
+from .policy import Found, announcement, changes, comparable, decide, refusal
 
 if TYPE_CHECKING:  # only a type here: importing it would pull in torch for `status`
     from .dist import Dist
@@ -62,27 +67,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def diff(old: Any, new: Any, path: str = "") -> list[str]:
-    """Human-readable differences between two JSON-like values: ['config.k: 32 -> 16', ...]."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for key in sorted(set(old) | set(new)):
-            sub = f"{path}.{key}" if path else str(key)
-            if key not in old:
-                out.append(f"{sub}: (absent) -> {_short(new[key])}")
-            elif key not in new:
-                out.append(f"{sub}: {_short(old[key])} -> (absent)")
-            else:
-                out.extend(diff(old[key], new[key], sub))
-        return out
-    return [] if old == new else [f"{path}: {_short(old)} -> {_short(new)}"]
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -232,6 +216,42 @@ class ReadLock:
         self._fd = None
 
 
+class StageLocks:
+    """A writer's locks: its own directory exclusively (StageLock), the upstream directories it reads shared
+    (ReadLock) from its start to its end; all are taken or none."""
+
+    def __init__(self, directory: Path, reads: Iterable[Path] = ()):
+        self.own, self.reads = StageLock(directory), [ReadLock(d) for d in reads]
+
+    def acquire(self) -> None:
+        self.own.acquire()
+        try:
+            for r in self.reads:
+                r.acquire()
+        except BaseException:
+            self.release()
+            raise
+
+    def hold(self, work: Callable[[], Any]) -> None:
+        """Take the locks and run `work`; release them if it fails."""
+        self.acquire()
+        try:
+            work()
+        except BaseException:
+            self.release()
+            raise
+
+    def check(self) -> None:
+        """The inputs are still the ones read at the start (see ReadLock.check)."""
+        for r in self.reads:
+            r.check()
+
+    def release(self) -> None:
+        for r in self.reads:
+            r.release()
+        self.own.release()
+
+
 # ---------------------------------------------------------------- stage state (read side)
 def stage_state(directory: Path) -> dict[str, Any]:
     """Read-only view of a stage directory: absent | partial | complete, with shard counts."""
@@ -260,6 +280,11 @@ def _record_path(directory: Path, rel: str) -> Path:
     return directory / RECORDS / (rel.replace("/", "__") + ".json")
 
 
+def failing_shards(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    """The manifest's expected shards that are missing or fail their checksum (each checksum read once)."""
+    return [rel for rel in manifest.get("expected_shards") or [] if not _record_ok(directory, rel)]
+
+
 def _record_ok(directory: Path, rel: str) -> bool:
     rec = read_json(_record_path(directory, rel))
     path = directory / rel
@@ -269,18 +294,6 @@ def _record_ok(directory: Path, rel: str) -> bool:
 
 
 # ---------------------------------------------------------------- writer
-@dataclass(frozen=True)
-class Growth:
-    """How a training output may continue instead of being replaced: when its identity differs only in `keys`
-    (the length options) and the new length, `steps`, is not below the steps it has trained (the checkpoint that
-    `checkpoints` names, or the finished run's `steps`), the run resumes from that checkpoint; `outputs` (made at
-    the end, e.g. final/) are removed since the manifest no longer vouches for them."""
-    keys: tuple[str, ...]
-    steps: int
-    checkpoints: str          # the file naming the last complete checkpoint, {"step": N, ...}
-    outputs: tuple[str, ...]
-
-
 def library_versions() -> dict[str, str]:
     """The versions of the libraries that shape a stage's output, for its manifest (read from the installed
     packages' metadata: nothing is imported)."""
@@ -296,182 +309,170 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-# ---------------------------------------------------------------- the policy
-@dataclass(frozen=True)
-class Found:
-    """What a stage directory holds, as far as the policy needs to know (StageWriter._found reads it)."""
-    manifest: str = "absent"       # absent | damaged | ok
-    same: bool = False             # made with this identity (or an equal one recorded by an earlier version)
-    same_config: bool = False      # the stage's own settings are unchanged (only its inputs differ)
-    complete: bool = False         # _SUCCESS present
-    bad_shards: bool = False       # some recorded shard is missing or fails its checksum
-    finished_work: bool = False    # anything that took more than seconds to make (see _has_finished_work)
-    leftovers: bool = False        # files, but no manifest
-    extends: bool = False          # the new settings only lengthen a training run (Growth)
+def resolved(locations: dict[str, str | None]) -> dict[str, str]:
+    """Where the inputs were found (absolute paths), for the record and for later stages: not identity."""
+    return {k: str(Path(v).resolve()) if Path(v).exists() else v for k, v in locations.items() if v}
 
 
-ACTIONS = ("up-to-date", "redo-shards", "resume", "start", "start-over", "extend", "remake",
-           "refuse-foreign", "refuse-damaged", "refuse-settings")
+def location_stats(identity: dict[str, Any], locations: dict[str, str]) -> dict[str, dict[str, list[int]]]:
+    """Size and mtime of each model folder's hashed files (identity KEY: {"files": ...} found at location KEY),
+    so that `status` can tell a changed model by hashing only the files whose stats differ."""
+    out = {}
+    for key, folder in locations.items():
+        files = (identity.get(key) or {}).get("files") if isinstance(identity.get(key), dict) else None
+        if files and Path(folder).is_dir():
+            stats = {rel: os.stat(Path(folder) / rel) for rel in files if (Path(folder) / rel).is_file()}
+            out[key] = {rel: [st.st_size, st.st_mtime_ns] for rel, st in stats.items()}
+    return out
 
 
-def decide(found: Found, force: bool, replace: bool = False) -> str:
-    """What a stage does with what it finds, as `make` would: one of ACTIONS.
-
-    --force starts over whatever is there. Otherwise an output made with the same identity is kept (complete),
-    repaired (shards failing their checksum) or resumed; one whose own settings are unchanged but whose inputs
-    changed (upstream fingerprint, corpus, model files) is made again; one made with other settings is refused,
-    unless it finished nothing worth keeping or the new settings only extend a training run; `replace` (what
-    the demo and loop pass for their --force) turns that refusal, and only that, into starting over.
-    """
-    if force:
-        return "start-over"
-    if found.manifest == "damaged":
-        return "start-over" if replace else "refuse-damaged"
-    if found.manifest == "absent":
-        return "refuse-foreign" if found.leftovers else "start"
-    if found.same:
-        if found.complete:
-            return "redo-shards" if found.bad_shards else "up-to-date"
-        return "resume"
-    if not found.finished_work:
-        return "start"
-    if found.extends:
-        return "extend"
-    if found.same_config:
-        return "remake"
-    return "start-over" if replace else "refuse-settings"
+def manifest(writer: StageWriter, old: dict[str, Any], status: str, shards: dict[str, Any] | None,
+             expected: list[str] | None, seconds: float, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest a writer records (`old`: the one it replaces); shards and their list default to the old."""
+    extended = writer.extended or old.get("extended")   # this writer's continuation, else the one recorded
+    now = _dt.datetime.now().isoformat(timespec="seconds")
+    return {
+        "stage": writer.identity.get("stage"),
+        "status": status,
+        "fingerprint": writer.fingerprint,
+        "identity": writer.identity,
+        "config": writer.config,
+        "created": (old.get("created") if old.get("fingerprint") == writer.fingerprint else None) or now,
+        "updated": now,
+        "expected_shards": expected if expected is not None else old.get("expected_shards", []),
+        "shards": shards if shards is not None else old.get("shards", {}),
+        **({"extended": extended} if extended else {}),
+        "locations": writer.locations or old.get("locations", {}),
+        "location_stats": writer.location_stats or old.get("location_stats", {}),
+        "versions": library_versions(),
+        "seconds": round(seconds, 1),
+        **(extra or {}),
+    }
 
 
-def comparable(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Two identities as an earlier version and this one both record them: an earlier version kept model
-    folders' paths (`path` beside `files`) and the location options (--student, --teacher, --model, ...) in the
-    identity; this one keeps their contents only. Facets this version added and the old one lacks are left out."""
-    def strip(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if not (k == "path" and "files" in value)}
-        return value
-    old = strip(old)
-    if isinstance(old.get("config"), dict):
-        old["config"] = {k: v for k, v in old["config"].items() if k not in LOCATION_KEYS}
-    return old, {k: v for k, v in new.items() if k in old}
+def shard_records(directory: Path, expected: list[str]) -> dict[str, Any]:
+    """Each expected shard's record, or an error naming the first shard missing."""
+    shards = {}
+    for rel in expected:
+        rec = read_json(_record_path(directory, rel))
+        if rec is None or not (directory / rel).exists():
+            raise PipelineError(f"{directory / rel}: shard missing at the end of the stage; rerun to finish it")
+        shards[rel] = rec
+    return shards
 
 
-LOCATION_KEYS = ("student", "teacher", "model", "rerank_teacher", "val_data")   # see `comparable`
+def on_main(dist: Dist, work: Callable[[], None], where: Path) -> None:
+    """Run `work` on the main process; every rank hears of its error instead of waiting at a barrier."""
+    error: BaseException | None = None
+    if dist.is_main:
+        try:
+            work()
+        except BaseException as e:
+            error = e
+    if not dist.all_true(error is None):  # also the barrier
+        if error is not None:
+            raise error
+        raise PipelineError(f"{where}: the main process could not start this stage (see its error)")
+
+
+class StageFolder:
+    """What a stage directory holds besides the contract's files: `keep`, entries a start-over leaves (mine's
+    embeddings cache, checked by content), and `derived` shards, made from the inputs alone in seconds (mine's
+    corpus tables), which do not count as finished work."""
+
+    def __init__(self, directory: Path, keep: Iterable[str] = (), derived: Iterable[str] = ()):
+        self.dir, self.keep, self.derived = directory, set(keep) | {LOCK}, list(derived)
+
+    def leftovers(self) -> list[str]:
+        """The entries a start-over would delete, by name."""
+        return sorted(p.name for p in self.dir.iterdir() if p.name not in self.keep) if self.dir.exists() else []
+
+    def finished_work(self) -> bool:
+        """Anything beyond a manifest, the lock, kept entries and the derived shards: other shards,
+        checkpoints, logs."""
+        cheap = {_record_path(self.dir, rel).name for rel in self.derived}
+        records = self.dir / RECORDS
+        if records.is_dir() and any(p.name not in cheap for p in records.iterdir()):
+            return True
+        top = {rel.split("/")[0] for rel in self.derived} | {MANIFEST, RECORDS} | self.keep
+        return any(p.name not in top for p in self.dir.iterdir())
+
+    def remove_orphans(self) -> None:
+        """Temporary files and folders of writers that were killed (the caller holds the lock, so no writer is
+        at work): `.NAME.tmp-PID` and `.NAME.tmp`."""
+        if not self.dir.exists():
+            return
+        for p in sorted(self.dir.rglob(".*.tmp*"), reverse=True):
+            if ".tmp" in p.name and p.exists():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def wipe(self) -> None:
+        """Delete everything but the kept entries."""
+        for p in self.dir.iterdir() if self.dir.exists() else ():
+            if p.name not in self.keep:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 class StageWriter:
-    """Writes one stage directory under the contract. See the module docstring for the call sequence."""
+    """Writes one stage directory under the contract. See the module docstring for the call sequence.
 
-    def __init__(
-        self,
-        directory: Path,
-        identity: dict[str, Any],
-        *,
-        force: bool,
-        dist: Dist,
-        replace: bool = False,
-        keep: Iterable[str] = (),
-        config: dict[str, Any] | None = None,
-        log=print,
-        reads: Iterable[Path] = (),
-        precheck: Callable[[], Any] | None = None,
-        derived: Iterable[str] = (),
-        growth: Growth | None = None,
-        explain: dict[str, Callable[[], str | None]] | None = None,
-        elsewhere: str = "another --run directory",
-        locations: dict[str, str] | None = None,
-    ):
+    It carries out what `policy.decide` says of what the directory holds (StageFolder), under StageLocks;
+    `growth` (pipeline/extension.py) lets a training run continue; `explain` words a key's change (mine)."""
+
+    def __init__(self, directory: Path, identity: dict[str, Any], *, force: bool, dist: Dist, replace: bool = False,
+                 keep: Iterable[str] = (), config: dict[str, Any] | None = None, log=print, reads: Iterable[Path] = (),
+                 precheck: Callable[[], Any] | None = None, derived: Iterable[str] = (), growth: Growth | None = None,
+                 explain: dict[str, Callable[[], str | None]] | None = None,
+                 elsewhere: str = "another --run directory", locations: dict[str, str] | None = None):
         self.dir = Path(directory)
         self.identity = {"schema_version": SCHEMA_VERSION, **identity}
         self.fingerprint = fingerprint(self.identity)
-        self.force, self.replace = force, replace
-        self.dist = dist
-        self.keep = set(keep) | {LOCK}
-        self.config = config
+        self.force, self.replace, self.dist, self.config = force, replace, dist, config
         self.log = log if dist.is_main else (lambda *a, **k: None)
-        self._lock = StageLock(self.dir)
+        self.folder = StageFolder(self.dir, keep, derived)
         # upstream stage directories this stage reads: locked shared from begin to the end, re-checked at finish
-        self._reads = [ReadLock(d) for d in reads]
+        self._locks = StageLocks(self.dir, reads)
         # run before an existing output is deleted (--force, or an attempt with other settings): loads the new
         # models, so that a bad one fails with the old output still there
         self.precheck = precheck
-        self.derived = list(derived)   # shards that do not count as finished work (see _has_finished_work)
-        self.growth = growth
-        self.explain = explain or {}   # identity key -> what changed in it, in words (mine: the files by name)
+        self.growth, self.explain, self.elsewhere = growth, explain or {}, elsewhere
         self.extended: list[dict[str, Any]] = []   # the runs this one continues: [{"fingerprint", "steps"}]
-        self.elsewhere = elsewhere     # the refusals' other way out: "another --out folder" where the stage has --out
-        # where the inputs were found (absolute paths), for the record and for later stages: not identity
-        self.locations = {k: str(Path(v).resolve()) if Path(v).exists() else v
-                          for k, v in (locations or {}).items() if v}
-        self._started, self._base = _dt.datetime.now(), None
-        self.location_stats = self._location_stats()
+        self.locations = resolved(locations or {})
+        self.location_stats = location_stats(self.identity, self.locations)
+        self._started, self._base, self._bad, self._trained = _dt.datetime.now(), None, [], None
 
     # -- start
     def begin(self) -> bool:
         """Lock, check the existing output, write the manifest. False if complete and up to date."""
-        error: BaseException | None = None
-        if self.dist.is_main:
-            try:
-                self._lock.acquire()
-                try:
-                    for r in self._reads:
-                        r.acquire()
-                    self._prepare()
-                except BaseException:
-                    self._release()
-                    raise
-            except BaseException as e:  # other ranks must hear of it, not wait at a barrier
-                error = e
-        if not self.dist.all_true(error is None):  # also the barrier
-            if error is not None:
-                raise error
-            raise PipelineError(f"{self.dir}: the main process could not start this stage (see its error)")
+        on_main(self.dist, lambda: self._locks.hold(self._prepare), self.dir)
         # Every rank learns the outcome from the files rank 0 left: _SUCCESS stays only when up to date.
         up_to_date = (self.dir / SUCCESS).exists()
         if up_to_date and self.dist.is_main:
-            self._release()
+            self._locks.release()
         return not up_to_date
 
-    def _release(self) -> None:
-        for r in self._reads:
-            r.release()
-        self._lock.release()
-
     def _prepare(self) -> None:
-        self._remove_orphans()
+        self.folder.remove_orphans()
         old, found = self._found()
         action = decide(found, self.force, self.replace)
-        name = f"[{self.dir.name}]"
-        if action == "refuse-damaged":
-            raise PipelineError(f"{old}; rerun the stage with --force to start it over")
-        if action == "refuse-foreign":
-            leftovers = sorted(p.name for p in self.dir.iterdir() if p.name not in self.keep)
-            raise PipelineError(f"{self.dir} holds files but no {MANIFEST} ({', '.join(leftovers[:3])}); it was not "
-                                f"written by this tool; use --force to replace it, or {self.elsewhere}")
-        if action == "refuse-settings":
-            raise PipelineError(f"{self.dir} was made with different settings ({self._changes(old)}); use --force "
-                                f"to replace it, or {self.elsewhere}")
+        said = lambda: changes(old.get("identity", {}), self.identity, self.explain)
+        if error := refusal(action, self.dir, old, said, self.folder.leftovers, self.elsewhere):
+            raise PipelineError(error)
+        had_files = self.dir.exists() and any(self.dir.iterdir())
+        if line := announcement(action, f"[{self.dir.name}]", self.fingerprint, force=self.force, old=old,
+                                said=said, bad=len(self._bad), had_files=had_files):
+            self.log(line)
         if action == "up-to-date":
-            self.log(f"{name} up to date (fingerprint {self.fingerprint[:12]}); nothing to do")
             return
-        if action == "redo-shards":
-            self.log(f"{name} {len(self._bad)} shard(s) missing or failing their checksum; redoing them")
-            (self.dir / SUCCESS).unlink()
-        elif action == "resume":
-            self.log(f"{name} resuming an incomplete run (fingerprint {self.fingerprint[:12]})")
-        elif action == "extend":
-            self._extend(old)
-        else:
-            if action == "start-over" and not self.force:
-                said = self._changes(old) if isinstance(old, dict) else "its manifest was damaged"
-                self.log(f"{name} replacing output made with other settings ({said})")
-            elif action == "start-over" and self.dir.exists() and any(self.dir.iterdir()):
-                self.log(f"{name} --force: starting over")
-            elif action == "start" and old is not None:
-                self.log(f"{name} replacing an attempt with other settings that finished no shard")
-            elif action == "remake":
-                self.log(f"{name} its inputs changed since it was made ({self._changes(old)}); making it again")
-            self._wipe()
+        if action in ("redo-shards", "extend"):
+            (self.dir / SUCCESS).unlink(missing_ok=True)
+        if action == "extend":
+            self.extended = self.growth.extend(self.dir, old, self._trained, self.log)
+        elif action not in ("redo-shards", "resume"):
+            if self.precheck is not None and self.dir.exists():   # the new inputs load before the old output goes
+                self.precheck()
+                self.precheck = None
+            self.folder.wipe()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_manifest(status="running", shards=None)
 
@@ -482,100 +483,20 @@ class StageWriter:
         except PipelineError as e:
             return str(e), Found(manifest="damaged")
         if old is None:
-            leftovers = self.dir.exists() and any(p.name not in self.keep for p in self.dir.iterdir())
-            return None, Found(leftovers=leftovers)
+            return None, Found(leftovers=bool(self.folder.leftovers()))
         identity = old.get("identity") if isinstance(old.get("identity"), dict) else {}
         old_view, new_view = comparable(identity, self.identity)
         same = old.get("fingerprint") == self.fingerprint
         if not same and fingerprint(old_view) == fingerprint(new_view):
             same, self.fingerprint = True, old["fingerprint"]   # keep the name downstream stages know it by
         complete = (self.dir / SUCCESS).exists()
-        # each shard's checksum read once: redo-shards reports these
-        self._bad = [rel for rel in old.get("expected_shards") or [] if not _record_ok(self.dir, rel)] if complete \
-            else []
+        self._bad = failing_shards(self.dir, old) if complete else []   # redo-shards reports these
+        work = not same and self.folder.finished_work()
+        if work and not self.force and self.growth is not None:
+            self._trained = self.growth.trained(self.dir, old, self.identity, self.elsewhere)
         return old, Found(manifest="ok", same=same, same_config=old_view.get("config") == self.identity.get("config"),
-                          complete=complete, bad_shards=bool(self._bad),
-                          finished_work=(work := not same and self._has_finished_work()),
-                          extends=work and not self.force and self._continues(old))
-
-    def _location_stats(self) -> dict[str, dict[str, list[int]]]:
-        """Size and mtime of each model folder's hashed files (identity KEY: {"files": ...} found at location
-        KEY), so that `status` can tell a changed model by hashing only the files whose stats differ."""
-        out = {}
-        for key, folder in self.locations.items():
-            files = (self.identity.get(key) or {}).get("files") if isinstance(self.identity.get(key), dict) else None
-            if files and Path(folder).is_dir():
-                stats = {rel: os.stat(Path(folder) / rel) for rel in files if (Path(folder) / rel).is_file()}
-                out[key] = {rel: [st.st_size, st.st_mtime_ns] for rel, st in stats.items()}
-        return out
-
-    def _changes(self, old: dict[str, Any]) -> str:
-        """What differs between the old identity and this one, in words, at most four items."""
-        changes = diff(comparable(old.get("identity", {}), self.identity)[0], self.identity) or ["(fingerprint only)"]
-        for key, words in self.explain.items():
-            if any(c.startswith(f"{key}:") for c in changes) and (said := words()):
-                changes = [f"{key}: {said}"] + [c for c in changes if not c.startswith(f"{key}:")]
-        return "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
-
-    def _continues(self, old: dict[str, Any]) -> bool:
-        """True when the new settings only lengthen the old run (see Growth); an error when they shorten it."""
-        g = self.growth
-        if g is None or not isinstance(old.get("identity"), dict):
-            return False
-        strip = lambda identity: {**identity, "config": {k: v for k, v in identity.get("config", {}).items()
-                                                         if k not in g.keys}}
-        if strip(old["identity"]) != strip(self.identity):
-            return False
-        finished = (self.dir / SUCCESS).exists() and old.get("status") == "complete"
-        latest = read_json(self.dir / g.checkpoints)
-        trained = int(old.get("steps", 0)) if finished else int((latest or {}).get("step", 0))
-        if g.steps < trained:
-            flags = " / ".join("--" + k.replace("_", "-") for k in g.keys)
-            raise PipelineError(f"{self.dir} has trained {trained} steps and {flags} now ask for {g.steps}: a run "
-                                f"can be extended, not shortened; use --force to train again from the start, or "
-                                f"{self.elsewhere}")
-        self._trained = trained
-        return True
-
-    def _extend(self, old: dict[str, Any]) -> None:
-        """Set the run to continue from its last checkpoint (see Growth)."""
-        g, trained = self.growth, self._trained
-        self.log(f"[{self.dir.name}] extending: {trained} steps trained, continuing to {g.steps} from its last "
-                 "checkpoint (the learning-rate schedule is recomputed for the new length)")
-        (self.dir / SUCCESS).unlink(missing_ok=True)
-        for name in g.outputs:
-            shutil.rmtree(self.dir / name, ignore_errors=True)
-        self.extended = list(old.get("extended", [])) + [{"fingerprint": old.get("fingerprint"), "steps": trained}]
-
-    def _remove_orphans(self) -> None:
-        """Temporary files and folders of writers that were killed (this process holds the lock, so no writer
-        is at work): `.NAME.tmp-PID` and `.NAME.tmp`."""
-        if not self.dir.exists():
-            return
-        for p in sorted(self.dir.rglob(".*.tmp*"), reverse=True):
-            if ".tmp" in p.name and p.exists():
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-    def _has_finished_work(self) -> bool:
-        """Anything beyond a manifest, the lock, kept folders and the `derived` shards (made from the inputs
-        alone, in seconds): other shards, checkpoints, logs."""
-        cheap = {_record_path(self.dir, rel).name for rel in self.derived}
-        records = self.dir / RECORDS
-        if records.is_dir() and any(p.name not in cheap for p in records.iterdir()):
-            return True
-        top = {rel.split("/")[0] for rel in self.derived} | {MANIFEST, RECORDS} | self.keep
-        return any(p.name not in top for p in self.dir.iterdir())
-
-    def _wipe(self) -> None:
-        if not self.dir.exists():
-            return
-        if self.precheck is not None:   # the new inputs must load before the old output goes
-            self.precheck()
-            self.precheck = None
-        for p in self.dir.iterdir():
-            if p.name in self.keep:
-                continue
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+                          complete=complete, bad_shards=bool(self._bad), finished_work=work,
+                          extends=self._trained is not None)
 
     def _write_manifest(self, status: str, shards: dict[str, Any] | None, expected: list[str] | None = None,
                         extra: dict[str, Any] | None = None) -> None:
@@ -583,50 +504,29 @@ class StageWriter:
         if self._base is None:   # the first write of this attempt: the attempts before it
             kept = old.get("fingerprint") == self.fingerprint or self.extended
             self._base = float(old.get("seconds", 0.0)) if kept else 0.0
-        extended = self.extended or old.get("extended")   # this writer's continuation, else the one recorded
-        manifest = {
-            "stage": self.identity.get("stage"),
-            "status": status,
-            "fingerprint": self.fingerprint,
-            "identity": self.identity,
-            "config": self.config,
-            "created": old.get("created") if old.get("fingerprint") == self.fingerprint else None,
-            "updated": _dt.datetime.now().isoformat(timespec="seconds"),
-            "expected_shards": expected if expected is not None else old.get("expected_shards", []),
-            "shards": shards if shards is not None else old.get("shards", {}),
-            **({"extended": extended} if extended else {}),
-            "locations": self.locations or old.get("locations", {}),
-            "location_stats": self.location_stats or old.get("location_stats", {}),
-            "versions": library_versions(),
-            # wall time of the attempts at this output (a killed one's up to its last manifest write)
-            "seconds": round(self._base + (_dt.datetime.now() - self._started).total_seconds(), 1),
-            **(extra or {}),
-        }
-        manifest["created"] = manifest["created"] or manifest["updated"]
-        atomic_write_json(self.dir / MANIFEST, manifest)
+        # wall time of the attempts at this output (a killed one's up to its last manifest write)
+        seconds = self._base + (_dt.datetime.now() - self._started).total_seconds()
+        atomic_write_json(self.dir / MANIFEST, manifest(self, old, status, shards, expected, seconds, extra))
 
     # -- shards
     def is_done(self, rel: str) -> bool:
         return _record_ok(self.dir, rel)
 
-    def _record(self, rel: str, rows: int) -> None:
+    def record_file(self, rel: str, rows: int = 0) -> None:
+        """Record a file once it is complete (written here, or by other means, e.g. save_pretrained)."""
         path = self.dir / rel
         atomic_write_json(
             _record_path(self.dir, rel), {"rows": rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
         )
         faults.count("shard")
 
-    def record_file(self, rel: str, rows: int = 0) -> None:
-        """Record a file that was written by other means (e.g. save_pretrained), once it is complete."""
-        self._record(rel, rows)
-
     def write_table(self, rel: str, table: pa.Table) -> None:
         atomic_write_table(self.dir / rel, table)
-        self._record(rel, table.num_rows)
+        self.record_file(rel, table.num_rows)
 
     def write_npy(self, rel: str, array: np.ndarray) -> None:
         atomic_write_npy(self.dir / rel, array)
-        self._record(rel, int(array.shape[0]))
+        self.record_file(rel, int(array.shape[0]))
 
     def plan(self, expected: list[str]) -> None:
         """Record the full shard list up front, so that `status` can report n/m while the stage runs."""
@@ -640,25 +540,19 @@ class StageWriter:
         manifest: dict[str, Any] = {}
         if self.dist.is_main:
             try:
-                shards = {}
-                for rel in expected:
-                    rec = read_json(_record_path(self.dir, rel))
-                    if rec is None or not (self.dir / rel).exists():
-                        raise PipelineError(f"{self.dir / rel}: shard missing at the end of the stage; rerun to finish it")
-                    shards[rel] = rec
-                for r in self._reads:   # the inputs are still the ones this output was made from
-                    r.check()
+                shards = shard_records(self.dir, expected)
+                self._locks.check()   # the inputs are still the ones this output was made from
                 self._write_manifest(status="complete", shards=shards, expected=expected, extra=extra)
                 (self.dir / SUCCESS).write_text(self.fingerprint + "\n")
                 manifest = read_json(self.dir / MANIFEST) or {}
             finally:
-                self._release()
+                self._locks.release()
         self.dist.barrier()
         return manifest
 
     def abort(self) -> None:
         if self.dist.is_main:
-            self._release()
+            self._locks.release()
 
     def __enter__(self) -> "StageWriter":
         return self

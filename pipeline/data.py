@@ -138,6 +138,14 @@ class Matches:
         for text, img in zip(corpus.texts, self.text_image):
             self.captions.setdefault(corpus.image_paths[img], set()).add(text)
 
+    def path(self, image_id: str) -> str:
+        """The file of an image id."""
+        return self.corpus.image_paths[self.image_row[image_id]]
+
+    def text(self, text_id: str) -> str:
+        """The text of a caption id."""
+        return self.corpus.texts[self.text_row[text_id]]
+
     def false_negative(self, i2t: bool, query: str, positive: str, candidate: str) -> bool:
         """Whether a mined candidate really matches its query: an i2t candidate caption whose text is one of the
         query image's captions or whose image is the query's file; a t2i candidate image that is the positive's
@@ -156,27 +164,21 @@ class Matches:
                             dtype=torch.bool).reshape(len(paths), len(texts))
 
 
-class DistillBatches(torch.utils.data.IterableDataset):
-    """Epoch `epoch`'s batches for this rank: `batches` of them, the first `skip` passed over (resume).
+class RowSource:
+    """Epoch `epoch`'s row batches for this rank and loader worker: `batches` of them, the first `skip` passed
+    over (resume), dealt as the module docstring says.
 
     Rows come from the shuffled stream, or, given `order` (`pipeline/packing.py`: a permutation of the shards'
     rows), batch b is rows order[b * batch_size : (b + 1) * batch_size], read from the shards held as one Arrow
-    table (per loader worker; only this process's batches are materialised)."""
+    table (per loader worker, while it iterates; only this process's batches are materialised)."""
 
-    columns: Sequence[str] = COLUMNS
-
-    def __init__(self, spec: BatchSpec, files: Sequence[Path], corpus: Any, processors: Processors, epoch: int,
-                 batches: int, skip: int = 0, order: Optional[Any] = None):
-        self.spec, self.files, self.corpus, self.processors = spec, list(files), corpus, processors
-        self.epoch, self.batches, self.skip, self.order = epoch, batches, skip, order
-        # Hard-negative images recur many times per epoch: keep processed images, least recently used out,
-        # up to `image_cache_mb` per worker (bounded, so host memory does not grow with the data).
-        self.cache_bytes, self._cache, self._cached = int(spec.image_cache_mb * 2**20), OrderedDict(), 0
-        self.matches = Matches(corpus)
-        self.image_row, self.text_row, self.row_of_path = (self.matches.image_row, self.matches.text_row,
-                                                           self.matches.row_of_path)
+    def __init__(self, spec: BatchSpec, files: Sequence[Path], epoch: int, batches: int, skip: int = 0,
+                 order: Optional[Any] = None, columns: Sequence[str] = COLUMNS):
+        self.spec, self.files, self.epoch, self.batches, self.skip = spec, list(files), epoch, batches, skip
+        self.order, self.columns = order, columns
 
     def __iter__(self):
+        """Each of this worker's batches, as a dict of columns."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         spec = self.spec
@@ -185,11 +187,17 @@ class DistillBatches(torch.utils.data.IterableDataset):
             if b % spec.world_size != spec.rank or local >= self.batches:
                 continue
             if local >= self.skip and (local - self.skip) % workers == worker:
-                try:
-                    yield self.build(rows())
-                except PipelineError as e:  # re-raised by the training loop with its one-line message
-                    yield {"error": str(e)}
+                yield rows()
             local += 1
+
+    def built(self, build):
+        """`build` of each of this worker's batches; a bad row is {"error": its one-line message}, re-raised by
+        the training loop."""
+        for rows in self:
+            try:
+                yield build(rows)
+            except PipelineError as e:
+                yield {"error": str(e)}
 
     def _row_batches(self):
         """Each batch's rows as a zero-argument callable (a packed batch is read only if this process builds it)."""
@@ -208,95 +216,14 @@ class DistillBatches(torch.utils.data.IterableDataset):
         for start in range(0, len(self.order), spec.batch_size):
             yield lambda start=start: table.take(self.order[start:start + spec.batch_size]).to_pydict()
 
-    def build(self, rows: dict[str, list]) -> dict[str, Any]:
-        c, n_neg, margin = self.corpus, self.spec.num_negatives, self.spec.max_teacher_margin
-        images: dict[str, int] = {}   # image file -> batch index (two ids of one file are one image)
-        texts: dict[str, int] = {}    # caption text -> batch index (identical captions are one text)
 
-        def img(iid: str) -> int:
-            return images.setdefault(c.image_paths[self.image_row[iid]], len(images))
+class ImageCache:
+    """Processed images by corpus image row. Hard-negative images recur many times per epoch: processed ones
+    are kept, least recently used out, up to `megabytes` (per loader worker: host memory stays bounded)."""
 
-        def txt(tid: str) -> int:
-            return texts.setdefault(c.texts[self.text_row[tid]], len(texts))
-
-        B = len(rows["query_id"])
-        choice = [pick(self.spec.seed, self.epoch, rows["query_id"][r], len(rows["positive_ids"][r])) for r in range(B)]
-        # the batch's pairs (query, positive) by image file and caption text: a list entry among them is in-batch
-        pair_paths, pair_texts = set(), set()
-        for r in range(B):
-            i2t, qid, pos = rows["direction"][r] == "i2t", rows["query_id"][r], rows["positive_ids"][r][choice[r]]
-            pair_paths.add(c.image_paths[self.image_row[qid if i2t else pos]])
-            pair_texts.add(c.texts[self.text_row[pos if i2t else qid]])
-
-        is_i2t, query, positive, t_pos = [], [], [], []
-        pair_img, pair_txt = [], []
-        cand = torch.zeros(B, n_neg, dtype=torch.long)
-        cmask = torch.zeros(B, n_neg, dtype=torch.bool)
-        teacher = torch.zeros(B, n_neg)
-        false_negatives = dropped = 0
-        entries = []   # per row: (position in the list, candidate id, its image file or caption text, in-batch)
-        for r in range(B):
-            qid, pos_ids = rows["query_id"][r], rows["positive_ids"][r]
-            tp = rows["positive_teacher_scores"][r][choice[r]]
-            i2t = rows["direction"][r] == "i2t"
-            kept = []
-            for j, neg in enumerate(rows["candidate_ids"][r][:n_neg]):
-                if self.matches.false_negative(i2t, qid, pos_ids[choice[r]], neg):
-                    false_negatives += 1
-                elif margin is not None and rows["teacher_scores"][r][j] > tp + margin:
-                    dropped += 1
-                else:
-                    item = c.texts[self.text_row[neg]] if i2t else c.image_paths[self.image_row[neg]]
-                    kept.append((j, neg, item, item in (pair_texts if i2t else pair_paths)))
-            entries.append(kept)
-        listed, inside = sum(map(len, entries)), sum(e[3] for kept in entries for e in kept)
-        encoded = self._outside_encoded(entries, rows["direction"])
-        for r in range(B):
-            qid, pos_ids = rows["query_id"][r], rows["positive_ids"][r]
-            p = choice[r]
-            scores = rows["teacher_scores"][r][:n_neg]
-            tp = rows["positive_teacher_scores"][r][p]
-            i2t = rows["direction"][r] == "i2t"
-            negs = [(j, neg) for j, neg, item, here in entries[r] if here or (i2t, item) in encoded]
-            if i2t:
-                q, pp = img(qid), txt(pos_ids[p])
-                idx = [txt(t) for _, t in negs]
-                pair_img.append(q), pair_txt.append(pp)
-            else:
-                q, pp = txt(qid), img(pos_ids[p])
-                idx = [img(i) for _, i in negs]
-                pair_img.append(pp), pair_txt.append(q)
-            is_i2t.append(i2t), query.append(q), positive.append(pp)
-            t_pos.append(tp)
-            cand[r, : len(idx)] = torch.tensor(idx, dtype=torch.long)
-            cmask[r, : len(idx)] = True
-            teacher[r, : len(idx)] = torch.tensor([scores[j] for j, _ in negs], dtype=torch.float32)
-
-        pixels = self.pixels([self.row_of_path[path] for path in images])
-        proc = self.processors
-        tokens = proc.tokenizer(list(texts), padding=True, truncation=True, max_length=proc.max_length,
-                                return_tensors="pt")
-        pi, pt = torch.tensor(pair_img), torch.tensor(pair_txt)
-        return {
-            "pixel_values": pixels,
-            "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-            "pair_image": pi, "pair_text": pt,
-            "pair_positive_mask": self.matches.table(list(images), list(texts))[pi][:, pt],
-            "query_is_image": torch.tensor(is_i2t), "query": torch.tensor(query), "positive": torch.tensor(positive),
-            "candidates": cand, "candidate_mask": cmask, "teacher": teacher,
-            "teacher_positive": torch.tensor(t_pos, dtype=torch.float32),
-            "false_negatives": torch.tensor(false_negatives), "dropped_by_margin": torch.tensor(dropped),
-            "negatives": torch.tensor(listed), "negatives_in_batch": torch.tensor(inside),
-        }
-
-    def _outside_encoded(self, entries: list[list[tuple]], directions: list[str]) -> set[tuple[bool, str]]:
-        """The list entries outside the batch's pairs that are encoded, as (i2t, image file or caption text): none
-        (outside "drop"), all ("encode"), or the `outside_budget` most listed ones (ties: first listed)."""
-        if self.spec.outside == "drop":
-            return set()
-        counts = Counter((d == "i2t", item) for d, kept in zip(directions, entries)
-                         for _, _, item, here in kept if not here)
-        return {key for key, _ in counts.most_common(self.spec.outside_budget)}
+    def __init__(self, image_paths: Sequence[str], image_processor: Any, megabytes: float):
+        self.image_paths, self.image_processor = image_paths, image_processor
+        self.cache_bytes, self._cache, self._cached = int(megabytes * 2**20), OrderedDict(), 0
 
     def pixels(self, rows: list[int]) -> torch.Tensor:
         """[len(rows), 3, H, W]: cached images reused, the rest decoded and processed in one call."""
@@ -307,7 +234,7 @@ class DistillBatches(torch.utils.data.IterableDataset):
         missing = [r for r in rows if r not in self._cache]
         fresh: dict[int, torch.Tensor] = {}
         if missing:
-            pixels = self.processors.image_processor(images=[load_image(self.corpus.image_paths[r]) for r in missing],
+            pixels = self.image_processor(images=[load_image(self.image_paths[r]) for r in missing],
                                           return_tensors="pt")["pixel_values"]
             fresh = dict(zip(missing, pixels.clone().unbind(0)))  # own storage: a cached view would pin the batch
         out = [self._cache[r] if r in self._cache else fresh[r] for r in rows]
@@ -323,14 +250,139 @@ class DistillBatches(torch.utils.data.IterableDataset):
         return out
 
 
-class MatchingBatches(DistillBatches):
+class BatchItems:
+    """The images and captions one batch encodes, each once, numbered in order of first use: an image by file
+    (two ids of one file are one image), a caption by text (identical captions are one caption)."""
+
+    def __init__(self, matches: Matches):
+        self.matches, self.images, self.texts = matches, {}, {}   # image file / caption text -> batch index
+
+    def image(self, image_id: str) -> int:
+        return self.images.setdefault(self.matches.path(image_id), len(self.images))
+
+    def text(self, text_id: str) -> int:
+        return self.texts.setdefault(self.matches.text(text_id), len(self.texts))
+
+    def image_rows(self) -> list[int]:
+        """The corpus row of each image, in batch order (the first id of its file)."""
+        return [self.matches.row_of_path[path] for path in self.images]
+
+    def tokens(self, processors: Processors) -> dict[str, torch.Tensor]:
+        """input_ids and attention_mask [Ut, L] of the captions, in batch order."""
+        return processors.tokenizer(list(self.texts), padding=True, truncation=True,
+                                    max_length=processors.max_length, return_tensors="pt")
+
+    def positives(self) -> torch.Tensor:
+        """[Ui, Ut] bool: True where caption j is a caption of image file i."""
+        return self.matches.table(list(self.images), list(self.texts))
+
+
+class DistillBatches(torch.utils.data.IterableDataset):
+    """Epoch `epoch`'s distillation batches (the keys in the module docstring) for this rank: `batches` of them,
+    the first `skip` passed over (resume), from the shuffled stream or, given `order`, a packing (RowSource)."""
+
+    def __init__(self, spec: BatchSpec, files: Sequence[Path], corpus: Any, processors: Processors, epoch: int,
+                 batches: int, skip: int = 0, order: Optional[Any] = None):
+        self.spec, self.corpus, self.processors, self.epoch = spec, corpus, processors, epoch
+        self.rows = RowSource(spec, files, epoch, batches, skip, order, COLUMNS)
+        self.matches = Matches(corpus)
+        self.images = ImageCache(corpus.image_paths, processors.image_processor, spec.image_cache_mb)
+
+    def __iter__(self):
+        return self.rows.built(self.build)
+
+    def build(self, rows: dict[str, list]) -> dict[str, Any]:
+        n_neg, m, items = self.spec.num_negatives, self.matches, BatchItems(self.matches)
+        B = len(rows["query_id"])
+        choice = [pick(self.spec.seed, self.epoch, rows["query_id"][r], len(rows["positive_ids"][r])) for r in range(B)]
+        # the batch's pairs (query, positive) by image file and caption text: a list entry among them is in-batch
+        pair_paths, pair_texts = set(), set()
+        for r in range(B):
+            i2t, qid, pos = rows["direction"][r] == "i2t", rows["query_id"][r], rows["positive_ids"][r][choice[r]]
+            pair_paths.add(m.path(qid if i2t else pos))
+            pair_texts.add(m.text(pos if i2t else qid))
+        entries, false_negatives, dropped = self._lists(rows, choice, pair_paths, pair_texts)
+        listed, inside = sum(map(len, entries)), sum(e[3] for kept in entries for e in kept)
+        encoded = self._outside_encoded(entries, rows["direction"])
+
+        is_i2t, query, positive, t_pos, pair_img, pair_txt = [], [], [], [], [], []
+        cand = torch.zeros(B, n_neg, dtype=torch.long)
+        cmask = torch.zeros(B, n_neg, dtype=torch.bool)
+        teacher = torch.zeros(B, n_neg)
+        for r in range(B):
+            qid, pos, p = rows["query_id"][r], rows["positive_ids"][r][choice[r]], choice[r]
+            scores = rows["teacher_scores"][r][:n_neg]
+            i2t = rows["direction"][r] == "i2t"
+            negs = [(j, neg) for j, neg, item, here in entries[r] if here or (i2t, item) in encoded]
+            if i2t:
+                q, pp = items.image(qid), items.text(pos)
+                idx = [items.text(t) for _, t in negs]
+                pair_img.append(q), pair_txt.append(pp)
+            else:
+                q, pp = items.text(qid), items.image(pos)
+                idx = [items.image(i) for _, i in negs]
+                pair_img.append(pp), pair_txt.append(q)
+            is_i2t.append(i2t), query.append(q), positive.append(pp)
+            t_pos.append(rows["positive_teacher_scores"][r][p])
+            cand[r, : len(idx)] = torch.tensor(idx, dtype=torch.long)
+            cmask[r, : len(idx)] = True
+            teacher[r, : len(idx)] = torch.tensor([scores[j] for j, _ in negs], dtype=torch.float32)
+
+        pixels = self.images.pixels(items.image_rows())
+        tokens = items.tokens(self.processors)
+        pi, pt = torch.tensor(pair_img), torch.tensor(pair_txt)
+        return {
+            "pixel_values": pixels,
+            "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+            "pair_image": pi, "pair_text": pt, "pair_positive_mask": items.positives()[pi][:, pt],
+            "query_is_image": torch.tensor(is_i2t), "query": torch.tensor(query), "positive": torch.tensor(positive),
+            "candidates": cand, "candidate_mask": cmask, "teacher": teacher,
+            "teacher_positive": torch.tensor(t_pos, dtype=torch.float32),
+            "false_negatives": torch.tensor(false_negatives), "dropped_by_margin": torch.tensor(dropped),
+            "negatives": torch.tensor(listed), "negatives_in_batch": torch.tensor(inside),
+        }
+
+    def _lists(self, rows: dict[str, list], choice: list[int], pair_paths: set[str],
+               pair_texts: set[str]) -> tuple[list[list[tuple]], int, int]:
+        """Each row's list entries that may be negatives, as (position in the list, candidate id, its image file
+        or caption text, in-batch), with the counts of false negatives and of candidates over the margin."""
+        m, margin = self.matches, self.spec.max_teacher_margin
+        entries, false_negatives, dropped = [], 0, 0
+        for r in range(len(rows["query_id"])):
+            qid, pos = rows["query_id"][r], rows["positive_ids"][r][choice[r]]
+            tp = rows["positive_teacher_scores"][r][choice[r]]
+            i2t = rows["direction"][r] == "i2t"
+            kept = []
+            for j, neg in enumerate(rows["candidate_ids"][r][:self.spec.num_negatives]):
+                if m.false_negative(i2t, qid, pos, neg):
+                    false_negatives += 1
+                elif margin is not None and rows["teacher_scores"][r][j] > tp + margin:
+                    dropped += 1
+                else:
+                    item = m.text(neg) if i2t else m.path(neg)
+                    kept.append((j, neg, item, item in (pair_texts if i2t else pair_paths)))
+            entries.append(kept)
+        return entries, false_negatives, dropped
+
+    def _outside_encoded(self, entries: list[list[tuple]], directions: list[str]) -> set[tuple[bool, str]]:
+        """The list entries outside the batch's pairs that are encoded, as (i2t, image file or caption text): none
+        (outside "drop"), all ("encode"), or the `outside_budget` most listed ones (ties: first listed)."""
+        if self.spec.outside == "drop":
+            return set()
+        counts = Counter((d == "i2t", item) for d, kept in zip(directions, entries)
+                         for _, _, item, here in kept if not here)
+        return {key for key, _ in counts.most_common(self.spec.outside_budget)}
+
+
+class MatchingBatches(torch.utils.data.IterableDataset):
     """Batches for training the cross-encoder's matching head from the student's mined candidates (RUN/mine).
 
     Each row (query) gives a positive pair, a hard negative drawn from its first N candidates with probability
     softmax(student cosine / `temperature`) (as ALBEF and BLIP sample ITM negatives by similarity; false
     negatives never drawn), and, with `in_batch`, a negative taken from another row of the batch (that row's
     positive caption for an image query, its positive image for a caption query) unless it matches the query.
-    Draws are hashes of (seed, epoch, query), so a resumed epoch draws the same.
+    Draws are hashes of (seed, epoch, query), so a resumed epoch draws the same. Rows are dealt as distill's
+    (RowSource, from the shuffled stream).
 
     | key                   | shape          | meaning                                                   |
     | --------------------- | -------------- | --------------------------------------------------------- |
@@ -348,8 +400,14 @@ class MatchingBatches(DistillBatches):
 
     def __init__(self, spec: BatchSpec, files: Sequence[Path], corpus: Any, processors: Processors, epoch: int,
                  batches: int, skip: int = 0, temperature: float = 0.05, in_batch: bool = True):
-        super().__init__(spec, files, corpus, processors, epoch, batches, skip)
+        self.spec, self.corpus, self.processors, self.epoch = spec, corpus, processors, epoch
+        self.rows = RowSource(spec, files, epoch, batches, skip, columns=self.columns)
+        self.matches = Matches(corpus)
+        self.images = ImageCache(corpus.image_paths, processors.image_processor, spec.image_cache_mb)
         self.temperature, self.in_batch = temperature, in_batch
+
+    def __iter__(self):
+        return self.rows.built(self.build)
 
     def _draw(self, query_id: str, what: str, weights: Sequence[float]) -> int:
         """A draw from `weights` (unnormalised) fixed by (seed, epoch, query)."""
@@ -364,16 +422,8 @@ class MatchingBatches(DistillBatches):
     def build(self, rows: dict[str, list]) -> dict[str, Any]:
         import math
 
-        c, n_neg = self.corpus, self.spec.num_negatives
-        images: dict[str, int] = {}
-        texts: dict[str, int] = {}
-
-        def img(iid: str) -> int:
-            return images.setdefault(c.image_paths[self.image_row[iid]], len(images))
-
-        def txt(tid: str) -> int:
-            return texts.setdefault(c.texts[self.text_row[tid]], len(texts))
-
+        n_neg, items = self.spec.num_negatives, BatchItems(self.matches)
+        img, txt = items.image, items.text
         B = len(rows["query_id"])
         pair_img, pair_txt, label, positive_pairs, false_negatives = [], [], [], [], 0
         chosen = []   # (is_i2t, query id, positive id) per row
@@ -411,19 +461,17 @@ class MatchingBatches(DistillBatches):
                     label.append(0.0)
         # images of any size (ViLT keeps aspect ratios), each processed alone (a batched call would pad them
         # without telling which pixels are real), then zero-padded to the largest with the pixel mask
-        pixels, mask = pad_images([self.processed([self.row_of_path[path]])[0] for path in images])
-        proc = self.processors
-        tokens = proc.tokenizer(list(texts), padding=True, truncation=True, max_length=proc.max_length,
-                                return_tensors="pt")
+        pixels, mask = pad_images([self.images.processed([row])[0] for row in items.image_rows()])
+        tokens = items.tokens(self.processors)
         pi, pt = torch.tensor(pair_img), torch.tensor(pair_txt)
         pos_i, pos_t = pi[positive_pairs], pt[positive_pairs]
         return {"pixel_values": pixels, "pixel_mask": mask, "input_ids": tokens["input_ids"],
                 "attention_mask": tokens["attention_mask"], "pair_image": pi, "pair_text": pt,
                 "label": torch.tensor(label), "positive_pairs": torch.tensor(positive_pairs),
-                "positive_mask": self.matches.table(list(images), list(texts))[pos_i][:, pos_t],
+                "positive_mask": items.positives()[pos_i][:, pos_t],
                 "false_negatives": torch.tensor(false_negatives)}
 
 
-def loader(dataset: DistillBatches, num_workers: int) -> torch.utils.data.DataLoader:
+def loader(dataset: torch.utils.data.IterableDataset, num_workers: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                        persistent_workers=False, prefetch_factor=4 if num_workers else None)

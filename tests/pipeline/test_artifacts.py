@@ -4,9 +4,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.artifacts import SUCCESS, StageLock, StageWriter, diff, stage_state
+from pipeline.artifacts import SUCCESS, StageLock, StageWriter, stage_state
 from pipeline.dist import Dist
 from pipeline.errors import PipelineError
+from pipeline.policy import diff
 
 ONE = Dist(rank=0, world_size=1, local_rank=0)
 quiet = lambda *a, **k: None
@@ -161,7 +162,8 @@ def test_an_upstream_is_locked_while_read_and_checked_before_success(tmp_path):
 
 
 # ---------------------------------------------------------------- the policy, as a table
-from pipeline.artifacts import Found, comparable, decide, fingerprint  # noqa: E402
+from pipeline.artifacts import fingerprint  # noqa: E402
+from pipeline.policy import Found, comparable, decide  # noqa: E402
 
 ok = dict(manifest="ok")
 POLICY = [  # (what is found, --force, what the stage does)
@@ -283,3 +285,48 @@ def test_a_failed_write_names_the_file_and_leaves_no_partial_copy(tmp_path, monk
         atomic_write_bytes(tmp_path / "shard.parquet", b"x" * 10)
     assert e.value.filename == str(tmp_path / "shard.parquet") and e.value.strerror == "No space left on device"
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the policy's words, as a table
+from pipeline.policy import announcement, changes, refusal  # noqa: E402
+
+SAID = lambda: "config.k: 1 -> 2"
+WORDS = [  # (action, force, old manifest, had files, the line logged)
+    ("up-to-date", False, {}, True, "[s] up to date (fingerprint 0123456789ab); nothing to do"),
+    ("redo-shards", False, {}, True, "[s] 2 shard(s) missing or failing their checksum; redoing them"),
+    ("resume", False, {}, True, "[s] resuming an incomplete run (fingerprint 0123456789ab)"),
+    ("start-over", False, {}, True, "[s] replacing output made with other settings (config.k: 1 -> 2)"),
+    ("start-over", False, "damaged", True, "[s] replacing output made with other settings (its manifest was damaged)"),
+    ("start-over", True, {}, True, "[s] --force: starting over"),
+    ("start-over", True, None, False, None),
+    ("start", False, {}, True, "[s] replacing an attempt with other settings that finished no shard"),
+    ("start", False, None, False, None),
+    ("remake", False, {}, True, "[s] its inputs changed since it was made (config.k: 1 -> 2); making it again"),
+    ("extend", False, {}, True, None),                                  # the extension says itself
+]
+
+
+@pytest.mark.parametrize("action,force,old,had_files,line", WORDS)
+def test_what_each_action_says(action, force, old, had_files, line):
+    assert announcement(action, "[s]", "0123456789abcdef", force=force, old=old, said=SAID, bad=2,
+                        had_files=had_files) == line
+    assert refusal(action, "s", old, SAID, lambda: [], "another --run directory") is None
+
+
+def test_refusals_say_why_and_the_way_out(tmp_path):
+    out = lambda action, old="": refusal(action, tmp_path, old, SAID, lambda: ["a", "b", "c", "d"], "elsewhere")
+    assert out("refuse-damaged", "m.json: corrupt") == "m.json: corrupt; rerun the stage with --force to start it over"
+    assert out("refuse-foreign") == (f"{tmp_path} holds files but no manifest.json (a, b, c); it was not written by "
+                                     "this tool; use --force to replace it, or elsewhere")
+    assert out("refuse-settings") == (f"{tmp_path} was made with different settings (config.k: 1 -> 2); use --force "
+                                      "to replace it, or elsewhere")
+
+
+def test_changes_are_at_most_four_and_a_key_can_say_itself():
+    old = {"config": {f"k{i}": i for i in range(6)}, "corpus": "aaa"}
+    new = {"config": {f"k{i}": i + 1 for i in range(6)}, "corpus": "bbb"}
+    assert changes(old, new) == "config.k0: 0 -> 1; config.k1: 1 -> 2; config.k2: 2 -> 3; config.k3: 3 -> 4; and 3 more"
+    assert changes(old, new, {"corpus": lambda: "1 image changed: a.jpg"}).startswith(
+        "corpus: 1 image changed: a.jpg; config.k0: 0 -> 1;")
+    assert changes(old, new, {"corpus": lambda: None}).endswith("and 3 more")   # no words: the diff stands
+    assert changes(old, old) == "(fingerprint only)"

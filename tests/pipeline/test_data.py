@@ -64,9 +64,9 @@ def test_image_cache_is_bounded_and_transparent(scored_run):
     small, _, _ = _dataset(scored_run, image_cache_mb=0.03)  # room for two or three 32x32 images
     none, _, _ = _dataset(scored_run, image_cache_mb=0)
     for rows in ([0, 1, 2, 3], [2, 3, 4, 0], [5, 0, 1, 2]):
-        torch.testing.assert_close(small.pixels(rows), none.pixels(rows))
-        assert small._cached <= small.cache_bytes and len(small._cache) <= 3
-    assert len(none._cache) == 0
+        torch.testing.assert_close(small.images.pixels(rows), none.images.pixels(rows))
+        assert small.images._cached <= small.images.cache_bytes and len(small.images._cache) <= 3
+    assert len(none.images._cache) == 0
 
 
 def test_rank_and_worker_dealing_covers_every_batch_once(scored_run):
@@ -153,7 +153,7 @@ def _packed(run, batch_size=48, batches=100, cluster_size=8, **kw):
     corpus = load_tables(run / "mine" / "corpus")
     order = plan(*list_rows(files, Matches(corpus), 4), cluster_size, 3, 1)
     data, proc, tok = _dataset(run, corpus, batches=batches, batch_size=batch_size, **kw)
-    data.order = order
+    data.rows.order = order
     return data, order, files
 
 
@@ -179,11 +179,11 @@ def test_packed_dealing_covers_every_batch_once_and_holds_no_table_before_it_ite
     assert sorted(a + b) == sorted(ids(whole))
     # what a loader worker receives: the order ([R] ints) and the corpus tables, not the teacher rows, which
     # each worker reads itself; the processed-image cache stays within its bound while packed batches stream
-    assert len(pickle.dumps(whole.order)) < 8 * len(whole.order) + 1000
-    assert not any("Table" in type(v).__name__ for v in vars(whole).values())
+    assert len(pickle.dumps(whole.rows.order)) < 8 * len(whole.rows.order) + 1000
+    assert not any("Table" in type(v).__name__ for part in (whole, whole.rows) for v in vars(part).values())
     small, _, _ = _packed(scored_run, batch_size=24, batches=6, image_cache_mb=0.03)
     for _ in small:
-        assert small._cached <= small.cache_bytes
+        assert small.images._cached <= small.images.cache_bytes
 
 
 @pytest.mark.parametrize("outside,budget", [("drop", None), ("encode", None), ("encode", 3)])
