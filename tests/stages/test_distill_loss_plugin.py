@@ -7,7 +7,6 @@ import shutil
 import sys
 
 import pytest
-import torch
 
 from conftest import cli, cli_subprocess
 from pipeline.errors import PipelineError
