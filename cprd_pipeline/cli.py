@@ -139,7 +139,10 @@ class Verbs(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         for s in STAGES:
             if s.verb == name:
-                return _stage_command(s)
+                try:   # building the options may import plug-ins (CPRD_LOSS_MODULES): one line if one fails
+                    return _stage_command(s)
+                except PipelineError as e:
+                    raise UsageLine(str(e)) from None
         return {"demo": _demo_command, "demo-assets": demo_assets, "loop": loop, "report": report,
                 "status": status}.get(name, lambda: None)()
 

@@ -7,7 +7,7 @@
    the teacher must beat the student there, or the demo says so and stops
 4. distill one student per recipe method and seed from the same teacher cache (a method may learn from a cache
    of the ITM score alone instead), and evaluate each
-5. report.md and report.json (the comparison table), and report/index.html: the run report (pipeline/report.py)
+5. report.md and report.json (the comparison table), and report/index.html: the run report (pipeline/report/)
    of everything under --out, with the table first
 
 Every step is the ordinary stage with the artifact contract, so a second `make demo` re-uses what is done.

@@ -12,7 +12,11 @@ from a flag, a YAML file or Python.
 
 A `choice_options` field holds the options of whichever plug-in another field chooses (distill's `--loss`):
 each plug-in declares its own options dataclass, every plug-in's options are flags and YAML keys, and the
-resolved config keeps only the chosen plug-in's, so only those enter the fingerprint.
+resolved config keeps only the chosen plug-in's, so only those enter the fingerprint. The choosing field's
+choices are the plug-ins the provider knows when asked (a plug-in registered after the config class was defined
+is one). What ranges cannot say, an options dataclass says in an optional `check(self)` method, raising
+`OptionError(field, problem)`; `resolve` and `complete` call it and name the option as its flag, with the file
+it came from.
 """
 from __future__ import annotations
 
@@ -29,6 +33,15 @@ from .errors import PipelineError
 
 
 BOUNDS = {"at_least": (">=", operator.ge), "above": (">", operator.gt), "at_most": ("<=", operator.le)}
+
+
+class OptionError(PipelineError):
+    """What is wrong with one option of an options dataclass, raised by its `check(self)`: `option` is the field's
+    name; `resolve` and `complete` report it as `--option: problem`, after the file the value came from."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        super().__init__(f"--{option.replace('_', '-')}: {problem}")
+        self.option, self.problem = option, problem
 
 
 def _bounds(**given: Any) -> dict[str, Any]:
@@ -100,6 +113,15 @@ class Flag:
     bounds: str = ""               # its range, e.g. `>= 1`
 
 
+def choices_of(cls: type, field: dataclasses.Field) -> tuple[str, ...] | None:
+    """A field's choices: for the field that chooses a plug-in, every plug-in its provider knows now (one
+    registered after the class was defined included); else those it declares."""
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("choice_options", (None,))[0] == field.name:
+            return tuple(f.metadata["choice_options"][1]())
+    return field.metadata.get("choices")
+
+
 def flags(cls: type) -> list[Flag]:
     """Every option of a config class, plug-in options included (each listed once, with its owners)."""
     hints = typing.get_type_hints(cls)
@@ -124,7 +146,7 @@ def flags(cls: type) -> list[Flag]:
         else:
             default = f.default if f.default is not dataclasses.MISSING else None
             required = default is None and type(None) not in typing.get_args(hints[f.name])
-            out.append(Flag(f.name, hints[f.name], default, f.metadata.get("help", ""), f.metadata.get("choices"),
+            out.append(Flag(f.name, hints[f.name], default, f.metadata.get("help", ""), choices_of(cls, f),
                             required=required, bounds=bounds_text(f)))
     return out
 
@@ -261,20 +283,30 @@ def complete(config: Any) -> Any:
     return config
 
 
+def _where(name: str, sources: Mapping[str, str] | None) -> str:
+    """`--config FILE: ` when the value of option `name` came from a file, else ''."""
+    where = (sources or {}).get(name, "command line")
+    return "" if where == "command line" else f"{where}: "
+
+
 def check_choices(config: Any, sources: Mapping[str, str] | None = None) -> None:
-    """Every field's choices and declared range, nested plug-in options included; `sources` (field -> where its
-    value came from) names the file of a value that came from one."""
+    """Every field's choices and declared range, nested plug-in options included, then a nested options
+    dataclass's own `check(self)` (what ranges cannot say); `sources` (field -> where its value came from) names
+    the file of a value that came from one."""
     for f in dataclasses.fields(config):
-        choices, value = f.metadata.get("choices"), getattr(config, f.name)
+        choices, value = choices_of(type(config), f), getattr(config, f.name)
         problem = out_of_range(f, value)
         if choices and value is not None and value not in choices:
             problem = f"'{value}' is not one of {', '.join(choices)}"
         if problem:
-            where = (sources or {}).get(f.name, "command line")
-            raise PipelineError(("" if where == "command line" else f"{where}: ")
-                                + f"--{f.name.replace('_', '-')}: {problem}")
+            raise PipelineError(_where(f.name, sources) + f"--{f.name.replace('_', '-')}: {problem}")
         if dataclasses.is_dataclass(value):
             check_choices(value, sources)
+            if callable(getattr(value, "check", None)):
+                try:
+                    value.check()
+                except OptionError as e:
+                    raise PipelineError(_where(e.option, sources) + str(e)) from None
 
 
 def as_dict(config: Any) -> dict[str, Any]:

@@ -23,7 +23,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Run:
-    """Paths of one run directory. `scores`: a teacher output elsewhere (score-teacher --out, distill --scores)."""
+    """Paths of one run directory, named after the verb that writes each (folders keep their names: existing runs
+    hold them). `scores`: a score-teacher output elsewhere (score-teacher --out, distill --scores)."""
     root: Path
     scores: Path | None = None
 
@@ -36,13 +37,18 @@ class Run:
         return self.mine / "corpus"
 
     @property
-    def teacher(self) -> Path:
+    def score_teacher(self) -> Path:
+        """The teacher's scores (score-teacher): RUN/teacher."""
         return self.scores or self.root / "teacher"
 
     @property
-    def teacher_train(self) -> Path:
-        """The fine-tuned teacher (train-teacher)."""
+    def train_teacher(self) -> Path:
+        """The fine-tuned teacher (train-teacher): RUN/teacher-train."""
         return self.root / "teacher-train"
+
+    # the folders' names, as code written before the verbs' names were used spells them
+    teacher = score_teacher
+    teacher_train = train_teacher
 
     @property
     def distill(self) -> Path:

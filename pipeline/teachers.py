@@ -262,7 +262,7 @@ def resolve_teacher(teacher: str, run: Path) -> tuple[str, dict[str, Any] | None
 
     path = Path(teacher)
     if teacher == "train-teacher":
-        path = Run(run).teacher_train / "final"
+        path = Run(run).train_teacher / "final"
         require_complete(path.parent, "train-teacher", f"run `cprd-pipeline train-teacher --run {run} ...` first")
     manifest = read_json(path.parent / "manifest.json") if path.name == "final" else None
     if manifest is None or manifest.get("stage") != "train-teacher":

@@ -57,7 +57,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("train-teacher", "stages.train_teacher", "TrainTeacherConfig", "teacher-train", ("mine",),
           "Fine-tune the cross-encoder teacher on the run's corpus, with the student's mined hard negatives "
           "(RUN/teacher-train; optional)."),
-    Stage("score-teacher", "stages.score_teacher", "TeacherConfig", "teacher", ("mine",),
+    Stage("score-teacher", "stages.score_teacher", "ScoreTeacherConfig", "teacher", ("mine",),
           "Score every mined pair and every positive with the cross-encoder teacher (RUN/teacher)."),
     Stage("distill", "stages.distill", "DistillConfig", "distill", ("score-teacher",),
           "Train the student: contrastive loss + distillation over the teacher-ranked hard negatives (RUN/distill)."),

@@ -35,10 +35,13 @@ from pipeline.models import model_identity, torch_dtype
 from pipeline.teachers import load_teacher, resolve_teacher, score_pairs
 
 SCORES = ("itm", "itm+itc")
+# The stage's name in its manifests, as its folder's (RUN/teacher): part of every finished output's identity, so
+# it stays what runs already hold; the code names follow the verb.
+MANIFEST_STAGE = "teacher"
 
 
 @dataclass
-class TeacherConfig:
+class ScoreTeacherConfig:
     run: str = runtime(None, "run directory: reads RUN/mine, writes RUN/teacher (spell it --run-dir under torchrun)")
     teacher: str = location(None, "cross-encoder: Hugging Face name or local folder (BLIP ITM, ViLT retrieval), or "
                                   "`train-teacher` for the run's fine-tuned one (RUN/teacher-train/final); identified "
@@ -97,31 +100,34 @@ def _pairs_of_shard(table: pa.Table, corpus_ids: tuple[pa.Array, pa.Array], shar
     return np.concatenate(img), np.concatenate(txt)
 
 
-def check(cfg: TeacherConfig) -> None:
+TeacherConfig = ScoreTeacherConfig   # the earlier name: `from stages.score_teacher import TeacherConfig` still works
+
+
+def check(cfg: ScoreTeacherConfig) -> None:
     """What the declared ranges and choices cannot say (the loop runs this before the first stage starts)."""
     if not cfg.run or not cfg.teacher:
         raise PipelineError("score-teacher needs --run and --teacher")
 
 
-def run(cfg: TeacherConfig) -> Path:
+def run(cfg: ScoreTeacherConfig) -> Path:
     dist = init(cfg.device)
     log = make_log(dist.is_main)
     device = resolve_device(cfg.device, dist)
     dtype = torch_dtype(cfg.dtype, device)
     check(cfg)
-    log("[teacher] resolved config:\n" + cfgmod.render(cfg))
+    log("[score-teacher] resolved config:\n" + cfgmod.render(cfg))
     run_dir = Path(cfg.run)
     paths = layout.Run(run_dir)
-    mine_dir, out = paths.mine, Path(cfg.out) if cfg.out else paths.teacher
+    mine_dir, out = paths.mine, Path(cfg.out) if cfg.out else paths.score_teacher
     mine = require_complete(mine_dir, "mine", f"run `cprd-pipeline mine --run {run_dir} ...` first")
     corpus = load_checked(paths.corpus, cfg.image_root)
     teacher_path, lineage = resolve_teacher(cfg.teacher, run_dir)
     cfg = dataclasses.replace(cfg, teacher=teacher_path)
-    identity = {"stage": "teacher", "config": cfgmod.fingerprinted(cfg), "upstream": mine["fingerprint"],
+    identity = {"stage": MANIFEST_STAGE, "config": cfgmod.fingerprinted(cfg), "upstream": mine["fingerprint"],
                 "teacher": model_identity(cfg.teacher, cfg.revision), "dtype": str(dtype)}
     if lineage:
         identity["lineage"] = lineage
-        log(f"[teacher] scoring with the fine-tuned teacher {teacher_path} (train-teacher "
+        log(f"[score-teacher] scoring with the fine-tuned teacher {teacher_path} (train-teacher "
             f"{lineage['fingerprint'][:12]})")
     reads = [mine_dir] + ([Path(lineage["output"])] if lineage else [])
     writer = StageWriter(out, identity, force=cfg.force, replace=cfg.replace, dist=dist, config=cfgmod.as_dict(cfg), log=log, reads=reads,
@@ -131,7 +137,7 @@ def run(cfg: TeacherConfig) -> Path:
         return out
     with writer:
         _run(cfg, writer, mine, mine_dir, corpus, dist, device, dtype, log)
-    make_result(dist.is_main)(f"[teacher] done: {out}")
+    make_result(dist.is_main)(f"[score-teacher] done: {out}")
     return out
 
 
@@ -151,7 +157,7 @@ def _run(cfg, writer, mine, mine_dir, corpus, dist, device, dtype, log) -> None:
     pair_files = [layout.pair_shard(n) for n in range(len(pair_plan))]
     out_files = [Path(f).name for f in cand_files]
     writer.plan(pair_files + out_files)
-    log(f"[teacher] {len(keys)} unique pairs over {len(np.unique(image_of_key))} images "
+    log(f"[score-teacher] {len(keys)} unique pairs over {len(np.unique(image_of_key))} images "
         f"in {len(pair_files)} pair shard(s)")
 
     todo = [(f, lo, hi) for f, (_, lo, hi) in layout.rank_share(list(zip(pair_files, pair_plan)), dist.rank,
@@ -159,7 +165,7 @@ def _run(cfg, writer, mine, mine_dir, corpus, dist, device, dtype, log) -> None:
             if not writer.is_done(f)]
     if todo:
         teacher = load_teacher(cfg.teacher, device, dtype, cfg.revision, cfg.trust_remote_code, kv_cache=cfg.kv_cache)
-        log(f"[teacher] {type(teacher.model).__name__} on {device} in {dtype}")
+        log(f"[score-teacher] {type(teacher.model).__name__} on {device} in {dtype}")
         with tqdm(total=sum(hi - lo for _, lo, hi in todo), desc="score pairs", unit="pair",
                   disable=not dist.is_main, smoothing=0.1) as bar:
             for f, lo, hi in todo:
@@ -184,7 +190,7 @@ def _run(cfg, writer, mine, mine_dir, corpus, dist, device, dtype, log) -> None:
         for cand_file, out_file in join:
             table = pq.read_table(mine_dir / cand_file)
             writer.write_table(out_file, _attach_scores(table, corpus_ids, n_texts, pkeys, pscores, cand_file))
-            log(f"[teacher] wrote {out_file}")
+            log(f"[score-teacher] wrote {out_file}")
     writer.finish(pair_files + out_files, extra={"upstream_shards": cand_files, "num_pairs": int(len(keys))})
 
 

@@ -123,8 +123,6 @@ class CPRDOptions:
 
 @register("cprd", CPRDOptions, "the teacher's order among its top hard negatives only")
 def cprd(x: DistillInputs, o: CPRDOptions) -> torch.Tensor:
-    if o.student_temperature <= 0:
-        raise ValueError(f"cprd: student_temperature must be > 0, got {o.student_temperature}")
     if o.include_positive:
         x = x.with_positive()
     return cprd_loss(x.student / o.student_temperature, x.teacher, x.mask, o.num_valid, o.min_teacher_score,

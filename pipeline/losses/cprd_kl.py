@@ -29,7 +29,5 @@ def cprd_kl(x: DistillInputs, o: CPRDKLOptions) -> dict[str, torch.Tensor]:
     teaches small score differences in proportion to the teacher's and no strict order, so each supplies what the
     other leaves out.
     """
-    if o.kl_weight < 0:
-        raise ValueError(f"cprd-kl: kl_weight must be >= 0, got {o.kl_weight}")
     # the two registered losses on these options (a superset of each one's): checks and the positive as theirs
     return {"cprd": cprd(x, o), "kl": o.kl_weight * kl(x, o)}

@@ -14,16 +14,32 @@ A loss returns one scalar, or a dict of named scalars when it is a sum of severa
 is their sum; the loop logs each as `distill/NAME`). `distill` looks the name up and never branches on it; only
 the chosen loss's options enter its config and fingerprint. Every module of this package is imported when the
 registry is first read, so adding a loss is one file (plus its tests).
+
+The options dataclass validates itself: each numeric option declares its range (`option(..., above=0)`), and
+what a range cannot say (options that depend on each other) goes in an optional method
+
+        def check(self) -> None:   # raise pipeline.config.OptionError("option_name", "what is wrong")
+
+which `config.resolve` / `config.complete` call for the chosen loss before anything runs; the loss function
+itself then takes its options as given.
+
+A loss may live outside this package: a module that calls `register` the same way, imported before the stage
+runs (Python: import it, then `stages.run(...)`; command line: name it in the environment variable
+`CPRD_LOSS_MODULES`, comma-separated importable modules, which the registry imports when it is read, and
+nothing else does). Its name and options then appear in `distill --help` and are flags and YAML keys as any other's.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+
+from ..errors import PipelineError
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,7 @@ class DistillLoss:
 
 _REGISTRY: dict[str, DistillLoss] = {}
 _LOADED = False
+MODULES_VARIABLE = "CPRD_LOSS_MODULES"   # comma-separated modules outside this package that register losses
 
 
 def register(name: str, options: type = NoOptions, summary: str = "", uses_teacher: bool = True):
@@ -101,17 +118,28 @@ def register(name: str, options: type = NoOptions, summary: str = "", uses_teach
     return decorate
 
 
-def _load_all() -> None:
-    """Import every module of this package once, so that each registers its losses."""
-    global _LOADED
-    if _LOADED:
-        return
-    from . import __path__ as package_path
+def unregister(name: str) -> None:
+    """Remove a registered loss (a loss registered from outside the package, when its module is done with)."""
+    _REGISTRY.pop(name, None)
 
-    for info in pkgutil.iter_modules(package_path):
-        if not info.name.startswith("_") and info.name != "registry":
-            importlib.import_module(f"{__package__}.{info.name}")
-    _LOADED = True
+
+def _load_all() -> None:
+    """Import every module of this package once, so that each registers its losses; then the modules named in
+    CPRD_LOSS_MODULES (an import is a no-op for a module already imported)."""
+    global _LOADED
+    if not _LOADED:
+        from . import __path__ as package_path
+
+        for info in pkgutil.iter_modules(package_path):
+            if not info.name.startswith("_") and info.name != "registry":
+                importlib.import_module(f"{__package__}.{info.name}")
+        _LOADED = True
+    for module in filter(None, (m.strip() for m in os.environ.get(MODULES_VARIABLE, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise PipelineError(f"{MODULES_VARIABLE}: cannot import {module!r} ({e}); it must be importable "
+                                "from PYTHONPATH") from None
 
 
 def names() -> tuple[str, ...]:

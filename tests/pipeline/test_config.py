@@ -4,7 +4,7 @@ from typing import Optional
 
 import pytest
 
-from pipeline.config import choice_options, fingerprinted, flags, option, resolve, runtime
+from pipeline.config import OptionError, choice_options, fingerprinted, flags, option, resolve, runtime
 from pipeline.errors import PipelineError
 
 
@@ -188,3 +188,45 @@ def test_every_numeric_option_declares_its_range_and_its_default_is_inside_it():
                 assert f.metadata.get("bounds"), f"{cls.__name__}.{f.name} declares no range"
             default = None if f.default is dataclasses.MISSING else f.default
             assert out_of_range(f, default) is None, f"{cls.__name__}.{f.name}: default {default} out of range"
+
+
+@dataclasses.dataclass
+class RangeOpts:
+    low: float = option(0.0, "bottom")
+    high: float = option(1.0, "top")
+
+    def check(self) -> None:   # what two ranges cannot say: one option against the other
+        if self.low >= self.high:
+            raise OptionError("high", f"must be above --low ({self.low}), got {self.high}")
+
+
+PLUGINS = {"r": RangeOpts}
+
+
+@dataclasses.dataclass
+class Checked:
+    kind: str = option("r", "which plug-in", choices=("r",))
+    kind_options: object = choice_options("kind", lambda: dict(PLUGINS))
+
+
+def test_an_options_class_checks_itself_from_flags_files_and_python(tmp_path):
+    from pipeline.config import complete
+
+    message = r"--high: must be above --low \(2.0\), got 1.5"
+    with pytest.raises(PipelineError, match=f"^{message}$"):
+        resolve(Checked, None, {"low": 2.0, "high": 1.5})
+    f = tmp_path / "c.yaml"
+    f.write_text("low: 2\nhigh: 1.5\n")
+    with pytest.raises(PipelineError, match=f"^--config {f}: {message}$"):
+        resolve(Checked, f, {})
+    with pytest.raises(PipelineError, match=f"^{message}$"):
+        complete(Checked(kind_options=RangeOpts(low=2.0, high=1.5)))
+    assert resolve(Checked, f, {"high": 3.0}).kind_options == RangeOpts(low=2.0, high=3.0)
+
+
+def test_a_plugin_added_after_the_class_is_a_choice(monkeypatch):
+    with pytest.raises(PipelineError, match="'late' is not one of r$"):
+        resolve(Checked, None, {"kind": "late"})
+    monkeypatch.setitem(PLUGINS, "late", AOpts)
+    assert {f.name: f.choices for f in flags(Checked)}["kind"] == ("r", "late")
+    assert resolve(Checked, None, {"kind": "late", "alpha": 3.0}).kind_options == AOpts(alpha=3.0)

@@ -214,3 +214,22 @@ def test_every_training_panel_has_its_own_legend_and_a_student_keeps_its_line(st
                (line(val, f"s{i}").get_color(), line(val, f"s{i}").get_linestyle())
     styles = {(l.get_color(), l.get_linestyle()) for l in loss.get_lines()}
     assert len(styles) == students   # no two students share a line
+
+
+def test_a_markdown_table_and_a_code_block_render_to_their_elements():
+    import xml.etree.ElementTree as ET
+
+    text = ("Intro with `k_test`, **bold**, a model <org>/<model> & a path.\n\n"
+            "| evaluation | RSUM |\n| --- | --- |\n| eval | 250.0 |\n| eval-student | 223.3 |\n\n"
+            "```\nfor i in range(2):\n    print(i < 1)\n```\n")
+    root = ET.fromstring(f"<root>{rep.markdown_to_html(text)}</root>")   # well-formed, entities escaped
+    intro = root.find("p")
+    assert intro.find("code").text == "k_test" and intro.find("strong").text == "bold"
+    assert "<org>/<model> & a path" in "".join(intro.itertext())       # text, never raw HTML
+    (box,) = root.findall("div")
+    assert box.get("class") == "table-scroll" and [t.tag for t in box] == ["table"]
+    assert [th.text for th in box.findall("table/thead/tr/th")] == ["evaluation", "RSUM"]
+    assert [[td.text for td in tr] for tr in box.findall("table/tbody/tr")] == [["eval", "250.0"],
+                                                                                ["eval-student", "223.3"]]
+    (code,) = root.findall("pre/code")
+    assert code.text == "for i in range(2):\n    print(i < 1)\n"

@@ -266,3 +266,19 @@ def test_kv_cache_computes_keys_and_values_once_per_image_of_a_batch(tiny_blip):
         want = slow.score_indexed(state, index, tokens)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert calls == [3]  # three images, not nine pairs
+
+
+def test_the_code_names_follow_the_verb_and_the_earlier_ones_still_work(run, tmp_path):
+    import stages
+    from pipeline.errors import PipelineError
+    from pipeline.layout import Run
+    from stages.score_teacher import MANIFEST_STAGE, ScoreTeacherConfig, TeacherConfig
+
+    assert stages.stage("score-teacher").load()[0] is ScoreTeacherConfig is TeacherConfig
+    assert stages.stage("score-teacher").directory == MANIFEST_STAGE == "teacher"   # what existing runs hold
+    paths = Run(tmp_path)
+    assert paths.score_teacher == paths.teacher == tmp_path / "teacher"
+    assert paths.train_teacher == paths.teacher_train == tmp_path / "teacher-train"
+    assert Run(tmp_path, scores=tmp_path / "b").teacher == tmp_path / "b"
+    with pytest.raises(PipelineError, match="score-teacher needs --run and --teacher"):
+        stages.run(TeacherConfig(run=str(run)))   # the earlier name is the same stage's config

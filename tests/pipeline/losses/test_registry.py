@@ -118,3 +118,55 @@ def test_options_are_dataclasses_with_defaults():
         assert dataclasses.is_dataclass(opts)
         opts()  # every option has a default
     assert registry.options_by_loss()["cprd"]().num_valid == 4
+
+
+def test_no_stage_or_framework_module_names_a_losss_option():
+    """The plug-in boundary: a loss's options are its own; distill, the other stages, the application and the
+    framework outside pipeline/losses reach them only through the registry and `choice_options`."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[3]
+    names = {f.name for opts in registry.options_by_loss().values() for f in dataclasses.fields(opts)}
+    assert {"num_valid", "teacher_temperature", "lift"} <= names
+    patterns = {n: re.compile(rf"\b{n}\b|\b{n.replace('_', '-')}\b" if "_" in n
+                              else rf"[\"'.]{n}\b|--{n}\b|\b{n}\s*=") for n in names}
+    files = [p for d in ("stages", "pipeline", "cprd_pipeline") for p in (repo / d).rglob("*.py")
+             if "losses" not in p.relative_to(repo).parts]
+    assert len(files) > 20
+    found = [(str(p.relative_to(repo)), n) for p in files for n, pat in patterns.items()
+             if pat.search(p.read_text())]
+    assert not found, found
+
+
+def test_a_loss_registered_from_outside_is_known_and_can_be_removed(monkeypatch):
+    @dataclasses.dataclass
+    class Opts:
+        width: int = 2
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    fn = registry.register("outside", Opts, "a loss from elsewhere")(lambda x, o: x.student.sum() * o.width)
+    assert "outside" in registry.names() and registry.options_by_loss()["outside"] is Opts
+    assert registry.get("outside").fn is fn
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register("outside", Opts)(lambda x, o: x.student.sum())
+    registry.unregister("outside")
+    assert "outside" not in registry.names()
+
+
+def test_the_modules_named_in_the_environment_are_imported_and_a_missing_one_is_one_line(monkeypatch, tmp_path):
+    from pipeline.errors import PipelineError
+
+    (tmp_path / "env_losses.py").write_text(
+        "from pipeline.losses.registry import register\n"
+        "register('from-env', summary='registered by CPRD_LOSS_MODULES')(lambda x, o: x.student.sum())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.delitem(__import__("sys").modules, "env_losses", raising=False)
+    assert "from-env" not in registry.names()
+    monkeypatch.setenv(registry.MODULES_VARIABLE, " env_losses , ")
+    assert "from-env" in registry.names()
+    monkeypatch.setenv(registry.MODULES_VARIABLE, "env_losses,no_such_module_here")
+    with pytest.raises(PipelineError, match=r"^CPRD_LOSS_MODULES: cannot import 'no_such_module_here' \("):
+        registry.names()
+    __import__("sys").modules.pop("env_losses", None)
