@@ -505,11 +505,11 @@ def test_frozen_negatives_encode_the_same_features_and_pass_gradient_through_liv
         return {n: p.grad.clone() for n, p in towers.named_parameters() if p.grad is not None}
 
     # reference: every row encoded in one batch with gradient, then the non-live rows cut off the graph
-    img, txt, scale = towers(pixels, ids, mask)
+    img, txt, scale, _ = towers(pixels, ids, mask)
     ref_img = torch.where(live_img[:, None], img, img.detach() if others else torch.zeros_like(img))
     ref_txt = torch.where(live_txt[:, None], txt, txt.detach() if others else torch.zeros_like(txt))
     want = grads(ref_img, ref_txt, scale)
-    got_img, got_txt, got_scale = towers(pixels, ids, mask, live_images=live_img, live_texts=live_txt, others=others)
+    got_img, got_txt, got_scale, _ = towers(pixels, ids, mask, live_images=live_img, live_texts=live_txt, others=others)
     torch.testing.assert_close(got_img, ref_img.detach(), atol=1e-5, rtol=1e-5)   # other batch sizes: last bits
     torch.testing.assert_close(got_txt, ref_txt.detach(), atol=1e-5, rtol=1e-5)
     if not others:
@@ -519,7 +519,7 @@ def test_frozen_negatives_encode_the_same_features_and_pass_gradient_through_liv
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
     # and the cut matters: with every row live the image tower's gradient differs
-    img, txt, scale = towers(pixels, ids, mask)
+    img, txt, scale, _ = towers(pixels, ids, mask)
     everything = grads(img, txt, scale)
     assert any(not torch.allclose(everything[n], want[n], atol=1e-5) for n in want if "vision" in n)
 
