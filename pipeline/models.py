@@ -225,6 +225,25 @@ def model_exists(name_or_path: str, identity: dict[str, Any]) -> bool:
     return Path(name_or_path).exists()
 
 
+class PadToLength:
+    """A tokenizer whose every call pads to `max_length`. SigLIP's text tower pools its last position, so padded to
+    the batch's longest caption a caption would embed differently in each batch; SigLIP was trained padded to its
+    positions, as its processor pads. Saving saves the tokenizer itself."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: Sequence[str], padding: Any = True, **kwargs: Any) -> Any:
+        return self.tokenizer(texts, padding="max_length", **kwargs)
+
+    @property
+    def backend_tokenizer(self) -> Any:
+        return getattr(self.tokenizer, "backend_tokenizer", None)
+
+    def save_pretrained(self, folder: Path) -> None:
+        self.tokenizer.save_pretrained(folder)
+
+
 class DualEncoder:
     """Any model with `get_image_features` / `get_text_features` (CLIP, SigLIP ...), or an open_clip model
     (`pipeline.openclip`: `open_clip:ARCH@WEIGHTS` or a folder with open_clip_config.json). Outputs are
@@ -264,6 +283,8 @@ class DualEncoder:
         self.device, self.dtype = device, dtype
         cfg = getattr(model.config, "text_config", model.config)
         self.max_length = int(getattr(cfg, "max_position_embeddings", 77))
+        if str(getattr(model.config, "model_type", "")).startswith("siglip"):
+            self.tokenizer = PadToLength(self.tokenizer)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,

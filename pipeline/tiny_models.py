@@ -99,3 +99,23 @@ def save_tiny_open_clip(path: Path, seed: int = 0, logit_bias: float | None = No
     model = open_clip.create_model(arch)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     return path
+
+
+def save_tiny_siglip(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 2,
+                     max_positions: int = 32) -> Path:
+    """A tiny SigLIP (learned logit scale and bias: the sigmoid loss's student), with the BERT tokenizer."""
+    import torch
+    from transformers import BertTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    torch.manual_seed(seed)
+    cfg = SiglipConfig(
+        text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, max_position_embeddings=max_positions, vocab_size=30522,
+                         pad_token_id=0, projection_size=hidden),
+        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, image_size=32, patch_size=8),
+    )
+    SiglipModel(cfg).save_pretrained(path)
+    BertTokenizerFast.from_pretrained(bert_tokenizer_dir()).save_pretrained(path)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path

@@ -442,9 +442,10 @@ class Training(StepLoop):
                                                     batch["attention_mask"], **live)
             terms = compute_loss(self.loss, cfg.loss_options, cfg.distill_weight, img.float(), txt.float(),
                                  scale.float(), batch, cfg.distill_directions, cfg.contrastive, bias.float())
+            # the bias as this step used it (a view of the parameter: read before the optimizer moves it)
+            self.logit_bias = float(bias.detach()) if cfg.contrastive == "sigmoid" else None
             backward_step(acc, self.towers, self.optimizer, terms, step, cfg.max_grad_norm)
         self.logit_scale = float(scale.detach())
-        self.logit_bias = float(bias.detach()) if cfg.contrastive == "sigmoid" else None
         return {**{k: float(v.detach()) / cfg.grad_accum for k, v in terms.items()}, **counts}
 
     def live(self, batch: dict) -> dict[str, Any]:

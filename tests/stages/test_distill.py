@@ -641,3 +641,108 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_naming_it(run, monkeypa
     monkeypatch.setattr(accelerate.Accelerator, "save_state", full)
     line = _error(distill(run, "--max-steps", "2", expect=2))
     assert "checkpoints/step-2: the checkpoint could not be written" in line and "rerun to resume" in line
+
+
+# ---------------------------------------------------------------- --contrastive: a SigLIP student's sigmoid loss
+@pytest.fixture(scope="module")
+def siglip_run(tmp_path_factory, tiny_siglip, tiny_blip):
+    """A complete mine + score-teacher run whose student is the tiny SigLIP. Copy it before writing to it."""
+    from conftest import write_albef_corpus
+
+    root = tmp_path_factory.mktemp("siglip")
+    ann = write_albef_corpus(root / "data")
+    cli("mine", "--run", root / "run", "--data", ann, "--student", tiny_siglip, "--k", "6", "--shard-size", "7")
+    cli("score-teacher", "--run", root / "run", "--teacher", tiny_blip, "--images-per-shard", "8")
+    return root / "run"
+
+
+@pytest.fixture
+def srun(tmp_path, siglip_run):
+    shutil.copytree(siglip_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _reference_modules():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline" / "losses"))
+    import reference
+    return reference
+
+
+def test_a_siglip_student_trains_its_bias_with_the_sigmoid_loss_end_to_end(srun, tiny_siglip, tmp_path):
+    from transformers import AutoModel
+
+    from conftest import write_albef_corpus
+
+    distill(srun, "--max-steps", "3", "--batch-size", "48", "--shuffle-buffer", "0", "--out-of-batch", "drop")
+    manifest = json.loads((srun / "distill" / "manifest.json").read_text())
+    assert manifest["config"]["contrastive"] == "sigmoid" == manifest["identity"]["config"]["contrastive"]
+    m = metrics(srun)
+    # the first step's contrastive term is SigLIP's loss over the first batch's pairs, recomputed by a loop
+    batch, enc = first_batch(srun, 48)
+    with torch.no_grad():
+        img = enc.image_features(batch["pixel_values"]).double()
+        txt = enc.text_features({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).double()
+        log_scale, bias = enc.model.logit_scale.double()[0], float(enc.model.logit_bias)
+    want = _reference_modules().sigmoid_ref(img[batch["pair_image"]], txt[batch["pair_text"]], log_scale, bias,
+                                            batch["pair_positive_mask"])
+    assert m[0]["itc"] == pytest.approx(float(want), rel=1e-4)
+    assert m[0]["loss"] == pytest.approx(m[0]["itc"] + m[0]["distill"], rel=1e-5)
+    # the bias is learned, logged, and saved in final/, which loads as a SigLIP and evaluates
+    assert m[0]["logit_bias"] == pytest.approx(bias) and m[-1]["logit_bias"] != pytest.approx(bias, abs=1e-6)
+    final = AutoModel.from_pretrained(srun / "distill" / "final")
+    assert type(final).__name__ == "SiglipModel"
+    assert float(final.logit_bias.detach()) == pytest.approx(final_weights(srun)["logit_bias"].item())
+    assert float(final.logit_bias.detach()) != pytest.approx(bias, abs=1e-6)
+    test = write_albef_corpus(tmp_path / "test", n_images=8, seed=7)
+    cli("evaluate", "--data", test, "--model", srun / "distill" / "final", "--out", tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["rsum"] >= 0
+
+
+def test_softmax_keeps_a_siglip_bias_frozen_and_auto_does_not_keep_that_choice(srun):
+    from pathlib import Path
+
+    student = json.loads((srun / "mine" / "manifest.json").read_text())["config"]["student"]
+    bias = load_file(Path(student) / "model.safetensors")["logit_bias"].item()
+    distill(srun, "--max-steps", "2", "--contrastive", "softmax")
+    manifest = json.loads((srun / "distill" / "manifest.json").read_text())
+    assert "contrastive" not in manifest["identity"]["config"]   # softmax: as every output made before the option
+    assert final_weights(srun)["logit_bias"].item() == bias and "logit_bias" not in metrics(srun)[0]
+    line = _error(distill(srun, "--max-steps", "2", expect=None))   # auto is sigmoid for this student
+    assert "contrastive" in line and "--force" in line
+
+
+def test_a_clip_student_keeps_its_fingerprint_and_refuses_the_sigmoid_loss(run):
+    distill(run, "--max-steps", "1")
+    manifest = json.loads((run / "distill" / "manifest.json").read_text())
+    assert manifest["config"]["contrastive"] == "softmax" and "contrastive" not in manifest["identity"]["config"]
+    assert "up to date" in distill(run, "--max-steps", "1", "--contrastive", "softmax").output
+    line = _error(distill(run, "--max-steps", "1", "--contrastive", "sigmoid", expect=None))
+    assert "--contrastive sigmoid needs a student with a learned logit bias" in line
+
+
+def test_compute_loss_takes_the_sigmoid_term_and_the_bias_its_gradient(tiny_siglip):
+    from pipeline.losses import itc_loss, registry, sigmoid_loss
+    from pipeline.models import DualEncoder
+    from stages.distill import StudentTowers, compute_loss
+
+    enc = DualEncoder(str(tiny_siglip))
+    towers = StudentTowers(enc, train_bias=True)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(3, 3, 32, 32, generator=g)
+    tokens = enc.tokenize(["a red circle", "a blue star", "green"])
+    img, txt, scale, bias = towers(pixels, tokens["input_ids"], tokens["attention_mask"])
+    batch = {"pair_image": torch.tensor([0, 1, 2]), "pair_text": torch.tensor([0, 1, 2]),
+             "pair_positive_mask": torch.eye(3, dtype=torch.bool)}
+    none = registry.get("none")
+    terms = compute_loss(none, none.options(), 1.0, img, txt, scale, batch, contrastive="sigmoid", bias=bias)
+    torch.testing.assert_close(terms["itc"], sigmoid_loss(img, txt, scale, bias))
+    terms["loss"].backward()
+    assert enc.model.logit_bias.grad is not None and float(enc.model.logit_bias.grad.abs()) > 0
+    soft = compute_loss(none, none.options(), 1.0, img, txt, scale, batch)
+    torch.testing.assert_close(soft["itc"], itc_loss(img, txt, scale))
+    with pytest.raises(ValueError, match="needs the student's logit bias"):
+        compute_loss(none, none.options(), 1.0, img, txt, scale, batch, contrastive="sigmoid")
+    assert not StudentTowers(DualEncoder(str(tiny_siglip))).model.logit_bias.requires_grad   # softmax: frozen
