@@ -746,3 +746,61 @@ def test_compute_loss_takes_the_sigmoid_term_and_the_bias_its_gradient(tiny_sigl
     with pytest.raises(ValueError, match="needs the student's logit bias"):
         compute_loss(none, none.options(), 1.0, img, txt, scale, batch, contrastive="sigmoid")
     assert not StudentTowers(DualEncoder(str(tiny_siglip))).model.logit_bias.requires_grad   # softmax: frozen
+
+
+# ---------------------------------------------------------------- open_clip students
+def _open_clip_or_skip():
+    try:
+        import open_clip
+    except (ImportError, RuntimeError) as e:   # not installed, or its torchvision cannot load beside this torch
+        pytest.skip(f"open_clip cannot be imported here: {e}")
+    return open_clip
+
+
+def test_an_open_clip_student_mines_distils_evaluates_and_its_final_folder_loads_in_open_clip(tmp_path, tiny_blip):
+    """A tiny open_clip architecture with a learned bias (so auto trains it with the sigmoid loss), given as
+    open_clip:ARCH@WEIGHTS, through every stage; final/ loads in open_clip and here with the trained weights."""
+    import numpy as np
+
+    from conftest import write_albef_corpus
+    from pipeline import openclip
+    from pipeline.models import DualEncoder
+    from pipeline.tiny_models import save_tiny_open_clip
+
+    open_clip = _open_clip_or_skip()
+    weights = save_tiny_open_clip(tmp_path / "models" / "tiny-oc-e2e.safetensors", logit_bias=-10.0)
+    run = tmp_path / "run"
+    cli("mine", "--run", run, "--data", write_albef_corpus(tmp_path / "data"), "--student",
+        f"open_clip:tiny-oc-e2e@{weights}", "--k", "6", "--shard-size", "7")
+    cli("score-teacher", "--run", run, "--teacher", tiny_blip, "--images-per-shard", "8")
+    distill(run, "--max-steps", "2")
+    manifest = json.loads((run / "distill" / "manifest.json").read_text())
+    assert manifest["config"]["contrastive"] == "sigmoid" and manifest["identity"]["student"]["open_clip"] == "tiny-oc-e2e"
+    assert "logit_bias" in metrics(run)[0]
+    final = run / "distill" / "final"
+    assert (final / openclip.CONFIG).is_file() and not (final / "modules.json").exists()
+
+    # the trained weights: the last checkpoint's towers (StudentTowers.model = OpenClipModel, .clip = open_clip's)
+    ckpt = load_file(run / "distill" / "checkpoints" / "step-2" / "model.safetensors")
+    trained = {k.removeprefix("model.clip."): v for k, v in ckpt.items()}
+    saved = load_file(final / openclip.WEIGHTS)
+    assert set(saved) == set(trained) and all(torch.equal(saved[k], trained[k]) for k in saved)
+    assert not torch.equal(saved["text_projection"], load_file(weights)["text_projection"])   # it trained
+    assert saved["logit_bias"].item() != -10.0
+
+    test = write_albef_corpus(tmp_path / "test", n_images=6, seed=7)
+    records = json.loads(test.read_text())
+    paths = [str(test.parent / r["image"]) for r in records]
+    texts = [r["caption"][0] for r in records]
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-oc-e2e", pretrained=str(final / openclip.WEIGHTS))
+    model.eval()
+    with torch.no_grad():
+        from PIL import Image
+        want_img = model.encode_image(torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths]),
+                                      normalize=True).numpy()
+        want_txt = model.encode_text(open_clip.get_tokenizer("tiny-oc-e2e")(texts), normalize=True).numpy()
+    ours = DualEncoder(str(final))
+    np.testing.assert_allclose(ours.encode_images(paths, progress=False), want_img, atol=1e-5)
+    np.testing.assert_allclose(ours.encode_texts(texts, progress=False), want_txt, atol=1e-5)
+    cli("evaluate", "--data", test, "--run", run, "--out", tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["model"].endswith("final")
