@@ -7,14 +7,16 @@ speak the same units. The contrastive term is CLIP's softmax loss (`itc_loss`) o
 (`--contrastive auto`), SigLIP's pairwise sigmoid loss (`sigmoid_loss`), which trains the logit bias too. The
 distillation terms see scale x cosine without the bias: every registered loss compares logits within one list
 (softmax, logsumexp, differences), where a shift shared by all of them cancels (tests/pipeline/losses/
-test_sigmoid.py); only a loss on absolute logits (BCE against teacher probabilities, logit MSE) would need it. `<loss>` is looked up by name in the loss registry (`pipeline/losses/registry.py`);
-this stage never branches on it. Reads RUN/teacher (and RUN/mine/corpus); writes
+test_sigmoid.py); only a loss on absolute logits (BCE against teacher probabilities, logit MSE) would need it.
+`<loss>` is looked up by name in the loss registry (`pipeline/losses/registry.py`); this stage never branches
+on it. Reads RUN/teacher (and RUN/mine/corpus); writes
 
 RUN/distill/
   checkpoints/step-N/   Accelerate save_state (model, optimizer, RNG) + trainer_state.json
   checkpoints/latest.json   the last complete checkpoint (written after it)
-  metrics.jsonl         one line per optimizer step: loss and each named term, lr, logit_scale, false-negative counts,
-                        and on validation steps the `val_*` metrics (with --val-data)
+  metrics.jsonl         one line per optimizer step: loss and each named term, lr, logit_scale (and logit_bias
+                        under the sigmoid loss), false-negative counts, and on validation steps the `val_*`
+                        metrics (with --val-data)
   final/                save_pretrained: model, image processor, tokenizer, README.md (model card) and the
                         sentence-transformers module files
   best/                 the same, of the step with the best validation RSUM (with --keep-best)
@@ -138,7 +140,8 @@ class DistillConfig(TrainingRuntime, TrainingOptions, DistillOptions):
 
 # ---------------------------------------------------------------------------------------------- the loss
 class StudentTowers(torch.nn.Module):
-    """Both towers and the logit scale in one forward, so DDP sees every parameter through forward()."""
+    """Both towers, the logit scale and (trained) bias in one forward, so DDP sees every parameter through
+    forward()."""
 
     def __init__(self, encoder: DualEncoder, train_bias: bool = False):
         super().__init__()

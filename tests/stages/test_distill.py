@@ -779,6 +779,7 @@ def test_an_open_clip_student_mines_distils_evaluates_and_its_final_folder_loads
     assert "logit_bias" in metrics(run)[0]
     final = run / "distill" / "final"
     assert (final / openclip.CONFIG).is_file() and not (final / "modules.json").exists()
+    assert "student (the starting point): open_clip `tiny-oc-e2e` with" in (final / "README.md").read_text()
 
     # the trained weights: the last checkpoint's towers (StudentTowers.model = OpenClipModel, .clip = open_clip's)
     ckpt = load_file(run / "distill" / "checkpoints" / "step-2" / "model.safetensors")
