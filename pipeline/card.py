@@ -17,8 +17,11 @@ def describe_model(identity: dict[str, Any], where: Optional[str] = None) -> str
     the files' hashes; `where` is the folder they were read from."""
     if "hub" in identity:
         return f"hub `{identity['hub']}` @ `{identity.get('revision') or 'main'}`"
+    if "open_clip" in identity:   # open_clip:ARCH@WEIGHTS (pipeline.openclip.identity)
+        return f"open_clip `{identity['open_clip']}` with `{where}` (sha256 `{identity['weights'][:16]}…`)"
     files = identity.get("files", {})
-    weights = next((f for f in ("model.safetensors", "pytorch_model.bin") if f in files), None)
+    weights = next((f for f in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
+                    if f in files), None)
     digest = f" ({weights} sha256 `{files[weights][:16]}…`)" if weights else ""
     return f"local folder `{where or identity.get('path')}`{digest}"
 

@@ -20,6 +20,13 @@ def check_reachable(name_or_path: str) -> None:
     obtainable: a path that does not exist, or a hub name that is not in the local cache when the hub is off
     (HF_HUB_OFFLINE) or cannot be reached (transformers would otherwise retry for minutes, then blame another
     file)."""
+    from . import openclip
+
+    if str(name_or_path).startswith(openclip.PREFIX):
+        _, weights = openclip.parse(name_or_path)
+        if not weights.is_file():
+            raise PipelineError(f"{name_or_path}: no such weights file {weights}")
+        return
     if Path(name_or_path).exists():
         return
     if _looks_local(name_or_path):
@@ -74,8 +81,13 @@ def _reachable(endpoint: str) -> bool:
 
 def model_identity(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
     """What a fingerprint records of a model: a local folder's file hashes (not its path: the same files elsewhere
-    are the same model), or a hub name and revision."""
+    are the same model), a hub name and revision, or for `open_clip:ARCH@WEIGHTS` the architecture's config and
+    the weights file's hash (`pipeline.openclip`)."""
+    from . import openclip
+
     check_reachable(name_or_path)
+    if str(name_or_path).startswith(openclip.PREFIX):
+        return openclip.identity(name_or_path)
     path = Path(name_or_path)
     if path.is_dir():
         files = {}
@@ -187,14 +199,73 @@ def projected(out: Any) -> torch.Tensor:
     raise PipelineError(f"model returned {type(out).__name__} without features")
 
 
+def learns_bias(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> bool:
+    """Whether a student is of the SigLIP family (a learned logit bias beside the scale), read from its config
+    alone: transformers' model_type siglip / siglip2, or an open_clip config with init_logit_bias."""
+    from . import openclip
+
+    check_reachable(name_or_path)
+    if openclip.is_open_clip(name_or_path):
+        return openclip.learns_bias(name_or_path)
+    from transformers import AutoConfig
+
+    cfg = _pretrained(AutoConfig.from_pretrained, name_or_path, "config", revision=revision,
+                      trust_remote_code=trust_remote_code)
+    return str(getattr(cfg, "model_type", "")).startswith("siglip")
+
+
+def model_exists(name_or_path: str, identity: dict[str, Any]) -> bool:
+    """Whether a model recorded with `identity` is still where it was found (a hub name always is)."""
+    from . import openclip
+
+    if "hub" in identity:
+        return True
+    if str(name_or_path).startswith(openclip.PREFIX):
+        return openclip.exists(name_or_path)
+    return Path(name_or_path).exists()
+
+
+class PadToLength:
+    """A tokenizer whose every call pads to `max_length`. SigLIP's text tower pools its last position, so padded to
+    the batch's longest caption a caption would embed differently in each batch; SigLIP was trained padded to its
+    positions, as its processor pads. Saving saves the tokenizer itself."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: Sequence[str], padding: Any = True, **kwargs: Any) -> Any:
+        return self.tokenizer(texts, padding="max_length", **kwargs)
+
+    @property
+    def backend_tokenizer(self) -> Any:
+        return getattr(self.tokenizer, "backend_tokenizer", None)
+
+    def save_pretrained(self, folder: Path) -> None:
+        self.tokenizer.save_pretrained(folder)
+
+
 class DualEncoder:
-    """Any model with `get_image_features` / `get_text_features` (CLIP, SigLIP ...). Outputs are L2-normalised."""
+    """Any model with `get_image_features` / `get_text_features` (CLIP, SigLIP ...), or an open_clip model
+    (`pipeline.openclip`: `open_clip:ARCH@WEIGHTS` or a folder with open_clip_config.json). Outputs are
+    L2-normalised.
+
+    kind: "transformers" or "open_clip" (what its saved folder holds: distill writes the sentence-transformers
+    module files for the first only)."""
 
     def __init__(self, name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  revision: str | None = None, trust_remote_code: bool = False, model: Any = None):
-        from transformers import AutoModel
+        from . import openclip
 
         self.name = name_or_path
+        if openclip.is_open_clip(name_or_path):
+            self.kind = "open_clip"
+            loaded, self.image_processor, self.tokenizer, self.max_length = openclip.load(name_or_path)
+            self.model = (model if model is not None else loaded).to(device=device, dtype=dtype).eval()
+            self.device, self.dtype = device, dtype
+            return
+        from transformers import AutoModel
+
+        self.kind = "transformers"
         self.image_processor, self.tokenizer = load_processors(name_or_path, revision, trust_remote_code)
         if model is None:
             model, info = _pretrained(AutoModel.from_pretrained, name_or_path, "model weights", revision=revision,
@@ -212,6 +283,8 @@ class DualEncoder:
         self.device, self.dtype = device, dtype
         cfg = getattr(model.config, "text_config", model.config)
         self.max_length = int(getattr(cfg, "max_position_embeddings", 77))
+        if str(getattr(model.config, "model_type", "")).startswith("siglip"):
+            self.tokenizer = PadToLength(self.tokenizer)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,

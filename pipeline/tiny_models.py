@@ -94,3 +94,58 @@ def save_tiny_vilt(path: Path, seed: int = 0) -> Path:
     BertTokenizerFast.from_pretrained(bert_tokenizer_dir()).save_pretrained(path)
     ViltImageProcessor(size={"shortest_edge": 32}, size_divisor=8).save_pretrained(path)
     return path
+
+
+TINY_OPEN_CLIP = {  # open_clip's CLIP with 2-layer towers; its own tokenizer (SimpleTokenizer, shipped with it)
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def register_tiny_open_clip(folder: Path, arch: str = "tiny-open-clip", logit_bias: float | None = None) -> str:
+    """Register a tiny open_clip architecture `arch` (with a learned logit bias: SigLIP's loss) in this process,
+    its config written to folder/ARCH.json; returns the name."""
+    import json
+
+    import open_clip
+
+    cfg = dict(TINY_OPEN_CLIP, **({"init_logit_bias": logit_bias} if logit_bias is not None else {}))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{arch}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder / f"{arch}.json")
+    return arch
+
+
+def save_tiny_open_clip(path: Path, seed: int = 0, logit_bias: float | None = None) -> Path:
+    """A tiny open_clip model's weights file, `path` (.safetensors), of the architecture `register_tiny_open_clip`
+    registers under the file's stem; load it as `open_clip:STEM@PATH`."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    arch = register_tiny_open_clip(path.parent, path.stem, logit_bias)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(arch)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def save_tiny_siglip(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 2,
+                     max_positions: int = 32) -> Path:
+    """A tiny SigLIP (learned logit scale and bias: the sigmoid loss's student), with the BERT tokenizer."""
+    import torch
+    from transformers import BertTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    torch.manual_seed(seed)
+    cfg = SiglipConfig(
+        text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, max_position_embeddings=max_positions, vocab_size=30522,
+                         pad_token_id=0, projection_size=hidden),
+        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, image_size=32, patch_size=8),
+    )
+    SiglipModel(cfg).save_pretrained(path)
+    BertTokenizerFast.from_pretrained(bert_tokenizer_dir()).save_pretrained(path)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path

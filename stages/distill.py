@@ -1,16 +1,22 @@
 """Stage two: train the student on the cached teacher scores.
 
-    loss = itc_loss(query-positive pairs) + distill_weight * <loss>(student logits, teacher scores)
+    loss = contrastive(query-positive pairs) + distill_weight * <loss>(student logits, teacher scores)
 
 over both directions, with the student's own logit scale turning cosines into logits, so that both terms
-speak the same units. `<loss>` is looked up by name in the loss registry (`pipeline/losses/registry.py`);
-this stage never branches on it. Reads RUN/teacher (and RUN/mine/corpus); writes
+speak the same units. The contrastive term is CLIP's softmax loss (`itc_loss`) or, for a SigLIP-family student
+(`--contrastive auto`), SigLIP's pairwise sigmoid loss (`sigmoid_loss`), which trains the logit bias too. The
+distillation terms see scale x cosine without the bias: every registered loss compares logits within one list
+(softmax, logsumexp, differences), where a shift shared by all of them cancels (tests/pipeline/losses/
+test_sigmoid.py); only a loss on absolute logits (BCE against teacher probabilities, logit MSE) would need it.
+`<loss>` is looked up by name in the loss registry (`pipeline/losses/registry.py`); this stage never branches
+on it. Reads RUN/teacher (and RUN/mine/corpus); writes
 
 RUN/distill/
   checkpoints/step-N/   Accelerate save_state (model, optimizer, RNG) + trainer_state.json
   checkpoints/latest.json   the last complete checkpoint (written after it)
-  metrics.jsonl         one line per optimizer step: loss and each named term, lr, logit_scale, false-negative counts,
-                        and on validation steps the `val_*` metrics (with --val-data)
+  metrics.jsonl         one line per optimizer step: loss and each named term, lr, logit_scale (and logit_bias
+                        under the sigmoid loss), false-negative counts, and on validation steps the `val_*`
+                        metrics (with --val-data)
   final/                save_pretrained: model, image processor, tokenizer, README.md (model card) and the
                         sentence-transformers module files
   best/                 the same, of the step with the best validation RSUM (with --keep-best)
@@ -41,8 +47,9 @@ from pipeline.data import BatchSpec, DistillBatches, Matches, Processors, list_r
 from pipeline.dist import Dist
 from pipeline.errors import PipelineError
 from pipeline.log import make_result
-from pipeline.losses import DistillInputs, DistillLoss, itc_loss, registry
-from pipeline.models import DualEncoder, model_identity, save_pretrained_folder, write_st_modules
+from pipeline.losses import DistillInputs, DistillLoss, itc_loss, registry, sigmoid_loss
+from pipeline.models import (DualEncoder, learns_bias, model_exists, model_identity, save_pretrained_folder,
+                             write_st_modules)
 from pipeline.loop import (Length, StepLoop, TrainingOptions, TrainingRuntime, accelerator, check_training, run_loop,
                            tracker_config)
 from pipeline.packing import in_batch_share, plan
@@ -53,6 +60,7 @@ from pipeline.validation import Validator
 DIRECTIONS = ("both", "i2t", "t2i")   # --distill-directions
 BATCHING = ("shuffle", "packed")      # --batching
 OUT_OF_BATCH = ("encode", "drop")     # --out-of-batch
+CONTRASTIVE = ("auto", "softmax", "sigmoid")   # --contrastive
 VAL_SOURCE = ("val_format", "val_image_root", "val_image_column", "val_caption_column", "val_id_column")
 
 
@@ -61,7 +69,9 @@ class DistillOptions:
     """distill's own options; its config (below) adds the training options every training stage has."""
     run: str = runtime(None, "run directory: reads RUN/teacher, writes RUN/distill (spell it --run-dir under torchrun)")
     student: Optional[str] = location(None, "student to train (default: the student that mined RUN/mine, where mine "
-                                            "found it); identified by its files' hashes")
+                                            "found it): a transformers model, or an open_clip one as "
+                                            "open_clip:ARCH@WEIGHTS_FILE or a folder with open_clip_config.json; "
+                                            "identified by its files' hashes")
     scores: Optional[str] = runtime(None, "the teacher's scores to learn from: a score-teacher output folder "
                                           "(default RUN/teacher; another is made by score-teacher --out)")
     loss: str = option("cprd", "distillation loss added to the contrastive loss", choices=registry.names())
@@ -91,6 +101,10 @@ class DistillOptions:
                                                       "those images and captions per batch, the ones listed most "
                                                       "often (the others' entries are dropped); default: all",
                                                 added=True, at_least=1)
+    contrastive: str = option("auto", "the student's own contrastive term: softmax (CLIP's InfoNCE over the batch), "
+                                      "sigmoid (SigLIP's pairwise loss; trains the logit bias too) or auto (sigmoid "
+                                      "for a SigLIP-family student, one with a learned logit bias; else softmax)",
+                              choices=CONTRASTIVE, added=True)
     distill_weight: float = option(1.0, "weight of the distillation term", at_least=0)
     distill_directions: str = option("both", "query directions the distillation term is taught on: both, i2t "
                                              "(image queries ranking captions) or t2i (text queries ranking images); "
@@ -126,17 +140,21 @@ class DistillConfig(TrainingRuntime, TrainingOptions, DistillOptions):
 
 # ---------------------------------------------------------------------------------------------- the loss
 class StudentTowers(torch.nn.Module):
-    """Both towers and the logit scale in one forward, so DDP sees every parameter through forward()."""
+    """Both towers, the logit scale and (trained) bias in one forward, so DDP sees every parameter through
+    forward()."""
 
-    def __init__(self, encoder: DualEncoder):
+    def __init__(self, encoder: DualEncoder, train_bias: bool = False):
         super().__init__()
         self.model = encoder.model
         self._encoder = [encoder]  # a list: not registered as a submodule
+        self.train_bias = train_bias
         if isinstance(getattr(self.model, "logit_bias", None), torch.nn.Parameter):
-            self.model.logit_bias.requires_grad_(False)  # SigLIP's bias: unused by these losses (DDP needs all used)
+            # SigLIP's bias: trained by the sigmoid loss, else unused (and DDP needs every trained parameter used)
+            self.model.logit_bias.requires_grad_(train_bias)
 
     def forward(self, pixel_values, input_ids, attention_mask, live_images=None, live_texts=None, others=True):
-        """[Ui, D] and [Ut, D] unit-norm features and the logit scale.
+        """[Ui, D] and [Ut, D] unit-norm features, the logit scale and the logit bias (a scalar; zero unless
+        `train_bias`: only the sigmoid loss reads it).
 
         live_images / live_texts ([Ui] / [Ut] bool, optional): the rows encoded with gradient; the others are
         encoded without it (others=True) or not at all, left zero (others=False: no loss reads them).
@@ -148,7 +166,8 @@ class StudentTowers(torch.nn.Module):
                       len(input_ids), live_texts, others)
         scale = self.model.logit_scale.exp().clamp(max=100.0) if hasattr(self.model, "logit_scale") else \
             torch.tensor(1.0, device=img.device)
-        return img, txt, scale
+        bias = self.model.logit_bias.reshape(()) if self.train_bias else torch.zeros((), device=img.device)
+        return img, txt, scale, bias
 
 
 def _encode(features, select, n: int, live: Optional[torch.Tensor], others: bool) -> torch.Tensor:
@@ -190,13 +209,22 @@ def distill_inputs(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, ba
 
 
 def compute_loss(loss: DistillLoss, options: Any, distill_weight: float, img: torch.Tensor, txt: torch.Tensor,
-                 scale: torch.Tensor, batch: dict, directions: str = "both") -> dict[str, torch.Tensor]:
+                 scale: torch.Tensor, batch: dict, directions: str = "both", contrastive: str = "softmax",
+                 bias: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Named terms; `loss` is their weighted sum.
 
     With `directions` i2t or t2i the distillation term is the loss over that direction's rows times their share
     of the batch, so each taught row weighs what it weighs with both (the other rows get no distillation).
+    `contrastive` (softmax, sigmoid: resolved, never auto) picks the contrastive term, logged as `itc` either
+    way; the sigmoid loss needs the student's logit `bias` (a scalar). The distillation term never sees the bias.
     """
-    itc = itc_loss(img[batch["pair_image"]], txt[batch["pair_text"]], scale, batch["pair_positive_mask"])
+    pairs = (img[batch["pair_image"]], txt[batch["pair_text"]])
+    if contrastive == "sigmoid":
+        if bias is None:
+            raise ValueError("compute_loss: the sigmoid contrastive loss needs the student's logit bias (bias=)")
+        itc = sigmoid_loss(*pairs, scale, bias, batch["pair_positive_mask"])
+    else:
+        itc = itc_loss(*pairs, scale, batch["pair_positive_mask"])
     terms = {"itc": itc}
     if loss.fn is not None:
         x = distill_inputs(img, txt, scale, batch)
@@ -221,8 +249,9 @@ def run(cfg: DistillConfig) -> Path:
     paths = layout.Run(Path(cfg.run), Path(cfg.scores) if cfg.scores else None)
     mine, teacher = _upstream(cfg, paths)
     cfg = dataclasses.replace(cfg, student=cfg.student or _mined_by(mine, paths))
+    cfg = dataclasses.replace(cfg, contrastive=resolve_contrastive(cfg.contrastive, cfg.student))
     log("[distill] resolved config:\n" + cfgmod.render(cfg))
-    identity = {"stage": "distill", "config": cfgmod.fingerprinted(cfg), "upstream": teacher["fingerprint"],
+    identity = {"stage": "distill", "config": fingerprinted(cfg), "upstream": teacher["fingerprint"],
                 "student": model_identity(cfg.student), "world_size": dist.world_size}
     # the validation corpus by content (it decides best/ and the val_* metrics), wherever it is read from
     val = read_source(cfg, "val_", bytes_dir=paths.images, log=log) if cfg.val_data else None
@@ -241,6 +270,28 @@ def run(cfg: DistillConfig) -> Path:
              writer, acc, cfg.report_to)
     make_result(acc.is_main_process)(f"[distill] done: {out / 'final'}")
     return out
+
+
+def resolve_contrastive(given: str, student: str) -> str:
+    """--contrastive as trained: auto is sigmoid for a student with a learned logit bias (SigLIP's family: read
+    from its config), softmax otherwise; sigmoid for a student without a bias is refused."""
+    if given == "softmax":
+        return given
+    biased = learns_bias(student)
+    if given == "sigmoid" and not biased:
+        raise PipelineError(f"--contrastive sigmoid needs a student with a learned logit bias (SigLIP); {student} "
+                            "has none (use --contrastive softmax, or auto)")
+    return "sigmoid" if biased else "softmax"
+
+
+def fingerprinted(cfg: DistillConfig) -> dict[str, Any]:
+    """The config's fingerprinted part, `contrastive` as resolved (so a student of another family is never
+    judged up to date with the old choice), left out when softmax: the loss every output made before the option
+    existed was trained with, so those stay up to date (a SigLIP student's, now sigmoid under auto, does not)."""
+    config = cfgmod.fingerprinted(cfg)
+    if cfg.contrastive == "softmax":
+        config.pop("contrastive", None)
+    return config
 
 
 def check(cfg: DistillConfig) -> None:
@@ -280,7 +331,7 @@ def _mined_by(mine: dict, paths: layout.Run) -> str:
     if it is still there; a hub name as it was given."""
     where = (mine.get("locations") or {}).get("student") or mine["identity"]["student"].get("path") \
         or mine["config"]["student"]
-    if "hub" in mine["identity"]["student"] or Path(where).exists():
+    if model_exists(where, mine["identity"]["student"]):
         return where
     raise PipelineError(f"{paths.mine} was mined with the student at {where}, which is gone; pass --student with "
                         "the folder it is in now (its files are checked against the hashes mine recorded)")
@@ -321,6 +372,7 @@ class Training(StepLoop):
         # best: {"step", "rsum", "val"} of the best validation so far (with --keep-best); kept in every checkpoint
         self.state["best"] = None
         self.logit_scale = 0.0            # the student's scale at the last micro-step (logged per step)
+        self.logit_bias: Optional[float] = None   # and its bias, when the sigmoid loss trains it
         self.last_val: Optional[dict] = None
         self.groups = None                # (rows, cand_rows) of the teacher shards, with --batching packed
 
@@ -332,7 +384,7 @@ class Training(StepLoop):
         set_seed(cfg.seed)
         corpus = load_checked(paths.corpus, cfg.image_root)
         validator = _validator(cfg, val, teacher, out, acc) if val is not None and acc.is_main_process else None
-        towers = StudentTowers(encoder).train()
+        towers = StudentTowers(encoder, train_bias=cfg.contrastive == "sigmoid").train()
         optimizer = torch.optim.AdamW(param_groups(towers, cfg.weight_decay), lr=cfg.lr)
 
         files = [paths.teacher / f for f in layout.teacher_shards(teacher)]
@@ -389,10 +441,12 @@ class Training(StepLoop):
                       texts_encoded=encoded(batch["input_ids"], "live_texts"))
         with acc.accumulate(self.towers):
             with acc.autocast():
-                img, txt, scale = self.towers(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                                              **live)
+                img, txt, scale, bias = self.towers(batch["pixel_values"], batch["input_ids"],
+                                                    batch["attention_mask"], **live)
             terms = compute_loss(self.loss, cfg.loss_options, cfg.distill_weight, img.float(), txt.float(),
-                                 scale.float(), batch, cfg.distill_directions)
+                                 scale.float(), batch, cfg.distill_directions, cfg.contrastive, bias.float())
+            # the bias as this step used it (a view of the parameter: read before the optimizer moves it)
+            self.logit_bias = float(bias.detach()) if cfg.contrastive == "sigmoid" else None
             backward_step(acc, self.towers, self.optimizer, terms, step, cfg.max_grad_norm)
         self.logit_scale = float(scale.detach())
         return {**{k: float(v.detach()) / cfg.grad_accum for k, v in terms.items()}, **counts}
@@ -406,7 +460,8 @@ class Training(StepLoop):
         return pairs_only(batch, others=self.loss.fn is not None)
 
     def logged(self) -> dict[str, float]:
-        return {"logit_scale": self.logit_scale}
+        return {"logit_scale": self.logit_scale,
+                **({"logit_bias": self.logit_bias} if self.logit_bias is not None else {})}
 
     def derived(self, row: dict) -> dict[str, float]:
         return {"in_batch_share": row["negatives_in_batch"] / row["negatives"]} if row.get("negatives") else {}
@@ -444,7 +499,8 @@ class Training(StepLoop):
         teacher = self.upstream["teacher"]
 
         def extra(tmp: Path) -> None:
-            write_st_modules(tmp, self.encoder.max_length)
+            if self.encoder.kind == "transformers":   # an open_clip folder is open_clip's own (pipeline.openclip)
+                write_st_modules(tmp, self.encoder.max_length)
             write_card(tmp, title=f"{Path(self.cfg.student).name}, distilled ({self.cfg.loss})",
                        config={**cfgmod.fingerprinted(self.cfg), "student": self.cfg.student,
                                "val_data": self.cfg.val_data},

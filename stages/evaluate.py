@@ -45,8 +45,9 @@ class EvalConfig:
     image_column: str = option("image", "hf format: the image column")
     caption_column: str = option("text", "hf format: the caption column")
     id_column: Optional[str] = option(None, "hf format: a column of image ids")
-    model: Optional[str] = location(None, "dual encoder to evaluate (default RUN/distill/final); identified by its "
-                                          "files' hashes")
+    model: Optional[str] = location(None, "dual encoder to evaluate (default RUN/distill/final): a "
+                                          "transformers model, or an open_clip one (open_clip:ARCH@WEIGHTS_FILE or a "
+                                          "folder with open_clip_config.json); identified by its files' hashes")
     rerank_teacher: Optional[str] = location(None, "cross-encoder that re-ranks each query's top --k-test, or "
                                                    "`train-teacher` for --run's fine-tuned one (RUN/teacher-train/final)")
     k_test: int = option(16, "candidates per query the teacher re-ranks", at_least=2)

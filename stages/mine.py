@@ -36,8 +36,10 @@ EMBED_SHARD = 8192  # rows per embedding shard: the unit of encoding work split 
 class MineConfig:
     run: str = runtime(None, "run directory; this stage writes RUN/mine (spell it --run-dir under torchrun)")
     data: str = runtime(None, "annotation file, dataset folder or Hugging Face dataset name")
-    student: str = location(None, "dual encoder: Hugging Face name or local folder (CLIP, SigLIP, ...); identified "
-                                  "by its files' hashes, so the same files elsewhere are the same student")
+    student: str = location(None, "dual encoder: Hugging Face name or local folder (CLIP, SigLIP, ...), or an "
+                                  "open_clip model as open_clip:ARCH@WEIGHTS_FILE (a built-in architecture) or a "
+                                  "folder with open_clip_config.json and its weights; identified by its files' "
+                                  "hashes, so the same files elsewhere are the same student")
     format: str = option("auto", "input format", choices=FORMATS)
     image_root: Optional[str] = runtime(None, "folder that relative image paths are resolved against")
     split: Optional[str] = option(None, "split to read (karpathy: train includes restval; hf: default train)")

@@ -22,12 +22,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
-from pipeline.tiny_models import save_tiny_blip, save_tiny_clip, save_tiny_vilt  # noqa: E402
+from pipeline.tiny_models import save_tiny_blip, save_tiny_clip, save_tiny_siglip, save_tiny_vilt  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     return save_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip(tmp_path_factory) -> Path:
+    return save_tiny_siglip(tmp_path_factory.mktemp("models") / "tiny-siglip")
 
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]

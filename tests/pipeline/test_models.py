@@ -54,3 +54,20 @@ def test_a_typo_of_a_local_folder_is_not_taken_for_a_hub_name(monkeypatch, tmp_p
         check_reachable("models/tiny-clipp")
     with pytest.raises(PipelineError, match=r"^not a--name: no such model folder$"):   # no hub name either
         check_reachable("not a--name")
+
+
+def test_a_siglip_caption_embeds_the_same_alone_and_beside_a_longer_one(tiny_siglip, tiny_clip):
+    """SigLIP pools its text tower's last position: its captions are padded to the tower's length, never to the
+    batch's longest (a CLIP, pooled at its end token, keeps padding to the batch)."""
+    import numpy as np
+
+    from pipeline.models import DualEncoder, learns_bias
+
+    enc = DualEncoder(str(tiny_siglip))
+    alone = enc.encode_texts(["a red circle"], progress=False)
+    batched = enc.encode_texts(["a red circle", "a much longer caption with many more words than the first"],
+                               progress=False)
+    np.testing.assert_allclose(alone[0], batched[0], atol=1e-5)
+    assert enc.tokenize(["a red circle"])["input_ids"].shape == (1, enc.max_length)
+    assert DualEncoder(str(tiny_clip)).tokenize(["a red circle"])["input_ids"].shape[1] < enc.max_length
+    assert learns_bias(str(tiny_siglip)) and not learns_bias(str(tiny_clip))

@@ -505,11 +505,11 @@ def test_frozen_negatives_encode_the_same_features_and_pass_gradient_through_liv
         return {n: p.grad.clone() for n, p in towers.named_parameters() if p.grad is not None}
 
     # reference: every row encoded in one batch with gradient, then the non-live rows cut off the graph
-    img, txt, scale = towers(pixels, ids, mask)
+    img, txt, scale, _ = towers(pixels, ids, mask)
     ref_img = torch.where(live_img[:, None], img, img.detach() if others else torch.zeros_like(img))
     ref_txt = torch.where(live_txt[:, None], txt, txt.detach() if others else torch.zeros_like(txt))
     want = grads(ref_img, ref_txt, scale)
-    got_img, got_txt, got_scale = towers(pixels, ids, mask, live_images=live_img, live_texts=live_txt, others=others)
+    got_img, got_txt, got_scale, _ = towers(pixels, ids, mask, live_images=live_img, live_texts=live_txt, others=others)
     torch.testing.assert_close(got_img, ref_img.detach(), atol=1e-5, rtol=1e-5)   # other batch sizes: last bits
     torch.testing.assert_close(got_txt, ref_txt.detach(), atol=1e-5, rtol=1e-5)
     if not others:
@@ -519,7 +519,7 @@ def test_frozen_negatives_encode_the_same_features_and_pass_gradient_through_liv
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
     # and the cut matters: with every row live the image tower's gradient differs
-    img, txt, scale = towers(pixels, ids, mask)
+    img, txt, scale, _ = towers(pixels, ids, mask)
     everything = grads(img, txt, scale)
     assert any(not torch.allclose(everything[n], want[n], atol=1e-5) for n in want if "vision" in n)
 
@@ -641,3 +641,167 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_naming_it(run, monkeypa
     monkeypatch.setattr(accelerate.Accelerator, "save_state", full)
     line = _error(distill(run, "--max-steps", "2", expect=2))
     assert "checkpoints/step-2: the checkpoint could not be written" in line and "rerun to resume" in line
+
+
+# ---------------------------------------------------------------- --contrastive: a SigLIP student's sigmoid loss
+@pytest.fixture(scope="module")
+def siglip_run(tmp_path_factory, tiny_siglip, tiny_blip):
+    """A complete mine + score-teacher run whose student is the tiny SigLIP. Copy it before writing to it."""
+    from conftest import write_albef_corpus
+
+    root = tmp_path_factory.mktemp("siglip")
+    ann = write_albef_corpus(root / "data")
+    cli("mine", "--run", root / "run", "--data", ann, "--student", tiny_siglip, "--k", "6", "--shard-size", "7")
+    cli("score-teacher", "--run", root / "run", "--teacher", tiny_blip, "--images-per-shard", "8")
+    return root / "run"
+
+
+@pytest.fixture
+def srun(tmp_path, siglip_run):
+    shutil.copytree(siglip_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _reference_modules():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline" / "losses"))
+    import reference
+    return reference
+
+
+def test_a_siglip_student_trains_its_bias_with_the_sigmoid_loss_end_to_end(srun, tiny_siglip, tmp_path):
+    from transformers import AutoModel
+
+    from conftest import write_albef_corpus
+
+    distill(srun, "--max-steps", "3", "--batch-size", "48", "--shuffle-buffer", "0", "--out-of-batch", "drop")
+    manifest = json.loads((srun / "distill" / "manifest.json").read_text())
+    assert manifest["config"]["contrastive"] == "sigmoid" == manifest["identity"]["config"]["contrastive"]
+    m = metrics(srun)
+    # the first step's contrastive term is SigLIP's loss over the first batch's pairs, recomputed by a loop
+    batch, enc = first_batch(srun, 48)
+    with torch.no_grad():
+        img = enc.image_features(batch["pixel_values"]).double()
+        txt = enc.text_features({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).double()
+        log_scale, bias = enc.model.logit_scale.double()[0], float(enc.model.logit_bias)
+    want = _reference_modules().sigmoid_ref(img[batch["pair_image"]], txt[batch["pair_text"]], log_scale, bias,
+                                            batch["pair_positive_mask"])
+    assert m[0]["itc"] == pytest.approx(float(want), rel=1e-4)
+    assert m[0]["loss"] == pytest.approx(m[0]["itc"] + m[0]["distill"], rel=1e-5)
+    # the bias is learned, logged, and saved in final/, which loads as a SigLIP and evaluates
+    assert m[0]["logit_bias"] == pytest.approx(bias) and m[-1]["logit_bias"] != pytest.approx(bias, abs=1e-6)
+    final = AutoModel.from_pretrained(srun / "distill" / "final")
+    assert type(final).__name__ == "SiglipModel"
+    assert float(final.logit_bias.detach()) == pytest.approx(final_weights(srun)["logit_bias"].item())
+    assert float(final.logit_bias.detach()) != pytest.approx(bias, abs=1e-6)
+    test = write_albef_corpus(tmp_path / "test", n_images=8, seed=7)
+    cli("evaluate", "--data", test, "--model", srun / "distill" / "final", "--out", tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["rsum"] >= 0
+
+
+def test_softmax_keeps_a_siglip_bias_frozen_and_auto_does_not_keep_that_choice(srun):
+    from pathlib import Path
+
+    student = json.loads((srun / "mine" / "manifest.json").read_text())["config"]["student"]
+    bias = load_file(Path(student) / "model.safetensors")["logit_bias"].item()
+    distill(srun, "--max-steps", "2", "--contrastive", "softmax")
+    manifest = json.loads((srun / "distill" / "manifest.json").read_text())
+    assert "contrastive" not in manifest["identity"]["config"]   # softmax: as every output made before the option
+    assert final_weights(srun)["logit_bias"].item() == bias and "logit_bias" not in metrics(srun)[0]
+    line = _error(distill(srun, "--max-steps", "2", expect=None))   # auto is sigmoid for this student
+    assert "contrastive" in line and "--force" in line
+
+
+def test_a_clip_student_keeps_its_fingerprint_and_refuses_the_sigmoid_loss(run):
+    distill(run, "--max-steps", "1")
+    manifest = json.loads((run / "distill" / "manifest.json").read_text())
+    assert manifest["config"]["contrastive"] == "softmax" and "contrastive" not in manifest["identity"]["config"]
+    assert "up to date" in distill(run, "--max-steps", "1", "--contrastive", "softmax").output
+    line = _error(distill(run, "--max-steps", "1", "--contrastive", "sigmoid", expect=None))
+    assert "--contrastive sigmoid needs a student with a learned logit bias" in line
+
+
+def test_compute_loss_takes_the_sigmoid_term_and_the_bias_its_gradient(tiny_siglip):
+    from pipeline.losses import itc_loss, registry, sigmoid_loss
+    from pipeline.models import DualEncoder
+    from stages.distill import StudentTowers, compute_loss
+
+    enc = DualEncoder(str(tiny_siglip))
+    towers = StudentTowers(enc, train_bias=True)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(3, 3, 32, 32, generator=g)
+    tokens = enc.tokenize(["a red circle", "a blue star", "green"])
+    img, txt, scale, bias = towers(pixels, tokens["input_ids"], tokens["attention_mask"])
+    batch = {"pair_image": torch.tensor([0, 1, 2]), "pair_text": torch.tensor([0, 1, 2]),
+             "pair_positive_mask": torch.eye(3, dtype=torch.bool)}
+    none = registry.get("none")
+    terms = compute_loss(none, none.options(), 1.0, img, txt, scale, batch, contrastive="sigmoid", bias=bias)
+    torch.testing.assert_close(terms["itc"], sigmoid_loss(img, txt, scale, bias))
+    terms["loss"].backward()
+    assert enc.model.logit_bias.grad is not None and float(enc.model.logit_bias.grad.abs()) > 0
+    soft = compute_loss(none, none.options(), 1.0, img, txt, scale, batch)
+    torch.testing.assert_close(soft["itc"], itc_loss(img, txt, scale))
+    with pytest.raises(ValueError, match="needs the student's logit bias"):
+        compute_loss(none, none.options(), 1.0, img, txt, scale, batch, contrastive="sigmoid")
+    assert not StudentTowers(DualEncoder(str(tiny_siglip))).model.logit_bias.requires_grad   # softmax: frozen
+
+
+# ---------------------------------------------------------------- open_clip students
+def _open_clip_or_skip():
+    try:
+        import open_clip
+    except (ImportError, RuntimeError) as e:   # not installed, or its torchvision cannot load beside this torch
+        pytest.skip(f"open_clip cannot be imported here: {e}")
+    return open_clip
+
+
+def test_an_open_clip_student_mines_distils_evaluates_and_its_final_folder_loads_in_open_clip(tmp_path, tiny_blip):
+    """A tiny open_clip architecture with a learned bias (so auto trains it with the sigmoid loss), given as
+    open_clip:ARCH@WEIGHTS, through every stage; final/ loads in open_clip and here with the trained weights."""
+    import numpy as np
+
+    from conftest import write_albef_corpus
+    from pipeline import openclip
+    from pipeline.models import DualEncoder
+    from pipeline.tiny_models import save_tiny_open_clip
+
+    open_clip = _open_clip_or_skip()
+    weights = save_tiny_open_clip(tmp_path / "models" / "tiny-oc-e2e.safetensors", logit_bias=-10.0)
+    run = tmp_path / "run"
+    cli("mine", "--run", run, "--data", write_albef_corpus(tmp_path / "data"), "--student",
+        f"open_clip:tiny-oc-e2e@{weights}", "--k", "6", "--shard-size", "7")
+    cli("score-teacher", "--run", run, "--teacher", tiny_blip, "--images-per-shard", "8")
+    distill(run, "--max-steps", "2")
+    manifest = json.loads((run / "distill" / "manifest.json").read_text())
+    assert manifest["config"]["contrastive"] == "sigmoid" and manifest["identity"]["student"]["open_clip"] == "tiny-oc-e2e"
+    assert "logit_bias" in metrics(run)[0]
+    final = run / "distill" / "final"
+    assert (final / openclip.CONFIG).is_file() and not (final / "modules.json").exists()
+    assert "student (the starting point): open_clip `tiny-oc-e2e` with" in (final / "README.md").read_text()
+
+    # the trained weights: the last checkpoint's towers (StudentTowers.model = OpenClipModel, .clip = open_clip's)
+    ckpt = load_file(run / "distill" / "checkpoints" / "step-2" / "model.safetensors")
+    trained = {k.removeprefix("model.clip."): v for k, v in ckpt.items()}
+    saved = load_file(final / openclip.WEIGHTS)
+    assert set(saved) == set(trained) and all(torch.equal(saved[k], trained[k]) for k in saved)
+    assert not torch.equal(saved["text_projection"], load_file(weights)["text_projection"])   # it trained
+    assert saved["logit_bias"].item() != -10.0
+
+    test = write_albef_corpus(tmp_path / "test", n_images=6, seed=7)
+    records = json.loads(test.read_text())
+    paths = [str(test.parent / r["image"]) for r in records]
+    texts = [r["caption"][0] for r in records]
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-oc-e2e", pretrained=str(final / openclip.WEIGHTS))
+    model.eval()
+    with torch.no_grad():
+        from PIL import Image
+        want_img = model.encode_image(torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths]),
+                                      normalize=True).numpy()
+        want_txt = model.encode_text(open_clip.get_tokenizer("tiny-oc-e2e")(texts), normalize=True).numpy()
+    ours = DualEncoder(str(final))
+    np.testing.assert_allclose(ours.encode_images(paths, progress=False), want_img, atol=1e-5)
+    np.testing.assert_allclose(ours.encode_texts(texts, progress=False), want_txt, atol=1e-5)
+    cli("evaluate", "--data", test, "--run", run, "--out", tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["model"].endswith("final")

@@ -146,3 +146,18 @@ def hard_negatives_ref(s_pos, s_neg, mask=None):
         logits = torch.stack([s_pos[b]] + [s_neg[b, j] for j in idx])
         losses.append(torch.logsumexp(logits, 0) - s_pos[b])
     return torch.stack(losses).mean() if losses else None
+
+
+def sigmoid_ref(img, txt, log_scale, bias, positive=None):
+    """-1/B sum_ij log sigmoid(z_ij (t x_i.y_j + b)), one pair at a time, t = exp(log_scale)."""
+    B = img.shape[0]
+    t = log_scale.exp()
+    total = 0.0
+    for i in range(B):
+        x = img[i] / img[i].norm()
+        for j in range(B):
+            y = txt[j] / txt[j].norm()
+            match = (i == j) if positive is None else bool(positive[i, j])
+            z = 1.0 if match else -1.0
+            total = total - torch.log(1 / (1 + torch.exp(-z * (t * (x * y).sum() + bias))))
+    return total / B
