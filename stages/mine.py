@@ -35,11 +35,14 @@ EMBED_SHARD = 8192  # rows per embedding shard: the unit of encoding work split 
 @dataclass
 class MineConfig:
     run: str = runtime(None, "run directory; this stage writes RUN/mine (spell it --run-dir under torchrun)")
-    data: str = runtime(None, "annotation file, dataset folder or Hugging Face dataset name")
+    data: str = runtime(None, "annotation file, dataset folder, Hugging Face dataset name, or WebDataset .tar "
+                              "shards (paths or a brace pattern such as shards/{00000..00009}.tar)")
     student: str = location(None, "dual encoder: Hugging Face name or local folder (CLIP, SigLIP, ...); identified "
                                   "by its files' hashes, so the same files elsewhere are the same student")
     format: str = option("auto", "input format", choices=FORMATS)
-    image_root: Optional[str] = runtime(None, "folder that relative image paths are resolved against")
+    image_root: Optional[str] = runtime(None, "folder that relative image paths are resolved against (webdataset: "
+                                              "the folder image references are stored relative to; default "
+                                              "the shards' folder)")
     split: Optional[str] = option(None, "split to read (karpathy: train includes restval; hf: default train)")
     image_column: str = option("image", "hf format: the image column")
     caption_column: str = option("text", "hf format: the caption column (a string or a list of strings)")

@@ -300,7 +300,9 @@ def test_mine_score_distill_evaluate_on_shards_and_a_moved_shard_folder(tmp_path
     assert "--image-root" in cli(*teacher, expect=2).output.strip().splitlines()[-1]
     cli(*teacher, "--image-root", moved)
     cli("distill", "--run", run, "--image-root", moved, "--max-steps", "2", "--batch-size", "8",
-        "--num-negatives", "3", "--device", "cpu")
+        "--num-negatives", "3", "--device", "cpu", "--val-data", pattern(test_shards), "--no-val-teacher")
+    rows = [json.loads(line) for line in (run / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert "val_rsum" in rows[-1]                                  # a validation corpus of shards too
     cli("evaluate", "--run", run, "--data", pattern(test_shards), "--rerank-teacher", tiny_blip, "--k-test", "4",
         "--device", "cpu")
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
