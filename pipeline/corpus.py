@@ -454,10 +454,12 @@ def read_hf(data: str, b: _Builder, split: str | None, image_column: str, captio
             b.add_text(f"{iid}#{j}", iid, cap, f"{where}, caption {j}")
 
 
-def read_webdataset(shards: list[str], b: _Builder) -> dict[str, tuple[int, int, str]]:
+def read_webdataset(shards: list[str], b: _Builder,
+                    known: Callable[[str], Optional[tuple[int, int, str]]]) -> dict[str, tuple[int, int, str]]:
     """WebDataset shards (pipeline/webdataset.py): one image per key, its captions from KEY.txt or KEY.json;
-    image ids are the keys, text ids KEY#N. Returns each image's stats by id, hashed while read."""
-    return wds.read_shards(shards, b.add_image, b.add_text)
+    image ids are the keys, text ids KEY#N. Returns each image's stats by id, hashed while read (or the last
+    run's, from `known(member reference)`, where size and shard mtime are unchanged)."""
+    return wds.read_shards(shards, b.add_image, b.add_text, known)
 
 
 def detect_format(data: str, prefix: str = "") -> str:
@@ -495,9 +497,12 @@ def read_corpus(
     bytes_dir: Path | None = None,
     log: Callable[[str], None] = print,
     prefix: str = "",
+    recorded: Path | None = None,
 ) -> Corpus:
     """Read any supported input into a checked Corpus (every image file must exist). Errors name the options
-    as `--{prefix}data`, `--{prefix}image-root`, ... (read_source's options)."""
+    as `--{prefix}data`, `--{prefix}image-root`, ... (read_source's options). `recorded`: the corpus folder of
+    the last run (RUN/mine/corpus), whose image stats a reader that reads the images (webdataset) re-uses for
+    members whose size and shard mtime are unchanged instead of reading, checking and hashing them again."""
     if fmt not in FORMATS:
         raise PipelineError(f"{flag('format', prefix)}: unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
     if fmt == "auto":
@@ -516,7 +521,9 @@ def read_corpus(
     b = _Builder(str(data), root, bytes_dir, root_given=image_root is not None, prefix=prefix)
     read_stats = None
     if fmt == "webdataset":
-        read_stats = read_webdataset(shards, b)
+        known = known_files(recorded, str(root)) if recorded is not None else {}   # by stored path
+        stored = Corpus([], [], [], [], [], str(root)).stored_path
+        read_stats = read_webdataset(shards, b, lambda ref: known.get(stored(ref)))
     elif fmt == "albef":
         read_albef(Path(data), b, split)
     elif fmt == "karpathy":
@@ -533,10 +540,12 @@ def read_corpus(
 
 
 def read_source(cfg: Any, prefix: str = "", bytes_dir: Path | None = None,
-                log: Callable[[str], None] = print) -> Corpus:
+                log: Callable[[str], None] = print, recorded: Path | None = None) -> Corpus:
     """The corpus a stage's options describe: `{prefix}data`, `{prefix}format`, ... (SOURCE_OPTIONS) of `cfg`;
     every stage that reads annotations (mine's corpus, evaluate's test set, distill's --val-data) reads them here,
-    so each takes the same options, with the same defaults, and its errors name its own."""
+    so each takes the same options, with the same defaults, and its errors name its own. `recorded`: see
+    read_corpus."""
     get = {name: getattr(cfg, prefix + name) for name in SOURCE_OPTIONS}
     return read_corpus(get["data"], get["format"], get["image_root"], get["split"], get["image_column"],
-                       get["caption_column"], get["id_column"], bytes_dir=bytes_dir, log=log, prefix=prefix)
+                       get["caption_column"], get["id_column"], bytes_dir=bytes_dir, log=log, prefix=prefix,
+                       recorded=recorded)

@@ -275,10 +275,13 @@ def check_image(shard: str, key: str, data: bytes, ext: str) -> None:
 
 
 def read_shards(shards: list[str], add_image: Callable[[str, str, str], str],
-                add_text: Callable[[str, str, Any, str], None]) -> dict[str, tuple[int, int, str]]:
+                add_text: Callable[[str, str, Any, str], None],
+                known: Optional[Callable[[str], Optional[tuple[int, int, str]]]] = None
+                ) -> dict[str, tuple[int, int, str]]:
     """Every sample of every shard into the corpus builder (add_image(key, member_ref, where), add_text(text_id,
-    image_id, caption, where)); each image is read once, checked and hashed. Returns (size, mtime_ns, sha256) by
-    image id, the stats mine would compute (so it need not read the shards again)."""
+    image_id, caption, where)); each image is read once, checked and hashed, unless `known(member_ref)` (the last
+    run's stats) has it with the same size and shard mtime: its bytes were checked then. Returns (size, mtime_ns,
+    sha256) by image id, the stats mine would compute (so it need not read the shards again)."""
     stats: dict[str, tuple[int, int, str]] = {}
     with_image = 0
     for shard in shards:
@@ -289,14 +292,19 @@ def read_shards(shards: list[str], add_image: Callable[[str, str, str], str],
                     continue
                 with_image += 1
                 offset, size, ext = sample.image
-                raw.seek(offset)
-                data = raw.read(size)
-                check_image(shard, sample.key, data, ext)
-                caps = captions_of(shard, sample)
                 ref = member_ref(shard, offset, size)
+                old = known(ref) if known is not None else None
+                if old is not None and old[2] and (old[0], old[1]) == (size, mtime):
+                    digest = old[2]
+                else:
+                    raw.seek(offset)
+                    data = raw.read(size)
+                    check_image(shard, sample.key, data, ext)
+                    digest = hashlib.sha256(data).hexdigest()
+                caps = captions_of(shard, sample)
                 where = f"{shard}, key '{sample.key}'"
                 iid = add_image(sample.key, ref, where)
                 for j, cap in enumerate(caps):
                     add_text(f"{iid}#{j}", iid, cap, where + (f", caption {j}" if len(caps) > 1 else ""))
-                stats[iid] = (size, mtime, hashlib.sha256(data).hexdigest())
+                stats[iid] = (size, mtime, digest)
     return stats

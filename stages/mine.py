@@ -139,7 +139,7 @@ def run(cfg: MineConfig) -> Path:
     paths = layout.Run(run_dir)
     out = paths.mine
 
-    corpus = read_source(cfg, bytes_dir=paths.images, log=log)
+    corpus = read_source(cfg, bytes_dir=paths.images, log=log, recorded=paths.corpus)
     _check_k(cfg, corpus, dirs)
     # each image's SHA-256, hashed once (rank 0) and re-used from the last run where size and mtime are unchanged
     known = known_files(paths.corpus, corpus.image_root) if dist.is_main else {}

@@ -310,3 +310,23 @@ def test_mine_score_distill_evaluate_on_shards_and_a_moved_shard_folder(tmp_path
     # the same shards, wherever they are: mine is up to date and says where the later stages should look
     out = cli(*mine, "--data", pattern([moved / s.name for s in shards])).output
     assert "up to date" in out and f"--image-root {moved.resolve()}" in out
+
+
+def test_a_rerun_reads_only_the_members_of_changed_shards(tmp_path, monkeypatch):
+    shards, _ = write_shards(tmp_path, n_images=6, per_shard=3)
+    first = read_corpus(pattern(shards), "webdataset", **quiet)
+    recorded = tmp_path / "corpus"
+    recorded.mkdir()
+    pq.write_table(first.images_table(), recorded / "images.parquet")
+    checked = []
+    real = wds.check_image
+    monkeypatch.setattr(wds, "check_image", lambda shard, key, *a: checked.append(key) or real(shard, key, *a))
+    again = read_corpus(pattern(shards), "webdataset", recorded=recorded, **quiet)
+    assert checked == [] and again.image_files == first.image_files and again.content_hash() == first.content_hash()
+    os.utime(shards[0], ns=(1, 1))                                 # touched: read, checked and hashed again
+    touched = read_corpus(pattern(shards), "webdataset", recorded=recorded, **quiet)
+    assert checked == ["img0000", "img0001", "img0002"] and touched.content_hash() == first.content_hash()
+    # another root's record vouches for nothing (the same names there may hold other bytes)
+    checked.clear()
+    read_corpus(pattern(shards), "webdataset", image_root=str(tmp_path), recorded=recorded, **quiet)
+    assert len(checked) == 6
