@@ -186,9 +186,10 @@ class Sample:
         self.json: Optional[bytes] = None
 
 
-def _members(shard: str, tar: tarfile.TarFile, size: int) -> Iterator[tarfile.TarInfo]:
-    """The shard's members, refusing a truncated tar (a member whose data runs past the end of the file, a cut
-    header, no end-of-archive block), naming the last key read."""
+def _members(shard: str, tar: tarfile.TarFile, raw: Any, size: int) -> Iterator[tarfile.TarInfo]:
+    """The shard's members, refusing a truncated or damaged tar (a member whose data runs past the end of the
+    file, a cut header, a header that does not parse, no end-of-archive block), naming the last key read.
+    (tarfile itself ends the archive quietly at a cut or damaged header after the first.)"""
     last = None
     try:
         for info in tar:
@@ -204,6 +205,10 @@ def _members(shard: str, tar: tarfile.TarFile, size: int) -> Iterator[tarfile.Ta
         after = f" after key '{key_and_extension(last.name)[0]}'" if last else ""
         what = "a header cut short" if size > tar.offset else "no end-of-archive block"
         raise PipelineError(f"{shard}: truncated tar: {what}{after}")
+    raw.seek(tar.offset)
+    if raw.read(tarfile.BLOCKSIZE).count(0) != tarfile.BLOCKSIZE:   # not the end: a header tarfile could not read
+        after = f" after key '{key_and_extension(last.name)[0]}'" if last else ""
+        raise PipelineError(f"{shard}: damaged tar: the header at byte {tar.offset}{after} does not parse")
 
 
 def read_shard(shard: str) -> tuple[list[Sample], int]:
@@ -217,7 +222,7 @@ def read_shard(shard: str) -> tuple[list[Sample], int]:
                             "compressed shards must be decompressed first (e.g. gunzip)") from None
     samples: dict[str, Sample] = {}
     with tar, open(shard, "rb") as raw:
-        for info in _members(shard, tar, st.st_size):
+        for info in _members(shard, tar, raw, st.st_size):
             if not info.isfile():
                 continue
             key, ext = key_and_extension(info.name)

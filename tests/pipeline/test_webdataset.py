@@ -191,6 +191,17 @@ def test_a_truncated_tar_names_the_shard_and_key(tmp_path, where, says):
     assert msg.startswith(f"{shard.resolve()}: truncated tar: ") and says in msg, msg
 
 
+def test_a_damaged_header_is_not_taken_for_the_end_of_the_shard(tmp_path):
+    """tarfile ends an archive quietly at a header it cannot parse; the samples after it would be lost."""
+    shards, _ = write_shards(tmp_path, n_images=6, per_shard=6)
+    header = -(-_member_end(shards[0], "img0002.txt") // 512) * 512          # img0003.png's header
+    data = bytearray(shards[0].read_bytes())
+    data[header:header + 512] = b"garbage!" * 64
+    shards[0].write_bytes(bytes(data))
+    msg = error(read_corpus, str(shards[0]), "webdataset", **quiet)
+    assert msg == f"{shards[0].resolve()}: damaged tar: the header at byte {header} after key 'img0002' does not parse"
+
+
 def test_a_member_that_is_no_image_names_the_shard_and_key(tmp_path):
     def members(key, i, sample):
         return [(f"{key}.jpg", b"<html>403 Forbidden</html>"), sample[1]] if i == 2 else sample
