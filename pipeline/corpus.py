@@ -13,7 +13,12 @@ rerun re-uses the digests of the last run instead of reading every file again.
 
 Formats (`--format`): `albef` (ALBEF/BLIP annotation JSON, per-caption train records or per-image caption
 lists), `karpathy` (dataset_flickr30k.json / dataset_coco.json, filtered by split), `coco` (captions_*.json),
-`hf` (a `datasets.load_dataset` name or local folder, e.g. an imagefolder with metadata.jsonl) and `auto`.
+`hf` (a `datasets.load_dataset` name or local folder, e.g. an imagefolder with metadata.jsonl), `webdataset`
+(plain .tar shards: a list, a brace pattern or a folder; pipeline/webdataset.py) and `auto`.
+
+An image path is a file, or a member of a WebDataset shard (`SHARD.tar#OFFSET+SIZE`, read in place); every
+function here that stats, hashes or checks an image goes through pipeline/webdataset.py's `stat_image`,
+`sha256_image` and `image_exists`, which treat both alike.
 """
 from __future__ import annotations
 
@@ -29,9 +34,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import webdataset as wds
 from .errors import PipelineError
 
-FORMATS = ("auto", "albef", "karpathy", "coco", "hf")
+FORMATS = ("auto", "albef", "karpathy", "coco", "hf", "webdataset")
 # the options that describe a corpus to read, as mine and evaluate name them (--data, --format, ...); distill's
 # validation corpus has the same ones under a prefix (--val-data, --val-format, ...)
 SOURCE_OPTIONS = ("data", "format", "image_root", "split", "image_column", "caption_column", "id_column")
@@ -84,21 +90,22 @@ class Corpus:
     def file_stats(self, known: Optional[dict[str, tuple[int, int, str]]] = None,
                    progress: bool = False) -> list[tuple[int, int, str]]:
         """(size, mtime_ns, sha256) of every image file; a digest in `known` (stored path -> the last run's
-        stats) is re-used when size and mtime are unchanged, every other file is read."""
+        stats), or in the stats the reader computed (`image_files`, by position), is re-used when size and mtime
+        are unchanged, every other file is read."""
         from tqdm.auto import tqdm
 
         known = known or {}
+        read = self.image_files or []   # a reader that read the bytes (webdataset) hashed them as it went
         stats, todo = [], []
         for i, path in enumerate(self.image_paths):
-            st = os.stat(path)
-            old = known.get(self.stored_path(path))
-            same = old is not None and (old[0], old[1]) == (st.st_size, st.st_mtime_ns)
-            stats.append((st.st_size, st.st_mtime_ns, old[2] if same else ""))
+            size, mtime = wds.stat_image(path)
+            old = read[i] if i < len(read) and read[i][2] else known.get(self.stored_path(path))
+            same = old is not None and (old[0], old[1]) == (size, mtime)
+            stats.append((size, mtime, old[2] if same else ""))
             if not same:
                 todo.append(i)
         for i in tqdm(todo, desc="hash images", unit="img", disable=not progress or len(todo) < 1000, leave=False):
-            with open(self.image_paths[i], "rb") as f:
-                stats[i] = (*stats[i][:2], hashlib.file_digest(f, "sha256").hexdigest())
+            stats[i] = (*stats[i][:2], wds.sha256_image(self.image_paths[i]))
         self.image_files = stats
         return stats
 
@@ -158,15 +165,14 @@ def changed_images(corpus: Corpus) -> tuple[list[str], list[str]]:
         if not digest:
             continue
         try:
-            st = os.stat(path)
+            now = wds.stat_image(path)
         except FileNotFoundError:
             missing.append(corpus.stored_path(path))
             continue
-        if (st.st_size, st.st_mtime_ns) == (size, mtime):
+        if now == (size, mtime):
             continue
-        with open(path, "rb") as f:
-            if st.st_size != size or hashlib.file_digest(f, "sha256").hexdigest() != digest:
-                changed.append(corpus.stored_path(path))
+        if now[0] != size or wds.sha256_image(path) != digest:   # a member's bytes are re-read from its shard
+            changed.append(corpus.stored_path(path))
     return changed, missing
 
 
@@ -329,7 +335,7 @@ class _Builder:
         paths = [self.images[i] for i in ids]
         if check_files:
             for iid, path in zip(ids, paths):
-                if not os.path.isfile(path):
+                if not wds.image_exists(path):
                     root = self.flag("image_root")
                     hint = (f" (relative paths resolve against {root} {self.image_root})" if self.root_given
                             else f" (relative paths resolve against the annotation file's folder; pass {root})")
@@ -448,7 +454,17 @@ def read_hf(data: str, b: _Builder, split: str | None, image_column: str, captio
             b.add_text(f"{iid}#{j}", iid, cap, f"{where}, caption {j}")
 
 
+def read_webdataset(shards: list[str], b: _Builder,
+                    known: Callable[[str], Optional[tuple[int, int, str]]]) -> dict[str, tuple[int, int, str]]:
+    """WebDataset shards (pipeline/webdataset.py): one image per key, its captions from KEY.txt or KEY.json;
+    image ids are the keys, text ids KEY#N. Returns each image's stats by id, hashed while read (or the last
+    run's, from `known(member reference)`, where size and shard mtime are unchanged)."""
+    return wds.read_shards(shards, b.add_image, b.add_text, known)
+
+
 def detect_format(data: str, prefix: str = "") -> str:
+    if wds.looks_like_shards(data):
+        return "webdataset"
     path = Path(data)
     if path.is_dir():
         return "hf"
@@ -481,9 +497,12 @@ def read_corpus(
     bytes_dir: Path | None = None,
     log: Callable[[str], None] = print,
     prefix: str = "",
+    recorded: Path | None = None,
 ) -> Corpus:
     """Read any supported input into a checked Corpus (every image file must exist). Errors name the options
-    as `--{prefix}data`, `--{prefix}image-root`, ... (read_source's options)."""
+    as `--{prefix}data`, `--{prefix}image-root`, ... (read_source's options). `recorded`: the corpus folder of
+    the last run (RUN/mine/corpus), whose image stats a reader that reads the images (webdataset) re-uses for
+    members whose size and shard mtime are unchanged instead of reading, checking and hashing them again."""
     if fmt not in FORMATS:
         raise PipelineError(f"{flag('format', prefix)}: unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
     if fmt == "auto":
@@ -492,12 +511,20 @@ def read_corpus(
     root = Path(image_root).resolve() if image_root else None
     if root is not None and not root.is_dir():
         raise PipelineError(f"{flag('image_root', prefix)}: not a directory: {image_root}")
-    if fmt != "hf" and not Path(data).is_file():
+    shards = wds.shard_paths(data, flag("data", prefix)) if fmt == "webdataset" else []
+    if fmt not in ("hf", "webdataset") and not Path(data).is_file():
         raise PipelineError(f"{flag('data', prefix)}: file not found: {data}")
-    if root is None and fmt != "hf":
+    if root is None and fmt == "webdataset":
+        root = Path(wds.common_folder(shards))  # member references are stored relative to the shards' folder
+    elif root is None and fmt != "hf":
         root = Path(data).resolve().parent  # relative paths are relative to the annotation file
     b = _Builder(str(data), root, bytes_dir, root_given=image_root is not None, prefix=prefix)
-    if fmt == "albef":
+    read_stats = None
+    if fmt == "webdataset":
+        known = known_files(recorded, str(root)) if recorded is not None else {}   # by stored path
+        stored = Corpus([], [], [], [], [], str(root)).stored_path
+        read_stats = read_webdataset(shards, b, lambda ref: known.get(stored(ref)))
+    elif fmt == "albef":
         read_albef(Path(data), b, split)
     elif fmt == "karpathy":
         read_karpathy(Path(data), b, split)
@@ -506,15 +533,19 @@ def read_corpus(
     else:
         read_hf(data, b, split, image_column, caption_column, id_column)
     corpus = b.build()
+    if read_stats is not None:
+        corpus.image_files = [read_stats[i] for i in corpus.image_ids]
     log(f"[corpus] {corpus.num_images} images, {corpus.num_texts} captions")
     return corpus
 
 
 def read_source(cfg: Any, prefix: str = "", bytes_dir: Path | None = None,
-                log: Callable[[str], None] = print) -> Corpus:
+                log: Callable[[str], None] = print, recorded: Path | None = None) -> Corpus:
     """The corpus a stage's options describe: `{prefix}data`, `{prefix}format`, ... (SOURCE_OPTIONS) of `cfg`;
     every stage that reads annotations (mine's corpus, evaluate's test set, distill's --val-data) reads them here,
-    so each takes the same options, with the same defaults, and its errors name its own."""
+    so each takes the same options, with the same defaults, and its errors name its own. `recorded`: see
+    read_corpus."""
     get = {name: getattr(cfg, prefix + name) for name in SOURCE_OPTIONS}
     return read_corpus(get["data"], get["format"], get["image_root"], get["split"], get["image_column"],
-                       get["caption_column"], get["id_column"], bytes_dir=bytes_dir, log=log, prefix=prefix)
+                       get["caption_column"], get["id_column"], bytes_dir=bytes_dir, log=log, prefix=prefix,
+                       recorded=recorded)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from . import webdataset as wds
 from .errors import PipelineError
 
 
@@ -106,15 +107,15 @@ def model_identity(name_or_path: str, revision: str | None = None) -> dict[str, 
 
 def load_image(path: str) -> Image.Image:
     """Open an image as RGB, or raise a PipelineError naming the file."""
-    try:
-        with Image.open(path) as im:
+    try:   # a file, or a WebDataset shard member (SHARD.tar#OFFSET+SIZE, read in place)
+        with Image.open(wds.open_image_file(path)) as im:
             return im.convert("RGB")
     except FileNotFoundError:
-        raise PipelineError(f"image file not found: {path}") from None
+        raise PipelineError(f"image file not found: {wds.describe(path)}") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise PipelineError(f"unreadable image {path}: {e.__class__.__name__}") from None
+        raise PipelineError(f"unreadable image {wds.describe(path)}: {e.__class__.__name__}") from None
     except Image.DecompressionBombError as e:   # more pixels than PIL allows: likely hostile or broken
-        raise PipelineError(f"unreadable image {path}: {e}") from None
+        raise PipelineError(f"unreadable image {wds.describe(path)}: {e}") from None
 
 
 def _pretrained(loader: Callable, name_or_path: str, what: str, **kwargs: Any) -> Any:

@@ -38,9 +38,12 @@ from pipeline.teachers import load_teacher, resolve_teacher
 @dataclass
 class EvalConfig:
     run: Optional[str] = runtime(None, "run directory (the model defaults to RUN/distill/final; results go to RUN/eval)")
-    data: str = runtime(None, "test annotation file, dataset folder or Hugging Face dataset name")
+    data: str = runtime(None, "test annotation file, dataset folder, Hugging Face dataset name, or WebDataset "
+                              ".tar shards (paths or a brace pattern)")
     format: str = option("auto", "input format", choices=FORMATS)
-    image_root: Optional[str] = runtime(None, "folder that relative image paths are resolved against")
+    image_root: Optional[str] = runtime(None, "folder that relative image paths are resolved against (webdataset: "
+                                              "the folder image references are stored relative to; default "
+                                              "the shards' folder)")
     split: Optional[str] = option("test", "split to read")
     image_column: str = option("image", "hf format: the image column")
     caption_column: str = option("text", "hf format: the caption column")

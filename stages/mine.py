@@ -35,13 +35,16 @@ EMBED_SHARD = 8192  # rows per embedding shard: the unit of encoding work split 
 @dataclass
 class MineConfig:
     run: str = runtime(None, "run directory; this stage writes RUN/mine (spell it --run-dir under torchrun)")
-    data: str = runtime(None, "annotation file, dataset folder or Hugging Face dataset name")
+    data: str = runtime(None, "annotation file, dataset folder, Hugging Face dataset name, or WebDataset .tar "
+                              "shards (paths or a brace pattern such as shards/{00000..00009}.tar)")
     student: str = location(None, "dual encoder: Hugging Face name or local folder (CLIP, SigLIP, ...), or an "
                                   "open_clip model as open_clip:ARCH@WEIGHTS_FILE (a built-in architecture) or a "
                                   "folder with open_clip_config.json and its weights; identified by its files' "
                                   "hashes, so the same files elsewhere are the same student")
     format: str = option("auto", "input format", choices=FORMATS)
-    image_root: Optional[str] = runtime(None, "folder that relative image paths are resolved against")
+    image_root: Optional[str] = runtime(None, "folder that relative image paths are resolved against (webdataset: "
+                                              "the folder image references are stored relative to; default "
+                                              "the shards' folder)")
     split: Optional[str] = option(None, "split to read (karpathy: train includes restval; hf: default train)")
     image_column: str = option("image", "hf format: the image column")
     caption_column: str = option("text", "hf format: the caption column (a string or a list of strings)")
@@ -138,7 +141,7 @@ def run(cfg: MineConfig) -> Path:
     paths = layout.Run(run_dir)
     out = paths.mine
 
-    corpus = read_source(cfg, bytes_dir=paths.images, log=log)
+    corpus = read_source(cfg, bytes_dir=paths.images, log=log, recorded=paths.corpus)
     _check_k(cfg, corpus, dirs)
     # each image's SHA-256, hashed once (rank 0) and re-used from the last run where size and mtime are unchanged
     known = known_files(paths.corpus, corpus.image_root) if dist.is_main else {}
