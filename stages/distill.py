@@ -33,6 +33,7 @@ import torch
 
 from pipeline import config as cfgmod
 from pipeline import layout
+from pipeline import teacher_scale as scales
 from pipeline.artifacts import StageWriter, atomic_write_json, read_json, require_complete
 from pipeline.card import write_card
 from pipeline.config import choice_options, location, option, runtime
@@ -66,6 +67,12 @@ class DistillOptions:
                                           "(default RUN/teacher; another is made by score-teacher --out)")
     loss: str = option("cprd", "distillation loss added to the contrastive loss", choices=registry.names())
     loss_options: Any = choice_options("loss", registry.options_by_loss, "the chosen loss's own options")
+    teacher_scale: str = option("logodds", "the scale the loss sees the teacher's scores on (negatives' and "
+                                           "positives'): logodds (as stored: ITM log-odds) or prob (the match "
+                                           "probability, their sigmoid; refused for a --score itm+itc cache, which "
+                                           "keeps no log-odds apart). --min-teacher-score and --tie-margin are on "
+                                           "this scale; --max-teacher-margin stays on the stored log-odds",
+                                choices=scales.SCALES, added=True)
     num_negatives: int = option(8, "teacher-ranked hard negatives per query (the first of the mined k)", at_least=1)
     max_teacher_margin: Optional[float] = option(None, "drop candidates the teacher scores above the query's "
                                                        "positive by more than this (likely false negatives)")
@@ -190,8 +197,10 @@ def distill_inputs(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, ba
 
 
 def compute_loss(loss: DistillLoss, options: Any, distill_weight: float, img: torch.Tensor, txt: torch.Tensor,
-                 scale: torch.Tensor, batch: dict, directions: str = "both") -> dict[str, torch.Tensor]:
-    """Named terms; `loss` is their weighted sum.
+                 scale: torch.Tensor, batch: dict, directions: str = "both",
+                 teacher_scale: str = "logodds") -> dict[str, torch.Tensor]:
+    """Named terms; `loss` is their weighted sum. The loss sees the teacher's scores on `teacher_scale`
+    (`pipeline/teacher_scale.py`).
 
     With `directions` i2t or t2i the distillation term is the loss over that direction's rows times their share
     of the batch, so each taught row weighs what it weighs with both (the other rows get no distillation).
@@ -199,7 +208,7 @@ def compute_loss(loss: DistillLoss, options: Any, distill_weight: float, img: to
     itc = itc_loss(img[batch["pair_image"]], txt[batch["pair_text"]], scale, batch["pair_positive_mask"])
     terms = {"itc": itc}
     if loss.fn is not None:
-        x = distill_inputs(img, txt, scale, batch)
+        x = scales.rescale(distill_inputs(img, txt, scale, batch), teacher_scale)
         if directions == "both":
             parts = registry.named_terms(loss.fn(x, options))
         else:
@@ -297,6 +306,7 @@ def _upstream(cfg: DistillConfig, paths: layout.Run) -> tuple[dict, dict]:
         raise PipelineError(f"{paths.teacher} was scored on a different corpus or mining run than "
                             f"{paths.mine} (mine fingerprint {teacher['identity']['upstream'][:12]} vs "
                             f"{mine['fingerprint'][:12]}); rerun score-teacher")
+    scales.check(cfg.teacher_scale, teacher, paths.teacher)
     if cfg.num_negatives > mine["k"]:
         raise PipelineError(f"--num-negatives {cfg.num_negatives} is more than the {mine['k']} hard negatives per "
                             f"query that RUN/teacher holds (mined with --k {mine['k']})")
@@ -392,7 +402,7 @@ class Training(StepLoop):
                 img, txt, scale = self.towers(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
                                               **live)
             terms = compute_loss(self.loss, cfg.loss_options, cfg.distill_weight, img.float(), txt.float(),
-                                 scale.float(), batch, cfg.distill_directions)
+                                 scale.float(), batch, cfg.distill_directions, cfg.teacher_scale)
             backward_step(acc, self.towers, self.optimizer, terms, step, cfg.max_grad_norm)
         self.logit_scale = float(scale.detach())
         return {**{k: float(v.detach()) / cfg.grad_accum for k, v in terms.items()}, **counts}

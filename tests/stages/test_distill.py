@@ -73,10 +73,11 @@ def first_batch(run, batch_size=16, num_negatives=5, seed=0, shuffle_buffer=0, p
 
 
 def _first_batch_reference(run, loss, include_positive=False, direction=None, shuffle_buffer=0, packed=False,
-                           outside="drop", batch_size=16, cluster_size=64):
+                           outside="drop", batch_size=16, cluster_size=64, prob=False):
     """The first step's distillation term recomputed outside the loop: the first batch (the stream's, shuffle off
     unless asked, or packed) through the untouched student, then the plain-loop reference of the named loss (with
-    `direction` "i2t" or "t2i": over that direction's rows only, times their share of the batch)."""
+    `direction` "i2t" or "t2i": over that direction's rows only, times their share of the batch; with `prob`, the
+    teacher's scores as match probabilities, 1 / (1 + exp(-log-odds)))."""
     import sys
     from pathlib import Path
 
@@ -98,6 +99,8 @@ def _first_batch_reference(run, loss, include_positive=False, direction=None, sh
         s_pos.append(scale * float(q @ pool[batch["positive"][r]]))
     s, s_pos = torch.tensor(s, dtype=torch.float64), torch.tensor(s_pos, dtype=torch.float64)
     t, t_pos, m = batch["teacher"].double(), batch["teacher_positive"].double(), batch["candidate_mask"]
+    if prob:
+        t, t_pos = 1 / (1 + torch.exp(-t)), 1 / (1 + torch.exp(-t_pos))
     if include_positive:
         s, t = torch.cat([s_pos[:, None], s], 1), torch.cat([t_pos[:, None], t], 1)
         m = torch.cat([torch.ones(len(m), 1, dtype=torch.bool), m], 1)
@@ -111,7 +114,8 @@ def _first_batch_reference(run, loss, include_positive=False, direction=None, sh
             "margin-mse": lambda: ref.margin_mse_ref(s_pos, s, t_pos, t, m),
             "hard-negatives": lambda: ref.hard_negatives_ref(s_pos, s, m),
             "cprd-kl/cprd": lambda: ref.cprd_ref(s, t, m, num_valid=3),
-            "cprd-kl/kl": lambda: 0.5 * ref.kl_ref(s, t, m, T=2.0), "kl-T2": lambda: ref.kl_ref(s, t, m, T=2.0)}[loss]()
+            "cprd-kl/kl": lambda: 0.5 * ref.kl_ref(s, t, m, T=2.0), "kl-T2": lambda: ref.kl_ref(s, t, m, T=2.0),
+            "kl-T0.1": lambda: ref.kl_ref(s, t, m, T=0.1)}[loss]()
 
 
 @pytest.mark.parametrize("loss", ["cprd", "kl", "listmle", "ranknet", "margin-mse", "hard-negatives", "none"])
@@ -203,6 +207,31 @@ def test_only_the_chosen_losses_options_enter_the_fingerprint(run, tmp_path):
                                                               "include_positive": False, "student_temperature": 1.0}
     line = _error(distill(run, "--loss", "cprd", "--teacher-temperature", "3", "--max-steps", "1", expect=None))
     assert "--teacher-temperature is an option of cprd-kl / kl, not of --loss cprd" in line
+
+
+def test_teacher_scale_prob_gives_the_loss_match_probabilities_and_enters_the_fingerprint(run, tmp_path):
+    flags = ("--loss", "kl", "--teacher-temperature", "0.1", "--max-steps", "1", "--batch-size", "48",
+             "--shuffle-buffer", "0", "--out-of-batch", "drop")
+    distill(run, *flags)
+    logodds = metrics(run)[0]["distill"]
+    assert "teacher_scale" not in json.loads((run / "distill" / "manifest.json").read_text())["identity"]["config"]
+    distill(run, *flags, "--teacher-scale", "prob", "--out", tmp_path / "prob")
+    made = json.loads((tmp_path / "prob" / "manifest.json").read_text())
+    assert made["identity"]["config"]["teacher_scale"] == "prob"
+    got = json.loads((tmp_path / "prob" / "metrics.jsonl").read_text().splitlines()[0])["distill"]
+    assert got == pytest.approx(float(_first_batch_reference(run, "kl-T0.1", batch_size=48, prob=True)), rel=1e-4)
+    assert logodds == pytest.approx(float(_first_batch_reference(run, "kl-T0.1", batch_size=48)), rel=1e-4)
+    assert got != pytest.approx(logodds, rel=1e-2)
+
+
+def test_teacher_scale_prob_is_refused_for_an_itm_itc_cache(run, tiny_blip, tmp_path):
+    other = tmp_path / "teacher-itc"
+    cli("score-teacher", "--run", run, "--teacher", tiny_blip, "--images-per-shard", "8", "--score", "itm+itc",
+        "--out", other)
+    line = _error(distill(run, "--max-steps", "1", "--scores", other, "--teacher-scale", "prob",
+                          "--out", tmp_path / "s", expect=None))
+    assert line.startswith("error: --teacher-scale prob: ") and str(other) in line and "--score itm+itc" in line
+    assert not (tmp_path / "s").exists()
 
 
 def test_false_negative_counts_are_logged(run):
