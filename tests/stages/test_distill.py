@@ -48,7 +48,8 @@ def test_first_losses_are_deterministic_and_named(run, tmp_path):
     assert metrics(other)[0]["loss"] != a[0]["loss"]  # the seed matters (positive choice, shuffling)
 
 
-LOSS_FLAGS = {"cprd": ("--num-valid", "3"), "kl": ("--teacher-temperature", "2")}
+LOSS_FLAGS = {"cprd": ("--num-valid", "3"), "kl": ("--teacher-temperature", "2"),
+              "partial-hinge": ("--num-valid", "3", "--hinge-margin", "0.5")}
 
 
 def first_batch(run, batch_size=16, num_negatives=5, seed=0, shuffle_buffer=0, packed=False, outside="drop",
@@ -115,10 +116,13 @@ def _first_batch_reference(run, loss, include_positive=False, direction=None, sh
             "hard-negatives": lambda: ref.hard_negatives_ref(s_pos, s, m),
             "cprd-kl/cprd": lambda: ref.cprd_ref(s, t, m, num_valid=3),
             "cprd-kl/kl": lambda: 0.5 * ref.kl_ref(s, t, m, T=2.0), "kl-T2": lambda: ref.kl_ref(s, t, m, T=2.0),
-            "kl-T0.1": lambda: ref.kl_ref(s, t, m, T=0.1)}[loss]()
+            "kl-T0.1": lambda: ref.kl_ref(s, t, m, T=0.1),
+            "partial-ranknet": lambda: ref.partial_pairs_ref(s, t, ref.ranknet_pair, m, 4),
+            "partial-hinge": lambda: ref.partial_pairs_ref(s, t, ref.hinge_pair(0.5), m, 3)}[loss]()
 
 
-@pytest.mark.parametrize("loss", ["cprd", "kl", "listmle", "ranknet", "margin-mse", "hard-negatives", "none"])
+@pytest.mark.parametrize("loss", ["cprd", "kl", "listmle", "ranknet", "margin-mse", "hard-negatives", "partial-ranknet",
+                                  "partial-hinge", "none"])
 def test_every_loss_runs_through_the_loop_as_itself(run, loss):
     # batches of 48 rows, each list cut to the entries that are queries or positives of its own batch
     distill(run, "--loss", loss, *LOSS_FLAGS.get(loss, ()), "--max-steps", "2", "--batch-size", "48",

@@ -63,6 +63,37 @@ def cprd_tie_margin_ref(student, teacher, mask=None, num_valid=None, tie_margin=
     return torch.stack(losses).mean() if losses else None
 
 
+def partial_pairs_ref(student, teacher, pair, mask=None, num_valid=None, min_teacher_score=None, tie_margin=None,
+                      reduction="mean"):
+    """CPRD's ordered pairs, each j's term the mean of pair(s_j, s_l) over the l the teacher ranks below it (with
+    tie_margin d: scored at least d lower); a row's terms averaged ("mean") or summed ("sum") over its valid j."""
+    losses = []
+    for b, idx in rows(student, teacher, mask):
+        order = sorted(idx, key=lambda j: -float(teacher[b, j]))  # sorted() is stable
+        terms = []
+        for j, c in enumerate(order):
+            if num_valid is not None and j >= num_valid:
+                break
+            if min_teacher_score is not None and float(teacher[b, c]) < min_teacher_score:
+                break
+            below = [l for l in order[j + 1:]
+                     if tie_margin is None or float(teacher[b, l]) <= float(teacher[b, c]) - tie_margin]
+            if not below:
+                continue
+            terms.append(sum(pair(student[b, c], student[b, l]) for l in below) / len(below))
+        if terms:
+            losses.append(sum(terms) / (len(terms) if reduction == "mean" else 1))
+    return torch.stack(losses).mean() if losses else None
+
+
+def ranknet_pair(hi, lo):
+    return torch.log1p(torch.exp(-(hi - lo)))
+
+
+def hinge_pair(margin):
+    return lambda hi, lo: torch.clamp(margin - (hi - lo), min=0)
+
+
 def kl_ref(student, teacher, mask=None, T=1.0):
     losses = []
     for b, idx in rows(student, teacher, mask):
