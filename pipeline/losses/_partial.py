@@ -106,3 +106,7 @@ class PartialOrderOptions:
                                              "the contrastive term's learned scale)", above=0)
     tie_margin: Optional[float] = option(None, "order only pairs the teacher scores at least this far apart (ties "
                                                "and near-ties are not taught)", added=True, above=0)
+    reduction: str = option("mean", "a query's terms over its valid positions: mean (the default: the term's "
+                                    "weight does not grow with --num-valid) or sum (the CPRD paper's formula, "
+                                    "sum_{j<J*}; the distill weight then scales with the valid positions)",
+                            choices=REDUCTIONS, added=True)

@@ -18,7 +18,7 @@ LIFTS = ("negative", "positive", "only")   # where each ordered pair's gradient 
 def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: torch.Tensor | None = None,
               num_valid: int | None = None, min_teacher_score: float | None = None,
               tie_margin: float | None = None, lift: str = "negative",
-              positive: torch.Tensor | None = None) -> torch.Tensor:
+              positive: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
     r"""Teach the student the teacher's order among the top hard negatives only.
 
     Per row, order the n real candidates by teacher score, descending (stable); s(j) is the student logit of
@@ -30,6 +30,11 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
     each valid negative contrasted against everything the teacher ranks below it; the order among the rest
     (easy negatives) is not taught. Rows with m = 0 are skipped; the result is the mean over the other rows,
     or a zero that still carries a graph when there are none.
+
+    `reduction="sum"` drops the 1/m: the paper's L = -sum_i sum_{j<J_i*} log(exp(s_ij) / sum_{k>=j} exp(s_ik))
+    sums a query's valid positions (the mean over queries stays, as for every loss). The mean is the default:
+    under the sum a query's term grows with its m (up to `num_valid`), so what `distill_weight` means, and the
+    balance against the contrastive term, would change with `num_valid` and with how many positions a row has.
 
     With `tie_margin` d > 0, "below" means scored at least d lower: the j-th is contrasted only against the l
     with t(l) <= t(j) - d,
@@ -57,6 +62,7 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
     | tie_margin        | float  | optional d > 0: only pairs the teacher scores d or more apart are ordered |
     | lift              | str    | where each term's gradient goes: negative (plain), positive, only  |
     | positive          | [B]    | the positives' student logits, needed for lift="positive"          |
+    | reduction         | str    | a row's terms over its valid positions: mean (1/m) or sum           |
     """
     check_pair("cprd_loss", student_logits, teacher_scores, mask)
     if lift not in LIFTS:
@@ -80,7 +86,7 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
         elif lift == "only":
             below = below.detach()
         terms = torch.logaddexp(anchor, below) - anchor
-    row_loss, m = reduce_rows(terms, o.valid, "mean", "cprd_loss")
+    row_loss, m = reduce_rows(terms, o.valid, reduction, "cprd_loss")
     return mean_over_rows(row_loss, m > 0, student_logits)
 
 
@@ -98,4 +104,4 @@ def cprd(x: DistillInputs, o: CPRDOptions) -> torch.Tensor:
     if o.include_positive:
         x = x.with_positive()
     return cprd_loss(x.student / o.student_temperature, x.teacher, x.mask, o.num_valid, o.min_teacher_score,
-                     o.tie_margin, o.lift, x.student_positive / o.student_temperature)
+                     o.tie_margin, o.lift, x.student_positive / o.student_temperature, o.reduction)

@@ -13,7 +13,7 @@ from .registry import DistillInputs, register
 
 def partial_hinge_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: torch.Tensor | None = None,
                        num_valid: int | None = None, min_teacher_score: float | None = None,
-                       tie_margin: float | None = None, margin: float = 1.0) -> torch.Tensor:
+                       tie_margin: float | None = None, margin: float = 1.0, reduction: str = "mean") -> torch.Tensor:
     r"""CPRD's pairs as margin constraints: s(j) should exceed each s(l) below it by `margin`.
 
     Per row, in teacher order (descending, stable), with j ranging over CPRD's m valid positions and
@@ -21,9 +21,10 @@ def partial_hinge_loss(student_logits: torch.Tensor, teacher_scores: torch.Tenso
 
         row_loss = (1/m) * sum_{j valid} (1/|below(j)|) * sum_{l in below(j)} max(0, margin - (s(j) - s(l)))
 
-    A pair ordered by at least `margin` teaches nothing (no gradient); CPRD's softmax never stops pushing. Rows
-    with m = 0 are skipped; the result is the mean over the other rows, or a zero that still carries a graph
-    when there are none.
+    A pair ordered by at least `margin` teaches nothing (no gradient); CPRD's softmax never stops pushing.
+    `reduction="sum"` drops the 1/m (as `cprd_loss`'s, whose docstring says why mean is the default). Rows with
+    m = 0 are skipped; the result is the mean over the other rows, or a zero that still carries a graph when
+    there are none.
 
     | input             | shape  | meaning                                                            |
     | ----------------- | ------ | ------------------------------------------------------------------ |
@@ -33,6 +34,7 @@ def partial_hinge_loss(student_logits: torch.Tensor, teacher_scores: torch.Tenso
     | num_valid         | int    | optional cap on valid positions j per row                          |
     | min_teacher_score | float  | optional: j is valid only if its teacher score >= this             |
     | tie_margin        | float  | optional d > 0: only pairs the teacher scores d or more apart      |
+    | reduction         | str    | a row's terms over its valid positions: mean (1/m, the default) or sum |
     | margin            | float  | >= 0, in student logits: how far s(j) should be above each s(l)    |
     """
     if not margin >= 0:
@@ -40,7 +42,7 @@ def partial_hinge_loss(student_logits: torch.Tensor, teacher_scores: torch.Tenso
     o = teacher_order("partial_hinge_loss", student_logits, teacher_scores, mask, num_valid, min_teacher_score,
                       tie_margin)
     pair_loss = torch.relu(margin - (o.s[:, :, None] - o.s[:, None, :]))        # [B, N, N]: j over l
-    row_loss, m = reduce_rows(pair_terms(o, pair_loss), o.valid, "mean", "partial_hinge_loss")
+    row_loss, m = reduce_rows(pair_terms(o, pair_loss), o.valid, reduction, "partial_hinge_loss")
     return mean_over_rows(row_loss, m > 0, student_logits)
 
 
@@ -56,4 +58,4 @@ def partial_hinge(x: DistillInputs, o: PartialHingeOptions) -> torch.Tensor:
     if o.include_positive:
         x = x.with_positive()
     return partial_hinge_loss(x.student / o.student_temperature, x.teacher, x.mask, o.num_valid,
-                              o.min_teacher_score, o.tie_margin, o.hinge_margin)
+                              o.min_teacher_score, o.tie_margin, o.hinge_margin, o.reduction)

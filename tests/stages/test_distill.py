@@ -310,6 +310,10 @@ def test_unknown_loss(run):
                                            (("--batch-size", "0"), "--batch-size: must be >= 1, got 0"),
                                            (("--num-valid", "-1"), "--num-valid: must be >= 1"),
                                            (("--tie-margin", "0"), "--tie-margin: must be > 0, got 0.0"),
+                                           (("--reduction", "max"), "'--reduction': 'max' is not one of 'mean', 'sum'"),
+                                           (("--loss", "listmle", "--reduction", "sum"),
+                                            "--reduction is an option of cprd / cprd-kl / partial-hinge / "
+                                            "partial-ranknet, not of --loss listmle"),
                                            (("--loss", "cprd-kl", "--kl-weight", "-1"),
                                             "--kl-weight: must be >= 0, got -1.0"),
                                            (("--student-temperature", "0"), "--student-temperature: must be > 0"),
