@@ -73,6 +73,12 @@ class DistillOptions:
                                            "keeps no log-odds apart). --min-teacher-score and --tie-margin are on "
                                            "this scale; --max-teacher-margin stays on the stored log-odds",
                                 choices=scales.SCALES, added=True)
+    # `list` names the option `--list`; no annotation of this class may use the builtin list (get_type_hints
+    # would read this field's default instead)
+    list: str = option("hard", "the candidate lists to learn from: hard (the mined top k) or easy (mine --easy's, "
+                               "random or from the bottom of the student's ranking, with their teacher scores: the "
+                               "same loss over easy negatives, on otherwise equal terms)", choices=layout.LISTS,
+                       added=True)
     num_negatives: int = option(8, "teacher-ranked hard negatives per query (the first of the mined k)", at_least=1)
     max_teacher_margin: Optional[float] = option(None, "drop candidates the teacher scores above the query's "
                                                        "positive by more than this (likely false negatives)")
@@ -237,7 +243,7 @@ def run(cfg: DistillConfig) -> Path:
     val = read_source(cfg, "val_", bytes_dir=paths.images, log=log) if cfg.val_data else None
     if val is not None:
         identity["validation"] = val.content_hash()
-    length = Length.of(cfg, teacher_rows(teacher), dist.world_size, "teacher rows")
+    length = Length.of(cfg, teacher_rows(teacher, cfg.list), dist.world_size, "teacher rows")
     student = functools.cache(lambda: DualEncoder(cfg.student, device="cpu"))   # loaded once: precheck, then setup
     writer = StageWriter(out, identity, force=cfg.force, replace=cfg.replace, dist=dist, config=cfgmod.as_dict(cfg), log=log,
                          reads=[paths.mine, paths.teacher], precheck=student, elsewhere="another --out folder",
@@ -280,8 +286,8 @@ def batch_spec(cfg: DistillConfig, rank: int = 0, world_size: int = 1) -> BatchS
                      world_size=world_size)
 
 
-def teacher_rows(teacher: dict) -> int:
-    return sum(teacher["shards"][f]["rows"] for f in layout.teacher_shards(teacher))
+def teacher_rows(teacher: dict, which: str = "hard") -> int:
+    return sum(teacher["shards"][f]["rows"] for f in layout.teacher_shards(teacher, which))
 
 
 def _mined_by(mine: dict, paths: layout.Run) -> str:
@@ -307,10 +313,24 @@ def _upstream(cfg: DistillConfig, paths: layout.Run) -> tuple[dict, dict]:
                             f"{paths.mine} (mine fingerprint {teacher['identity']['upstream'][:12]} vs "
                             f"{mine['fingerprint'][:12]}); rerun score-teacher")
     scales.check(cfg.teacher_scale, teacher, paths.teacher)
-    if cfg.num_negatives > mine["k"]:
+    if cfg.list == "easy":
+        _check_easy(cfg, mine, teacher, paths)
+    elif cfg.num_negatives > mine["k"]:
         raise PipelineError(f"--num-negatives {cfg.num_negatives} is more than the {mine['k']} hard negatives per "
                             f"query that RUN/teacher holds (mined with --k {mine['k']})")
     return mine, teacher
+
+
+def _check_easy(cfg: DistillConfig, mine: dict, teacher: dict, paths: layout.Run) -> None:
+    """--list easy needs mine's easy lists, scored, at least --num-negatives long."""
+    easy = mine.get("easy") or 0
+    if not easy or not layout.teacher_shards(teacher, "easy"):
+        where = paths.mine if not easy else paths.teacher
+        raise PipelineError(f"--list easy: {where} holds no easy candidates; run `cprd-pipeline mine --easy K` "
+                            "(K >= --num-negatives) and score-teacher again")
+    if cfg.num_negatives > easy:
+        raise PipelineError(f"--num-negatives {cfg.num_negatives} is more than the {easy} easy candidates per "
+                            f"query that {paths.teacher} holds (mined with --easy {easy})")
 
 
 class Training(StepLoop):
@@ -345,13 +365,13 @@ class Training(StepLoop):
         towers = StudentTowers(encoder).train()
         optimizer = torch.optim.AdamW(param_groups(towers, cfg.weight_decay), lr=cfg.lr)
 
-        files = [paths.teacher / f for f in layout.teacher_shards(teacher)]
+        files = [paths.teacher / f for f in layout.teacher_shards(teacher, cfg.list)]
         total_steps = length.total_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps))
         towers, optimizer = acc.prepare(towers, optimizer)
         encoder.device = str(acc.device)   # validation encodes with the training model, wherever it now is
-        log(f"[distill] {teacher_rows(teacher)} teacher rows, {length.steps_per_epoch} steps/epoch x "
+        log(f"[distill] {teacher_rows(teacher, cfg.list)} teacher rows ({cfg.list} lists), {length.steps_per_epoch} steps/epoch x "
             f"{dist.world_size} process(es), "
             f"{total_steps} steps, loss itc + {cfg.distill_weight} x {cfg.loss}")
         if cfg.report_to:

@@ -53,7 +53,7 @@ LOSS_FLAGS = {"cprd": ("--num-valid", "3"), "kl": ("--teacher-temperature", "2")
 
 
 def first_batch(run, batch_size=16, num_negatives=5, seed=0, shuffle_buffer=0, packed=False, outside="drop",
-                cluster_size=64):
+                cluster_size=64, lists="hard"):
     """(the first batch of epoch 0 as distill builds it, the student): the shuffled stream's first rows (the
     default), or packed in clusters around their negatives; list entries outside the batch dropped or kept."""
     from pipeline.corpus import load_tables
@@ -63,7 +63,7 @@ def first_batch(run, batch_size=16, num_negatives=5, seed=0, shuffle_buffer=0, p
 
     student = json.loads((run / "mine" / "manifest.json").read_text())["config"]["student"]
     enc = DualEncoder(student)
-    files = sorted((run / "teacher").glob("part-*.parquet"))
+    files = sorted((run / "teacher" / ("easy" if lists == "easy" else "")).glob("part-*.parquet"))
     corpus = load_tables(run / "mine" / "corpus")
     spec = BatchSpec(batch_size=batch_size, num_negatives=num_negatives, seed=seed, shuffle_buffer=shuffle_buffer,
                      outside=outside)
@@ -74,7 +74,7 @@ def first_batch(run, batch_size=16, num_negatives=5, seed=0, shuffle_buffer=0, p
 
 
 def _first_batch_reference(run, loss, include_positive=False, direction=None, shuffle_buffer=0, packed=False,
-                           outside="drop", batch_size=16, cluster_size=64, prob=False):
+                           outside="drop", batch_size=16, cluster_size=64, prob=False, lists="hard"):
     """The first step's distillation term recomputed outside the loop: the first batch (the stream's, shuffle off
     unless asked, or packed) through the untouched student, then the plain-loop reference of the named loss (with
     `direction` "i2t" or "t2i": over that direction's rows only, times their share of the batch; with `prob`, the
@@ -86,7 +86,7 @@ def _first_batch_reference(run, loss, include_positive=False, direction=None, sh
     import reference as ref
 
     batch, enc = first_batch(run, batch_size, shuffle_buffer=shuffle_buffer, packed=packed, outside=outside,
-                             cluster_size=cluster_size)
+                             cluster_size=cluster_size, lists=lists)
     with torch.no_grad():
         img = enc.image_features(batch["pixel_values"]).double()
         txt = enc.text_features({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).double()
@@ -236,6 +236,38 @@ def test_teacher_scale_prob_is_refused_for_an_itm_itc_cache(run, tiny_blip, tmp_
                           "--out", tmp_path / "s", expect=None))
     assert line.startswith("error: --teacher-scale prob: ") and str(other) in line and "--score itm+itc" in line
     assert not (tmp_path / "s").exists()
+
+
+def _mine_easy(run, easy="6"):
+    """The run mined again with --easy (its embeddings re-used) and scored again (its input changed)."""
+    mined = json.loads((run / "mine" / "manifest.json").read_text())
+    cli("mine", "--run", run, "--data", mined["locations"]["data"], "--student", mined["locations"]["student"],
+        *[str(x) for kv in (("--k", mined["config"]["k"]), ("--shard-size", mined["config"]["shard_size"]))
+          for x in kv], "--easy", easy, "--force")
+    teacher = json.loads((run / "teacher" / "manifest.json").read_text())
+    cli("score-teacher", "--run", run, "--teacher", teacher["locations"]["teacher"], "--images-per-shard", "8")
+
+
+def test_list_easy_runs_the_loss_over_the_easy_lists(run):
+    _mine_easy(run)
+    distill(run, "--list", "easy", "--num-valid", "3", "--max-steps", "1", "--batch-size", "48", "--shuffle-buffer",
+            "0", "--out-of-batch", "encode")
+    made = json.loads((run / "distill" / "manifest.json").read_text())
+    assert made["identity"]["config"]["list"] == "easy"
+    got = metrics(run)[0]["distill"]
+    want = float(_first_batch_reference(run, "cprd", batch_size=48, outside="encode", lists="easy"))
+    assert got == pytest.approx(want, rel=1e-4)
+    hard = float(_first_batch_reference(run, "cprd", batch_size=48, outside="encode"))
+    assert got != pytest.approx(hard, rel=1e-3)                      # not the hard lists
+
+
+def test_list_easy_needs_easy_candidates_as_long_as_the_lists(run, tmp_path):
+    line = _error(distill(run, "--list", "easy", "--max-steps", "1", expect=None))
+    assert line.startswith("error: --list easy: ") and str(run / "mine") in line and "mine --easy K" in line
+    _mine_easy(run, easy="3")
+    line = _error(distill(run, "--list", "easy", "--max-steps", "1", expect=None))
+    assert "--num-negatives 5 is more than the 3 easy candidates per query" in line
+    assert not (run / "distill" / "final").exists()
 
 
 def test_false_negative_counts_are_logged(run):
