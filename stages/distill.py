@@ -77,8 +77,9 @@ class DistillOptions:
     # would read this field's default instead)
     list: str = option("hard", "the candidate lists to learn from: hard (the mined top k) or easy (mine --easy's, "
                                "random or from the bottom of the student's ranking, with their teacher scores: the "
-                               "same loss over easy negatives, on otherwise equal terms)", choices=layout.LISTS,
-                       added=True)
+                               "same loss over easy negatives, on otherwise equal terms). A list is cut to its first "
+                               "--num-negatives, the most similar: mine --easy as many as that for a uniform draw",
+                       choices=layout.LISTS, added=True)
     num_negatives: int = option(8, "teacher-ranked hard negatives per query (the first of the mined k)", at_least=1)
     max_teacher_margin: Optional[float] = option(None, "drop candidates the teacher scores above the query's "
                                                        "positive by more than this (likely false negatives)")
