@@ -2,8 +2,10 @@
 
 RUN/
   mine/      manifest.json  corpus/{images,texts}.parquet  embeddings/  candidates/part-NNNNN.parquet  _SUCCESS
+             easy/part-NNNNN.parquet       (with mine --easy K: K easy candidates per query, same schema)
   teacher-train/  manifest.json  checkpoints/step-N/  final/  metrics.jsonl  _SUCCESS   (optional)
   teacher/   manifest.json  pairs/part-NNNNN.parquet  part-NNNNN.parquet  _SUCCESS
+             easy/part-NNNNN.parquet       (mine's easy shards with their teacher scores, TEACHER_SCHEMA)
   distill/   manifest.json  checkpoints/step-N/  final/  metrics.jsonl  _SUCCESS
   eval/      metrics.json  report.md
 
@@ -81,9 +83,29 @@ def pair_shard(index: int) -> str:
     return f"pairs/{shard_name(index)}"
 
 
-def teacher_shards(manifest: dict) -> list[str]:
-    """The teacher shards (one per candidate shard) of a complete RUN/teacher manifest, in order."""
-    return [f for f in manifest["expected_shards"] if not f.startswith("pairs/")]
+EASY = "easy"
+LISTS = ("hard", "easy")   # which candidate lists: the mined top k, or mine --easy's
+
+
+def easy_shard(index: int) -> str:
+    """An easy-candidate shard's path inside RUN/mine (mine --easy), and its teacher shard's inside RUN/teacher."""
+    return f"{EASY}/{shard_name(index)}"
+
+
+def teacher_shard_of(mine_shard: str) -> str:
+    """The teacher shard that holds a mine shard's rows with their teacher scores: candidates/part-N.parquet ->
+    part-N.parquet, easy/part-N.parquet -> easy/part-N.parquet."""
+    return mine_shard if mine_shard.startswith(f"{EASY}/") else Path(mine_shard).name
+
+
+def teacher_shards(manifest: dict, which: str = "hard") -> list[str]:
+    """The teacher shards of a complete RUN/teacher manifest, in order: the hard candidates' (one per candidate
+    shard), or with which="easy" the easy candidates' (none unless mine ran with --easy)."""
+    if which not in LISTS:
+        raise ValueError(f"teacher_shards: which must be one of {', '.join(LISTS)}, got {which!r}")
+    easy = [f for f in manifest["expected_shards"] if f.startswith(f"{EASY}/")]
+    return easy if which == "easy" else [f for f in manifest["expected_shards"]
+                                         if not f.startswith("pairs/") and f not in easy]
 
 
 # ---------------------------------------------------------------- schemas

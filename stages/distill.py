@@ -39,6 +39,7 @@ import torch
 
 from pipeline import config as cfgmod
 from pipeline import layout
+from pipeline import teacher_scale as scales
 from pipeline.artifacts import StageWriter, atomic_write_json, read_json, require_complete
 from pipeline.card import write_card
 from pipeline.config import choice_options, location, option, runtime
@@ -76,6 +77,19 @@ class DistillOptions:
                                           "(default RUN/teacher; another is made by score-teacher --out)")
     loss: str = option("cprd", "distillation loss added to the contrastive loss", choices=registry.names())
     loss_options: Any = choice_options("loss", registry.options_by_loss, "the chosen loss's own options")
+    teacher_scale: str = option("logodds", "the scale the loss sees the teacher's scores on (negatives' and "
+                                           "positives'): logodds (as stored: ITM log-odds) or prob (the match "
+                                           "probability, their sigmoid; refused for a --score itm+itc cache, which "
+                                           "keeps no log-odds apart). --min-teacher-score and --tie-margin are on "
+                                           "this scale; --max-teacher-margin stays on the stored log-odds",
+                                choices=scales.SCALES, added=True)
+    # `list` names the option `--list`; no annotation of this class may use the builtin list (get_type_hints
+    # would read this field's default instead)
+    list: str = option("hard", "the candidate lists to learn from: hard (the mined top k) or easy (mine --easy's, "
+                               "random or from the bottom of the student's ranking, with their teacher scores: the "
+                               "same loss over easy negatives, on otherwise equal terms). A list is cut to its first "
+                               "--num-negatives, the most similar: mine --easy as many as that for a uniform draw",
+                       choices=layout.LISTS, added=True)
     num_negatives: int = option(8, "teacher-ranked hard negatives per query (the first of the mined k)", at_least=1)
     max_teacher_margin: Optional[float] = option(None, "drop candidates the teacher scores above the query's "
                                                        "positive by more than this (likely false negatives)")
@@ -210,8 +224,9 @@ def distill_inputs(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, ba
 
 def compute_loss(loss: DistillLoss, options: Any, distill_weight: float, img: torch.Tensor, txt: torch.Tensor,
                  scale: torch.Tensor, batch: dict, directions: str = "both", contrastive: str = "softmax",
-                 bias: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-    """Named terms; `loss` is their weighted sum.
+                 bias: Optional[torch.Tensor] = None, teacher_scale: str = "logodds") -> dict[str, torch.Tensor]:
+    """Named terms; `loss` is their weighted sum. The loss sees the teacher's scores on `teacher_scale`
+    (`pipeline/teacher_scale.py`).
 
     With `directions` i2t or t2i the distillation term is the loss over that direction's rows times their share
     of the batch, so each taught row weighs what it weighs with both (the other rows get no distillation).
@@ -227,7 +242,7 @@ def compute_loss(loss: DistillLoss, options: Any, distill_weight: float, img: to
         itc = itc_loss(*pairs, scale, batch["pair_positive_mask"])
     terms = {"itc": itc}
     if loss.fn is not None:
-        x = distill_inputs(img, txt, scale, batch)
+        x = scales.rescale(distill_inputs(img, txt, scale, batch), teacher_scale)
         if directions == "both":
             parts = registry.named_terms(loss.fn(x, options))
         else:
@@ -257,7 +272,7 @@ def run(cfg: DistillConfig) -> Path:
     val = read_source(cfg, "val_", bytes_dir=paths.images, log=log) if cfg.val_data else None
     if val is not None:
         identity["validation"] = val.content_hash()
-    length = Length.of(cfg, teacher_rows(teacher), dist.world_size, "teacher rows")
+    length = Length.of(cfg, teacher_rows(teacher, cfg.list), dist.world_size, "teacher rows")
     student = functools.cache(lambda: DualEncoder(cfg.student, device="cpu"))   # loaded once: precheck, then setup
     writer = StageWriter(out, identity, force=cfg.force, replace=cfg.replace, dist=dist, config=cfgmod.as_dict(cfg), log=log,
                          reads=[paths.mine, paths.teacher], precheck=student, elsewhere="another --out folder",
@@ -322,8 +337,8 @@ def batch_spec(cfg: DistillConfig, rank: int = 0, world_size: int = 1) -> BatchS
                      world_size=world_size)
 
 
-def teacher_rows(teacher: dict) -> int:
-    return sum(teacher["shards"][f]["rows"] for f in layout.teacher_shards(teacher))
+def teacher_rows(teacher: dict, which: str = "hard") -> int:
+    return sum(teacher["shards"][f]["rows"] for f in layout.teacher_shards(teacher, which))
 
 
 def _mined_by(mine: dict, paths: layout.Run) -> str:
@@ -348,10 +363,25 @@ def _upstream(cfg: DistillConfig, paths: layout.Run) -> tuple[dict, dict]:
         raise PipelineError(f"{paths.teacher} was scored on a different corpus or mining run than "
                             f"{paths.mine} (mine fingerprint {teacher['identity']['upstream'][:12]} vs "
                             f"{mine['fingerprint'][:12]}); rerun score-teacher")
-    if cfg.num_negatives > mine["k"]:
+    scales.check(cfg.teacher_scale, teacher, paths.teacher)
+    if cfg.list == "easy":
+        _check_easy(cfg, mine, teacher, paths)
+    elif cfg.num_negatives > mine["k"]:
         raise PipelineError(f"--num-negatives {cfg.num_negatives} is more than the {mine['k']} hard negatives per "
                             f"query that RUN/teacher holds (mined with --k {mine['k']})")
     return mine, teacher
+
+
+def _check_easy(cfg: DistillConfig, mine: dict, teacher: dict, paths: layout.Run) -> None:
+    """--list easy needs mine's easy lists, scored, at least --num-negatives long."""
+    easy = mine.get("easy") or 0
+    if not easy or not layout.teacher_shards(teacher, "easy"):
+        where = paths.mine if not easy else paths.teacher
+        raise PipelineError(f"--list easy: {where} holds no easy candidates; run `cprd-pipeline mine --easy K` "
+                            "(K >= --num-negatives) and score-teacher again")
+    if cfg.num_negatives > easy:
+        raise PipelineError(f"--num-negatives {cfg.num_negatives} is more than the {easy} easy candidates per "
+                            f"query that {paths.teacher} holds (mined with --easy {easy})")
 
 
 class Training(StepLoop):
@@ -387,13 +417,13 @@ class Training(StepLoop):
         towers = StudentTowers(encoder, train_bias=cfg.contrastive == "sigmoid").train()
         optimizer = torch.optim.AdamW(param_groups(towers, cfg.weight_decay), lr=cfg.lr)
 
-        files = [paths.teacher / f for f in layout.teacher_shards(teacher)]
+        files = [paths.teacher / f for f in layout.teacher_shards(teacher, cfg.list)]
         total_steps = length.total_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps))
         towers, optimizer = acc.prepare(towers, optimizer)
         encoder.device = str(acc.device)   # validation encodes with the training model, wherever it now is
-        log(f"[distill] {teacher_rows(teacher)} teacher rows, {length.steps_per_epoch} steps/epoch x "
+        log(f"[distill] {teacher_rows(teacher, cfg.list)} teacher rows ({cfg.list} lists), {length.steps_per_epoch} steps/epoch x "
             f"{dist.world_size} process(es), "
             f"{total_steps} steps, loss itc + {cfg.distill_weight} x {cfg.loss}")
         if cfg.report_to:
@@ -444,7 +474,8 @@ class Training(StepLoop):
                 img, txt, scale, bias = self.towers(batch["pixel_values"], batch["input_ids"],
                                                     batch["attention_mask"], **live)
             terms = compute_loss(self.loss, cfg.loss_options, cfg.distill_weight, img.float(), txt.float(),
-                                 scale.float(), batch, cfg.distill_directions, cfg.contrastive, bias.float())
+                                 scale.float(), batch, cfg.distill_directions, cfg.contrastive, bias.float(),
+                                 teacher_scale=cfg.teacher_scale)
             # the bias as this step used it (a view of the parameter: read before the optimizer moves it)
             self.logit_bias = float(bias.detach()) if cfg.contrastive == "sigmoid" else None
             backward_step(acc, self.towers, self.optimizer, terms, step, cfg.max_grad_norm)

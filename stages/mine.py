@@ -5,6 +5,8 @@ RUN/mine/
   embeddings/                        L2-normalised student embeddings (own fingerprint: reused across --k/--index)
   candidates/part-NNNNN.parquet      one row per query: direction, query_id, positive_ids, candidate_ids,
                                      student_scores (k hard negatives, most similar first, positives excluded)
+  easy/part-NNNNN.parquet            with --easy K: the same rows with K easy candidates instead (random, or the
+                                     bottom of the student's ranking: pipeline/easy.py), most similar first
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pipeline.config import location, option, runtime
 from pipeline.corpus import FORMATS, Corpus, known_files, read_source, recorded_root
 from pipeline.corpus import changes as corpus_changes
 from pipeline.dist import Dist, init, resolve_device
+from pipeline.easy import EASY_FROM, easy_candidates
 from pipeline.errors import PipelineError
 from pipeline.index import INDEX_KINDS, build_index, search_excluding
 from pipeline.log import make_log, make_result
@@ -57,6 +60,11 @@ class MineConfig:
                         choices=INDEX_KINDS)
     nprobe: int = option(16, "ivf: lists probed per query", at_least=1)
     shard_size: int = option(10000, "queries per candidate shard", at_least=1)
+    easy: int = option(0, "also write this many easy candidates per query (RUN/mine/easy/, scored by score-teacher "
+                          "too, read by distill --list easy): lists beyond the top, to run a loss over easy "
+                          "negatives on otherwise equal terms; 0: none", added=True, at_least=0)
+    easy_from: str = option("random", "with --easy: random (uniform over the corpus, positives excluded) or bottom "
+                                      "(the least similar under the student)", choices=EASY_FROM, added=True)
     batch_size: int = runtime(64, "images per encoding batch (texts use 4x)", at_least=1)
     search_batch: int = runtime(4096, "queries per FAISS search call", at_least=1)
     num_workers: int = runtime(0, "DataLoader workers that decode images", at_least=0)
@@ -80,18 +88,23 @@ def check(cfg: MineConfig) -> None:
     if not cfg.run or not cfg.data or not cfg.student:
         raise PipelineError("mine needs --run, --data and --student")
     _directions(cfg)
+    if not cfg.easy and cfg.easy_from != MineConfig.easy_from:
+        raise PipelineError("--easy-from says where --easy draws its candidates (add --easy K, or leave it out)")
 
 
 def _check_k(cfg: MineConfig, corpus: Corpus, dirs: list[str]) -> None:
-    if "i2t" in dirs:
-        most = max(len(p) for p in corpus.image_text_rows())
-        avail = corpus.num_texts - most
-        if cfg.k >= avail:
-            raise PipelineError(f"--k {cfg.k} is not smaller than the {avail} negative captions available to "
-                                f"every image query ({corpus.num_texts} captions, up to {most} positives)")
-    if "t2i" in dirs and cfg.k >= corpus.num_images - 1:
-        raise PipelineError(f"--k {cfg.k} is not smaller than the {corpus.num_images - 1} negative images "
-                            "available to every caption query")
+    for flag, k in (("--k", cfg.k), ("--easy", cfg.easy)):
+        if not k:
+            continue
+        if "i2t" in dirs:
+            most = max(len(p) for p in corpus.image_text_rows())
+            avail = corpus.num_texts - most
+            if k >= avail:
+                raise PipelineError(f"{flag} {k} is not smaller than the {avail} negative captions available to "
+                                    f"every image query ({corpus.num_texts} captions, up to {most} positives)")
+        if "t2i" in dirs and k >= corpus.num_images - 1:
+            raise PipelineError(f"{flag} {k} is not smaller than the {corpus.num_images - 1} negative images "
+                                "available to every caption query")
 
 
 def _embed(cfg: MineConfig, corpus: Corpus, student_id: dict, corpus_hash: str, run: Path, dist: Dist,
@@ -130,6 +143,13 @@ def _embed(cfg: MineConfig, corpus: Corpus, student_id: dict, corpus_hash: str, 
     return load("images"), load("texts")
 
 
+def _candidates(direction: str, qids, pos_ids: list, cand_ids: np.ndarray, scores: np.ndarray) -> pa.Table:
+    """A candidate shard: one row per query, its candidates [Q, k] (ids) with their student cosines [Q, k]."""
+    return pa.table({"direction": [direction] * len(qids), "query_id": list(qids), "positive_ids": pos_ids,
+                     "candidate_ids": [list(r) for r in cand_ids], "student_scores": list(scores)},
+                    schema=layout.CANDIDATE_SCHEMA)
+
+
 def run(cfg: MineConfig) -> Path:
     dist = init(cfg.device)
     log = make_log(dist.is_main)
@@ -156,7 +176,8 @@ def run(cfg: MineConfig) -> Path:
         n = corpus.num_images if d == "i2t" else corpus.num_texts
         plan += [(d, s, min(n, s + cfg.shard_size)) for s in range(0, n, cfg.shard_size)]
     shard_files = [layout.candidate_shard(i) for i in range(len(plan))]
-    expected = list(layout.CORPUS_FILES) + shard_files
+    easy_files = [layout.easy_shard(i) for i in range(len(plan))] if cfg.easy else [None] * len(plan)
+    expected = list(layout.CORPUS_FILES) + shard_files + [f for f in easy_files if f]
 
     writer = StageWriter(out, identity, force=cfg.force, replace=cfg.replace, dist=dist, keep=["embeddings"],
                          config=cfgmod.as_dict(cfg), log=log, derived=layout.CORPUS_FILES,
@@ -179,19 +200,20 @@ def run(cfg: MineConfig) -> Path:
 
         img_emb, txt_emb = _embed(cfg, corpus, student_id, corpus_hash, run_dir, dist, device, log)
 
-        todo = [(f, p) for f, p in layout.rank_share(list(zip(shard_files, plan)), dist.rank, dist.world_size)
-                if not writer.is_done(f)]
+        todo = [(f, easy, p) for f, easy, p in layout.rank_share(list(zip(shard_files, easy_files, plan)), dist.rank,
+                                                                 dist.world_size)
+                if not writer.is_done(f) or (easy and not writer.is_done(easy))]
         log(f"[mine] {len(plan)} candidate shard(s); {len(todo)} to write on this rank")
         text_pos_of_image = corpus.image_text_rows()          # i2t positives: rows in the text table
         image_of_text = corpus.text_image_rows()               # t2i positive: one row in the image table
         image_ids, text_ids = np.asarray(corpus.image_ids, dtype=object), np.asarray(corpus.text_ids, dtype=object)
         for d in dirs:
-            work = [(f, s, e) for f, (dd, s, e) in todo if dd == d]
+            work = [(f, easy, s, e) for f, easy, (dd, s, e) in todo if dd == d]
             if not work:
                 continue
             cand_emb, query_emb = (txt_emb, img_emb) if d == "i2t" else (img_emb, txt_emb)
             index = build_index(cand_emb, cfg.index, nprobe=cfg.nprobe, use_gpu=device.startswith("cuda"), log=log)
-            for f, s, e in work:
+            for f, easy, s, e in work:
                 if d == "i2t":
                     positives = text_pos_of_image[s:e]
                     qids, cand_ids = image_ids[s:e], text_ids
@@ -200,20 +222,20 @@ def run(cfg: MineConfig) -> Path:
                     positives = [image_of_text[i:i + 1] for i in range(s, e)]
                     qids, cand_ids = text_ids[s:e], image_ids
                     pos_ids = [[image_ids[image_of_text[i]]] for i in range(s, e)]
-                rows, scores = search_excluding(index, query_emb[s:e], positives, cfg.k, cfg.search_batch,
-                                                progress=dist.is_main, desc=f"search {d} {s}:{e}")
-                table = pa.table({
-                    "direction": [d] * (e - s),
-                    "query_id": list(qids),
-                    "positive_ids": pos_ids,
-                    "candidate_ids": [list(r) for r in cand_ids[rows]],
-                    "student_scores": list(scores),
-                }, schema=layout.CANDIDATE_SCHEMA)
-                writer.write_table(f, table)
-                log(f"[mine] wrote {f} ({d} queries {s}:{e})")
-        writer.finish(expected, extra={"directions": dirs, "k": cfg.k, "num_images": corpus.num_images,
-                                       "num_texts": corpus.num_texts,
-                                       "shard_plan": [{"file": f, "direction": d, "start": s, "end": e}
-                                                      for f, (d, s, e) in zip(shard_files, plan)]})
+                if not writer.is_done(f):
+                    rows, scores = search_excluding(index, query_emb[s:e], positives, cfg.k, cfg.search_batch,
+                                                    progress=dist.is_main, desc=f"search {d} {s}:{e}")
+                    writer.write_table(f, _candidates(d, qids, pos_ids, cand_ids[rows], scores))
+                    log(f"[mine] wrote {f} ({d} queries {s}:{e})")
+                if easy and not writer.is_done(easy):
+                    rows, scores = easy_candidates(cfg.easy_from, index, cand_emb, query_emb[s:e], positives,
+                                                   cfg.easy, d, s, cfg.search_batch)
+                    writer.write_table(easy, _candidates(d, qids, pos_ids, cand_ids[rows], scores))
+                    log(f"[mine] wrote {easy} ({d} queries {s}:{e}, {cfg.easy} {cfg.easy_from} candidates each)")
+        writer.finish(expected, extra={"directions": dirs, "k": cfg.k, "easy": cfg.easy,
+                                       "num_images": corpus.num_images, "num_texts": corpus.num_texts,
+                                       "shard_plan": [{"file": f, "direction": d, "start": s, "end": e,
+                                                       **({"easy": easy} if easy else {})}
+                                                      for f, easy, (d, s, e) in zip(shard_files, easy_files, plan)]})
     make_result(dist.is_main)(f"[mine] done: {out}")
     return out

@@ -9,6 +9,7 @@ RUN/teacher/
   pairs/part-NNNNN.parquet   image_id, text_id, score (raw match log-odds)
   part-NNNNN.parquet         the candidate shard of the same number + teacher_scores (aligned with
                              candidate_ids) + positive_teacher_scores (aligned with positive_ids)
+  easy/part-NNNNN.parquet    the same for mine's easy shards (mine --easy), scored in the same pass
 """
 from __future__ import annotations
 
@@ -142,7 +143,8 @@ def run(cfg: ScoreTeacherConfig) -> Path:
 
 
 def _run(cfg, writer, mine, mine_dir, corpus, dist, device, dtype, log) -> None:
-    cand_files = [p["file"] for p in mine["shard_plan"]]
+    # the hard candidates' shards, then the easy ones' (mine --easy): their pairs are scored in one pass
+    cand_files = [p["file"] for p in mine["shard_plan"]] + [p["easy"] for p in mine["shard_plan"] if p.get("easy")]
     corpus_ids = (pa.array(corpus.image_ids), pa.array(corpus.text_ids))
     n_texts = corpus.num_texts
 
@@ -155,7 +157,7 @@ def _run(cfg, writer, mine, mine_dir, corpus, dist, device, dtype, log) -> None:
                                                      cfg.images_per_shard))
     pair_plan = [(i, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1) if bounds[i + 1] > bounds[i]]
     pair_files = [layout.pair_shard(n) for n in range(len(pair_plan))]
-    out_files = [Path(f).name for f in cand_files]
+    out_files = [layout.teacher_shard_of(f) for f in cand_files]
     writer.plan(pair_files + out_files)
     log(f"[score-teacher] {len(keys)} unique pairs over {len(np.unique(image_of_key))} images "
         f"in {len(pair_files)} pair shard(s)")

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from ..config import option
-from ._common import NEG, check_pair, mean_over_rows
+from ._common import check_pair, mean_over_rows
+from ._partial import PartialOrderOptions, reduce_rows, teacher_order
 from .registry import DistillInputs, register
 
 
@@ -17,7 +18,7 @@ LIFTS = ("negative", "positive", "only")   # where each ordered pair's gradient 
 def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: torch.Tensor | None = None,
               num_valid: int | None = None, min_teacher_score: float | None = None,
               tie_margin: float | None = None, lift: str = "negative",
-              positive: torch.Tensor | None = None) -> torch.Tensor:
+              positive: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
     r"""Teach the student the teacher's order among the top hard negatives only.
 
     Per row, order the n real candidates by teacher score, descending (stable); s(j) is the student logit of
@@ -29,6 +30,11 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
     each valid negative contrasted against everything the teacher ranks below it; the order among the rest
     (easy negatives) is not taught. Rows with m = 0 are skipped; the result is the mean over the other rows,
     or a zero that still carries a graph when there are none.
+
+    `reduction="sum"` drops the 1/m: the paper's L = -sum_i sum_{j<J_i*} log(exp(s_ij) / sum_{k>=j} exp(s_ik))
+    sums a query's valid positions (the mean over queries stays, as for every loss). The mean is the default:
+    under the sum a query's term grows with its m (up to `num_valid`), so what `distill_weight` means, and the
+    balance against the contrastive term, would change with `num_valid` and with how many positions a row has.
 
     With `tie_margin` d > 0, "below" means scored at least d lower: the j-th is contrasted only against the l
     with t(l) <= t(j) - d,
@@ -56,10 +62,9 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
     | tie_margin        | float  | optional d > 0: only pairs the teacher scores d or more apart are ordered |
     | lift              | str    | where each term's gradient goes: negative (plain), positive, only  |
     | positive          | [B]    | the positives' student logits, needed for lift="positive"          |
+    | reduction         | str    | a row's terms over its valid positions: mean (1/m) or sum           |
     """
-    mask = check_pair("cprd_loss", student_logits, teacher_scores, mask)
-    if tie_margin is not None and not tie_margin > 0:
-        raise ValueError(f"cprd_loss: tie_margin must be > 0 (or None for the plain order), got {tie_margin}")
+    check_pair("cprd_loss", student_logits, teacher_scores, mask)
     if lift not in LIFTS:
         raise ValueError(f"cprd_loss: lift must be one of {', '.join(LIFTS)}, got {lift!r}")
     b = student_logits.shape[0]
@@ -67,32 +72,13 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
         got = None if positive is None else tuple(positive.shape)
         raise ValueError(f"cprd_loss: lift='positive' needs positive of shape [B] = [{b}] (one positive logit per "
                          f"row), got {got}")
-    s = student_logits.float()
-    t = teacher_scores.float().masked_fill(~mask, float("-inf"))
-    order = torch.sort(t, dim=1, descending=True, stable=True).indices          # padding sorts last
-    s = torch.gather(s, 1, order)
-    real = torch.gather(mask, 1, order)
-    t = torch.gather(t, 1, order)
-    s = torch.where(real, s, torch.full_like(s, NEG))
+    o = teacher_order("cprd_loss", student_logits, teacher_scores, mask, num_valid, min_teacher_score, tie_margin)
+    s = o.s
     tail_lse = torch.logcumsumexp(s.flip(1), dim=1).flip(1)                     # [B, N]: logsumexp_{l>=j}
-    n = real.sum(1, keepdim=True)
-    pos = torch.arange(s.shape[1], device=s.device).unsqueeze(0)
-    valid = real & (pos < n - 1)
-    if num_valid is not None:
-        valid &= pos < num_valid
-    if min_teacher_score is not None:
-        valid &= t >= min_teacher_score
     if tie_margin is None and lift == "negative":   # the plain order; the branch below gives the same value,
         terms = tail_lse - s                         # not the same last bits, and trained students stay as they were
     else:
-        if tie_margin is None:
-            first = (pos + 1).expand_as(s)                                                  # everything below j
-        else:
-            # the first position scored tie_margin below each j: t is descending, so -t is sorted ascending
-            first = torch.searchsorted(-t.contiguous(), (tie_margin - t).contiguous())         # [B, N]
-            first = torch.maximum(first, pos + 1)   # never j itself, even where t - d rounds back to t
-            valid &= first < n
-        below = torch.gather(tail_lse, 1, first.clamp(max=s.shape[1] - 1))                  # lse_{l>=first}
+        below = torch.gather(tail_lse, 1, o.first.clamp(max=s.shape[1] - 1))               # lse_{l>=first}
         anchor = s
         if lift == "positive":            # s(j)'s value, the positive's gradient
             p = positive.float()[:, None]
@@ -100,22 +86,12 @@ def cprd_loss(student_logits: torch.Tensor, teacher_scores: torch.Tensor, mask: 
         elif lift == "only":
             below = below.detach()
         terms = torch.logaddexp(anchor, below) - anchor
-    terms = torch.where(valid, terms, torch.zeros_like(s))
-    m = valid.sum(1)
-    row_loss = terms.sum(1) / m.clamp(min=1)
+    row_loss, m = reduce_rows(terms, o.valid, reduction, "cprd_loss")
     return mean_over_rows(row_loss, m > 0, student_logits)
 
 
 @dataclass
-class CPRDOptions:
-    num_valid: Optional[int] = option(4, "at most this many of the teacher's top candidates have their order taught",
-                                      at_least=1)
-    min_teacher_score: Optional[float] = option(None, "a candidate is valid only if its teacher score >= this")
-    include_positive: bool = option(False, "the positive joins the list with its teacher score (LoopITR's list)")
-    student_temperature: float = option(1.0, "the ranking term's student logits are divided by this (apart from "
-                                             "the contrastive term's learned scale)", above=0)
-    tie_margin: Optional[float] = option(None, "order only pairs the teacher scores at least this far apart (ties "
-                                               "and near-ties are not taught)", added=True, above=0)
+class CPRDOptions(PartialOrderOptions):
     lift: str = option("negative", "where each ordered pair's gradient goes: negative (lift the higher-ranked "
                                    "negative, lower the lower one), positive (lift the positive instead), only (lift "
                                    "the higher one, lower nothing)", choices=LIFTS, added=True)
@@ -126,4 +102,4 @@ def cprd(x: DistillInputs, o: CPRDOptions) -> torch.Tensor:
     if o.include_positive:
         x = x.with_positive()
     return cprd_loss(x.student / o.student_temperature, x.teacher, x.mask, o.num_valid, o.min_teacher_score,
-                     o.tie_margin, o.lift, x.student_positive / o.student_temperature)
+                     o.tie_margin, o.lift, x.student_positive / o.student_temperature, o.reduction)

@@ -48,11 +48,12 @@ def test_first_losses_are_deterministic_and_named(run, tmp_path):
     assert metrics(other)[0]["loss"] != a[0]["loss"]  # the seed matters (positive choice, shuffling)
 
 
-LOSS_FLAGS = {"cprd": ("--num-valid", "3"), "kl": ("--teacher-temperature", "2")}
+LOSS_FLAGS = {"cprd": ("--num-valid", "3"), "kl": ("--teacher-temperature", "2"),
+              "partial-hinge": ("--num-valid", "3", "--hinge-margin", "0.5")}
 
 
 def first_batch(run, batch_size=16, num_negatives=5, seed=0, shuffle_buffer=0, packed=False, outside="drop",
-                cluster_size=64):
+                cluster_size=64, lists="hard"):
     """(the first batch of epoch 0 as distill builds it, the student): the shuffled stream's first rows (the
     default), or packed in clusters around their negatives; list entries outside the batch dropped or kept."""
     from pipeline.corpus import load_tables
@@ -62,7 +63,7 @@ def first_batch(run, batch_size=16, num_negatives=5, seed=0, shuffle_buffer=0, p
 
     student = json.loads((run / "mine" / "manifest.json").read_text())["config"]["student"]
     enc = DualEncoder(student)
-    files = sorted((run / "teacher").glob("part-*.parquet"))
+    files = sorted((run / "teacher" / ("easy" if lists == "easy" else "")).glob("part-*.parquet"))
     corpus = load_tables(run / "mine" / "corpus")
     spec = BatchSpec(batch_size=batch_size, num_negatives=num_negatives, seed=seed, shuffle_buffer=shuffle_buffer,
                      outside=outside)
@@ -73,10 +74,11 @@ def first_batch(run, batch_size=16, num_negatives=5, seed=0, shuffle_buffer=0, p
 
 
 def _first_batch_reference(run, loss, include_positive=False, direction=None, shuffle_buffer=0, packed=False,
-                           outside="drop", batch_size=16, cluster_size=64):
+                           outside="drop", batch_size=16, cluster_size=64, prob=False, lists="hard"):
     """The first step's distillation term recomputed outside the loop: the first batch (the stream's, shuffle off
     unless asked, or packed) through the untouched student, then the plain-loop reference of the named loss (with
-    `direction` "i2t" or "t2i": over that direction's rows only, times their share of the batch)."""
+    `direction` "i2t" or "t2i": over that direction's rows only, times their share of the batch; with `prob`, the
+    teacher's scores as match probabilities, 1 / (1 + exp(-log-odds)))."""
     import sys
     from pathlib import Path
 
@@ -84,7 +86,7 @@ def _first_batch_reference(run, loss, include_positive=False, direction=None, sh
     import reference as ref
 
     batch, enc = first_batch(run, batch_size, shuffle_buffer=shuffle_buffer, packed=packed, outside=outside,
-                             cluster_size=cluster_size)
+                             cluster_size=cluster_size, lists=lists)
     with torch.no_grad():
         img = enc.image_features(batch["pixel_values"]).double()
         txt = enc.text_features({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).double()
@@ -98,6 +100,8 @@ def _first_batch_reference(run, loss, include_positive=False, direction=None, sh
         s_pos.append(scale * float(q @ pool[batch["positive"][r]]))
     s, s_pos = torch.tensor(s, dtype=torch.float64), torch.tensor(s_pos, dtype=torch.float64)
     t, t_pos, m = batch["teacher"].double(), batch["teacher_positive"].double(), batch["candidate_mask"]
+    if prob:
+        t, t_pos = 1 / (1 + torch.exp(-t)), 1 / (1 + torch.exp(-t_pos))
     if include_positive:
         s, t = torch.cat([s_pos[:, None], s], 1), torch.cat([t_pos[:, None], t], 1)
         m = torch.cat([torch.ones(len(m), 1, dtype=torch.bool), m], 1)
@@ -111,10 +115,14 @@ def _first_batch_reference(run, loss, include_positive=False, direction=None, sh
             "margin-mse": lambda: ref.margin_mse_ref(s_pos, s, t_pos, t, m),
             "hard-negatives": lambda: ref.hard_negatives_ref(s_pos, s, m),
             "cprd-kl/cprd": lambda: ref.cprd_ref(s, t, m, num_valid=3),
-            "cprd-kl/kl": lambda: 0.5 * ref.kl_ref(s, t, m, T=2.0), "kl-T2": lambda: ref.kl_ref(s, t, m, T=2.0)}[loss]()
+            "cprd-kl/kl": lambda: 0.5 * ref.kl_ref(s, t, m, T=2.0), "kl-T2": lambda: ref.kl_ref(s, t, m, T=2.0),
+            "kl-T0.1": lambda: ref.kl_ref(s, t, m, T=0.1),
+            "partial-ranknet": lambda: ref.partial_pairs_ref(s, t, ref.ranknet_pair, m, 4),
+            "partial-hinge": lambda: ref.partial_pairs_ref(s, t, ref.hinge_pair(0.5), m, 3)}[loss]()
 
 
-@pytest.mark.parametrize("loss", ["cprd", "kl", "listmle", "ranknet", "margin-mse", "hard-negatives", "none"])
+@pytest.mark.parametrize("loss", ["cprd", "kl", "listmle", "ranknet", "margin-mse", "hard-negatives", "partial-ranknet",
+                                  "partial-hinge", "none"])
 def test_every_loss_runs_through_the_loop_as_itself(run, loss):
     # batches of 48 rows, each list cut to the entries that are queries or positives of its own batch
     distill(run, "--loss", loss, *LOSS_FLAGS.get(loss, ()), "--max-steps", "2", "--batch-size", "48",
@@ -205,6 +213,63 @@ def test_only_the_chosen_losses_options_enter_the_fingerprint(run, tmp_path):
     assert "--teacher-temperature is an option of cprd-kl / kl, not of --loss cprd" in line
 
 
+def test_teacher_scale_prob_gives_the_loss_match_probabilities_and_enters_the_fingerprint(run, tmp_path):
+    flags = ("--loss", "kl", "--teacher-temperature", "0.1", "--max-steps", "1", "--batch-size", "48",
+             "--shuffle-buffer", "0", "--out-of-batch", "drop")
+    distill(run, *flags)
+    logodds = metrics(run)[0]["distill"]
+    assert "teacher_scale" not in json.loads((run / "distill" / "manifest.json").read_text())["identity"]["config"]
+    distill(run, *flags, "--teacher-scale", "prob", "--out", tmp_path / "prob")
+    made = json.loads((tmp_path / "prob" / "manifest.json").read_text())
+    assert made["identity"]["config"]["teacher_scale"] == "prob"
+    got = json.loads((tmp_path / "prob" / "metrics.jsonl").read_text().splitlines()[0])["distill"]
+    assert got == pytest.approx(float(_first_batch_reference(run, "kl-T0.1", batch_size=48, prob=True)), rel=1e-4)
+    assert logodds == pytest.approx(float(_first_batch_reference(run, "kl-T0.1", batch_size=48)), rel=1e-4)
+    assert got != pytest.approx(logodds, rel=1e-2)
+
+
+def test_teacher_scale_prob_is_refused_for_an_itm_itc_cache(run, tiny_blip, tmp_path):
+    other = tmp_path / "teacher-itc"
+    cli("score-teacher", "--run", run, "--teacher", tiny_blip, "--images-per-shard", "8", "--score", "itm+itc",
+        "--out", other)
+    line = _error(distill(run, "--max-steps", "1", "--scores", other, "--teacher-scale", "prob",
+                          "--out", tmp_path / "s", expect=None))
+    assert line.startswith("error: --teacher-scale prob: ") and str(other) in line and "--score itm+itc" in line
+    assert not (tmp_path / "s").exists()
+
+
+def _mine_easy(run, easy="6"):
+    """The run mined again with --easy (its embeddings re-used) and scored again (its input changed)."""
+    mined = json.loads((run / "mine" / "manifest.json").read_text())
+    cli("mine", "--run", run, "--data", mined["locations"]["data"], "--student", mined["locations"]["student"],
+        *[str(x) for kv in (("--k", mined["config"]["k"]), ("--shard-size", mined["config"]["shard_size"]))
+          for x in kv], "--easy", easy, "--force")
+    teacher = json.loads((run / "teacher" / "manifest.json").read_text())
+    cli("score-teacher", "--run", run, "--teacher", teacher["locations"]["teacher"], "--images-per-shard", "8")
+
+
+def test_list_easy_runs_the_loss_over_the_easy_lists(run):
+    _mine_easy(run)
+    distill(run, "--list", "easy", "--num-valid", "3", "--max-steps", "1", "--batch-size", "48", "--shuffle-buffer",
+            "0", "--out-of-batch", "encode")
+    made = json.loads((run / "distill" / "manifest.json").read_text())
+    assert made["identity"]["config"]["list"] == "easy"
+    got = metrics(run)[0]["distill"]
+    want = float(_first_batch_reference(run, "cprd", batch_size=48, outside="encode", lists="easy"))
+    assert got == pytest.approx(want, rel=1e-4)
+    hard = float(_first_batch_reference(run, "cprd", batch_size=48, outside="encode"))
+    assert got != pytest.approx(hard, rel=1e-3)                      # not the hard lists
+
+
+def test_list_easy_needs_easy_candidates_as_long_as_the_lists(run, tmp_path):
+    line = _error(distill(run, "--list", "easy", "--max-steps", "1", expect=None))
+    assert line.startswith("error: --list easy: ") and str(run / "mine") in line and "mine --easy K" in line
+    _mine_easy(run, easy="3")
+    line = _error(distill(run, "--list", "easy", "--max-steps", "1", expect=None))
+    assert "--num-negatives 5 is more than the 3 easy candidates per query" in line
+    assert not (run / "distill" / "final").exists()
+
+
 def test_false_negative_counts_are_logged(run):
     distill(run, "--max-steps", "2", "--max-teacher-margin", "0")
     m = metrics(run)
@@ -277,6 +342,10 @@ def test_unknown_loss(run):
                                            (("--batch-size", "0"), "--batch-size: must be >= 1, got 0"),
                                            (("--num-valid", "-1"), "--num-valid: must be >= 1"),
                                            (("--tie-margin", "0"), "--tie-margin: must be > 0, got 0.0"),
+                                           (("--reduction", "max"), "'--reduction': 'max' is not one of 'mean', 'sum'"),
+                                           (("--loss", "listmle", "--reduction", "sum"),
+                                            "--reduction is an option of cprd / cprd-kl / partial-hinge / "
+                                            "partial-ranknet, not of --loss listmle"),
                                            (("--loss", "cprd-kl", "--kl-weight", "-1"),
                                             "--kl-weight: must be >= 0, got -1.0"),
                                            (("--student-temperature", "0"), "--student-temperature: must be > 0"),

@@ -331,3 +331,53 @@ def test_status_marks_mine_stale_when_an_image_or_the_student_changed(tmp_path, 
     assert "complete" in status()["mine"]
     (student / "config.json").write_text((student / "config.json").read_text().replace("}", ', "extra": 1}', 1))
     assert f"stale: student file {student / 'config.json'} changed since it was made" in status()["mine"]
+
+
+def _rows(run: Path, folder: str) -> list[dict]:
+    return [row for f in sorted((run / "mine" / folder).glob("part-*.parquet")) for row in pq.read_table(f).to_pylist()]
+
+
+@pytest.mark.parametrize("how", ["random", "bottom"])
+def test_easy_candidates_sit_beside_the_hard_ones_for_the_same_queries(tmp_path, corpus_file, tiny_clip, how):
+    run = tmp_path / "run"
+    mine(run, corpus_file, tiny_clip, "--easy", "4", "--easy-from", how)
+    emb = run / "mine" / "embeddings"
+    img, txt = np.load(emb / "images-00000.npy"), np.load(emb / "texts-00000.npy")
+    images = pq.read_table(run / "mine" / "corpus" / "images.parquet").to_pydict()
+    texts = pq.read_table(run / "mine" / "corpus" / "texts.parquet").to_pydict()
+    image_row = {iid: i for i, iid in enumerate(images["image_id"])}
+    text_row = {tid: i for i, tid in enumerate(texts["text_id"])}
+    hard, easy = _rows(run, "candidates"), _rows(run, "easy")
+    assert len(easy) == len(hard) == 24 + 120
+    differs = 0
+    for h, e in zip(hard, easy):
+        assert {k: e[k] for k in ("direction", "query_id", "positive_ids")} == \
+               {k: h[k] for k in ("direction", "query_id", "positive_ids")}
+        i2t = e["direction"] == "i2t"
+        q = img[image_row[e["query_id"]]] if i2t else txt[text_row[e["query_id"]]]
+        cand, ids = (txt, texts["text_id"]) if i2t else (img, images["image_id"])
+        sims = {c: float(q @ cand[i]) for i, c in enumerate(ids) if c not in e["positive_ids"]}
+        assert len(set(e["candidate_ids"])) == 4 and not set(e["candidate_ids"]) & set(e["positive_ids"])
+        np.testing.assert_allclose(e["student_scores"], [sims[c] for c in e["candidate_ids"]], atol=1e-5)
+        assert e["student_scores"] == sorted(e["student_scores"], reverse=True)
+        if how == "bottom":
+            np.testing.assert_allclose(e["student_scores"], sorted(sims.values())[:4][::-1], atol=1e-5)
+        differs += set(e["candidate_ids"]) != set(h["candidate_ids"][:4])
+    assert differs > len(easy) // 2                      # not the top again
+    manifest = json.loads((run / "mine" / "manifest.json").read_text())
+    assert manifest["easy"] == 4 and manifest["config"]["easy_from"] == how
+    plan = manifest["shard_plan"]
+    assert [p["easy"] for p in plan] == [f"easy/part-{i:05d}.parquet" for i in range(len(plan))]
+    assert "up to date" in mine(run, corpus_file, tiny_clip, "--easy", "4", "--easy-from", how).output
+
+
+def test_without_easy_nothing_changes_and_easy_options_are_checked(tmp_path, corpus_file, tiny_clip):
+    run = tmp_path / "run"
+    mine(run, corpus_file, tiny_clip)
+    manifest = json.loads((run / "mine" / "manifest.json").read_text())
+    assert "easy" not in manifest["identity"]["config"] and "easy_from" not in manifest["identity"]["config"]
+    assert not (run / "mine" / "easy").exists() and all("easy" not in p for p in manifest["shard_plan"])
+    r = mine(tmp_path / "other", corpus_file, tiny_clip, "--easy-from", "bottom", expect=None)
+    _assert_clean_error(r, "--easy-from says where --easy draws its candidates", tmp_path / "other")
+    r = mine(tmp_path / "other", corpus_file, tiny_clip, "--easy", "23", expect=None)
+    _assert_clean_error(r, r"--easy 23 is not smaller than the 23 negative images", tmp_path / "other")

@@ -282,3 +282,32 @@ def test_the_code_names_follow_the_verb_and_the_earlier_ones_still_work(run, tmp
     assert Run(tmp_path, scores=tmp_path / "b").teacher == tmp_path / "b"
     with pytest.raises(PipelineError, match="score-teacher needs --run and --teacher"):
         stages.run(TeacherConfig(run=str(run)))   # the earlier name is the same stage's config
+
+
+def test_easy_candidates_are_scored_in_the_same_pass(run, tiny_blip):
+    import json
+
+    from pipeline import layout
+
+    mined = json.loads((run / "mine" / "manifest.json").read_text())
+    cli("mine", "--run", run, "--data", mined["locations"]["data"], "--student", mined["locations"]["student"],
+        "--k", "6", "--shard-size", "7", "--easy", "4", "--force")
+    score(run, tiny_blip)
+    manifest = json.loads((run / "teacher" / "manifest.json").read_text())
+    hard, easy = layout.teacher_shards(manifest), layout.teacher_shards(manifest, "easy")
+    assert hard == [f"part-{i:05d}.parquet" for i in range(len(hard))]
+    assert easy == [f"easy/part-{i:05d}.parquet" for i in range(len(hard))]
+    rows = [r for f in easy for r in pq.read_table(run / "teacher" / f).to_pylist()]
+    mine_rows = [r for f in sorted((run / "mine" / "easy").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert [{k: r[k] for k in c} for r, c in zip(rows, mine_rows)] == mine_rows    # mine's easy rows pass through
+    assert teacher_rows(run) and all(len(r["candidate_ids"]) == 6 for r in teacher_rows(run))   # hard ones as before
+    pairs, stored = [], []
+    for r in rows[::4]:
+        for ids, scores in ((r["candidate_ids"], r["teacher_scores"]), (r["positive_ids"], r["positive_teacher_scores"])):
+            assert len(ids) == len(scores) and (len(ids) == 4 or ids is r["positive_ids"])
+            for other, s in zip(ids, scores):
+                pairs.append((r["query_id"], other) if r["direction"] == "i2t" else (other, r["query_id"]))
+                stored.append(s)
+    ref = reference_scores("blip", tiny_blip, run, pairs)
+    np.testing.assert_allclose(stored, ref, atol=1e-4, rtol=0)
+    assert np.std(ref) > 0

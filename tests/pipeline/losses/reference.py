@@ -9,9 +9,11 @@ def rows(student, teacher, mask):
         yield b, idx
 
 
-def cprd_ref(student, teacher, mask=None, num_valid=None, min_teacher_score=None, lift="negative", positive=None):
+def cprd_ref(student, teacher, mask=None, num_valid=None, min_teacher_score=None, lift="negative", positive=None,
+             reduction="mean"):
     """lift="positive": the j-th candidate's value in its own term, with the positive's gradient [B];
-    lift="only": the candidates below j are constants in j's term."""
+    lift="only": the candidates below j are constants in j's term; reduction="sum": a row's terms summed (the
+    paper's sum over j < J*), not averaged."""
     losses = []
     for b, idx in rows(student, teacher, mask):
         order = sorted(idx, key=lambda j: -float(teacher[b, j]))  # sorted() is stable
@@ -30,7 +32,7 @@ def cprd_ref(student, teacher, mask=None, num_valid=None, min_teacher_score=None
             anchor = student[b, order[j]] if lift != "positive" else anchor_ref(student[b, order[j]], positive[b])
             tail = torch.stack([anchor] + [below_ref(student[b, order[l]], lift) for l in range(j + 1, n)])
             total = total + torch.logsumexp(tail, 0) - anchor
-        losses.append(total / m)
+        losses.append(total / m if reduction == "mean" else total)
     return torch.stack(losses).mean() if losses else None
 
 
@@ -43,7 +45,7 @@ def below_ref(value, lift):
 
 
 def cprd_tie_margin_ref(student, teacher, mask=None, num_valid=None, tie_margin=1.0, lift="negative",
-                        positive=None):
+                        positive=None, reduction="mean"):
     """CPRD where j is contrasted against itself and every l the teacher scores at least tie_margin lower."""
     losses = []
     for b, idx in rows(student, teacher, mask):
@@ -59,8 +61,39 @@ def cprd_tie_margin_ref(student, teacher, mask=None, num_valid=None, tie_margin=
             lse = torch.logsumexp(torch.stack([anchor] + [below_ref(student[b, l], lift) for l in below]), 0)
             terms.append(lse - anchor)
         if terms:
-            losses.append(sum(terms) / len(terms))
+            losses.append(sum(terms) / (len(terms) if reduction == "mean" else 1))
     return torch.stack(losses).mean() if losses else None
+
+
+def partial_pairs_ref(student, teacher, pair, mask=None, num_valid=None, min_teacher_score=None, tie_margin=None,
+                      reduction="mean"):
+    """CPRD's ordered pairs, each j's term the mean of pair(s_j, s_l) over the l the teacher ranks below it (with
+    tie_margin d: scored at least d lower); a row's terms averaged ("mean") or summed ("sum") over its valid j."""
+    losses = []
+    for b, idx in rows(student, teacher, mask):
+        order = sorted(idx, key=lambda j: -float(teacher[b, j]))  # sorted() is stable
+        terms = []
+        for j, c in enumerate(order):
+            if num_valid is not None and j >= num_valid:
+                break
+            if min_teacher_score is not None and float(teacher[b, c]) < min_teacher_score:
+                break
+            below = [l for l in order[j + 1:]
+                     if tie_margin is None or float(teacher[b, l]) <= float(teacher[b, c]) - tie_margin]
+            if not below:
+                continue
+            terms.append(sum(pair(student[b, c], student[b, l]) for l in below) / len(below))
+        if terms:
+            losses.append(sum(terms) / (len(terms) if reduction == "mean" else 1))
+    return torch.stack(losses).mean() if losses else None
+
+
+def ranknet_pair(hi, lo):
+    return torch.log1p(torch.exp(-(hi - lo)))
+
+
+def hinge_pair(margin):
+    return lambda hi, lo: torch.clamp(margin - (hi - lo), min=0)
 
 
 def kl_ref(student, teacher, mask=None, T=1.0):

@@ -6,8 +6,8 @@ import torch
 
 from pipeline.losses import DistillInputs, registry
 
-from reference import (cprd_ref, cprd_tie_margin_ref, hard_negatives_ref, kl_ref, margin_mse_ref, random_case,
-                       ranknet_ref)
+from reference import (cprd_ref, cprd_tie_margin_ref, hard_negatives_ref, hinge_pair, kl_ref, margin_mse_ref,
+                       partial_pairs_ref, random_case, ranknet_pair, ranknet_ref)
 
 
 def _inputs(seed=0):
@@ -29,7 +29,7 @@ def _prepend(x):
 
 def test_every_distillation_loss_is_registered():
     assert set(registry.names()) == {"cprd", "cprd-kl", "listmle", "kl", "margin-mse", "ranknet",
-                                      "hard-negatives", "none"}
+                                      "hard-negatives", "partial-ranknet", "partial-hinge", "none"}
     assert registry.get("none").fn is None and not registry.get("none").uses_teacher
     assert not registry.get("hard-negatives").uses_teacher
     with pytest.raises(KeyError, match="unknown distillation loss 'hinge'"):
@@ -52,8 +52,12 @@ def test_each_name_computes_its_own_loss(seed):
         ("margin-mse", ()): margin_mse_ref(x.student_positive, s, x.teacher_positive, t, m),
         ("ranknet", ()): ranknet_ref(s, t, m),
         ("hard-negatives", ()): hard_negatives_ref(x.student_positive, s, m),
+        ("partial-ranknet", ()): partial_pairs_ref(s / 2.0, t, ranknet_pair, m, 3, tie_margin=0.2),
+        ("partial-hinge", ()): partial_pairs_ref(s, t, hinge_pair(0.5), m, 2),
     }
-    opts = {"cprd": dict(num_valid=3, student_temperature=2.0), "kl": dict(teacher_temperature=2.0)}
+    opts = {"cprd": dict(num_valid=3, student_temperature=2.0), "kl": dict(teacher_temperature=2.0),
+            "partial-ranknet": dict(num_valid=3, student_temperature=2.0, tie_margin=0.2),
+            "partial-hinge": dict(num_valid=2, hinge_margin=0.5)}
     values = {}
     for (name, _), ref in cases.items():
         got = _run(name, x, **opts.get(name, {}))
@@ -64,6 +68,8 @@ def test_each_name_computes_its_own_loss(seed):
 
 @pytest.mark.parametrize("name,ref", [("cprd", lambda s, t, m: cprd_ref(s, t, m, num_valid=4)),
                                       ("listmle", lambda s, t, m: cprd_ref(s, t, m)),
+                                      ("partial-ranknet", lambda s, t, m: partial_pairs_ref(s, t, ranknet_pair, m, 4)),
+                                      ("partial-hinge", lambda s, t, m: partial_pairs_ref(s, t, hinge_pair(1.0), m, 4)),
                                       ("kl", lambda s, t, m: kl_ref(s, t, m, T=3.0))])
 def test_include_positive_puts_the_positive_in_the_list(name, ref):
     x = _inputs(1)
