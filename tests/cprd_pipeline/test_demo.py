@@ -108,7 +108,7 @@ def test_demo_stops_before_distilling_when_the_teacher_loses(tmp_path, tiny_blip
 
 
 def test_per_gallery_difference_is_each_gallerys_seed_mean_minus_the_baselines():
-    from cprd_pipeline.demo import _per_gallery
+    from cprd_pipeline.demo_report import _per_gallery
 
     runs = [{"rsum_per_gallery": [300.0, 310.0, 290.0]}, {"rsum_per_gallery": [304.0, 300.0, 296.0]}]
     none = [{"rsum_per_gallery": [301.0, 302.0, 299.0]}, {"rsum_per_gallery": [299.0, 306.0, 295.0]},
@@ -125,14 +125,17 @@ def test_per_gallery_difference_is_each_gallerys_seed_mean_minus_the_baselines()
 
 
 def test_a_test_run_in_a_val_runs_folder_adds_its_galleries_and_keeps_the_train_split(tmp_path):
-    from cprd_pipeline.demo import _prepare_data
+    from dataclasses import replace
 
-    recipe = {"corpus": {"seed": 3, "held_out": 40, "train_images": 12, "galleries": 2}}
+    from cprd_pipeline.demo import _prepare_data
+    from cprd_pipeline.demo_recipe import Corpus
+
+    corpus = Corpus(seed=3, held_out=40, train_images=12, galleries=2)
     logged = []
-    train, val = _prepare_data(recipe, False, "val", tmp_path, logged.append)
+    train, val = _prepare_data(corpus, "val", tmp_path, logged.append)
     assert [g.name for g in val] == ["val.json", "val-1.json"]
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "data").glob("*.json")}
-    train2, test = _prepare_data(recipe, False, "test", tmp_path, logged.append)
+    train2, test = _prepare_data(corpus, "test", tmp_path, logged.append)
     assert train2 == train and [g.name for g in test] == ["test.json", "test-1.json"]
     assert "splits test, test-1" in logged[-1]                       # only the missing galleries were made
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "data").glob("*.json")}
@@ -140,10 +143,9 @@ def test_a_test_run_in_a_val_runs_folder_adds_its_galleries_and_keeps_the_train_
     spec = json.loads((tmp_path / "data" / "spec.json").read_text())
     assert spec["seed"] == 3 and spec["splits"] == ["test", "test-1", "train", "val", "val-1"]
     n = len(logged)
-    _prepare_data(recipe, False, "val", tmp_path, logged.append)    # everything there: nothing generated
+    _prepare_data(corpus, "val", tmp_path, logged.append)           # everything there: nothing generated
     assert len(logged) == n
-    recipe["corpus"]["seed"] = 4                                     # another corpus: made again from scratch
-    _prepare_data(recipe, False, "val", tmp_path, logged.append)
+    _prepare_data(replace(corpus, seed=4), "val", tmp_path, logged.append)   # another corpus: made again
     assert "splits train, val, val-1" in logged[-1]
     assert json.loads((tmp_path / "data" / "spec.json").read_text())["splits"] == ["train", "val", "val-1"]
 
