@@ -1,37 +1,56 @@
 """`cprd-pipeline demo`: the whole pipeline on the bundled demo, ending in a table a researcher can trust.
 
 1. generate the demo corpus (train split and the evaluation galleries) from the recipe (data/demo.yaml, or
-   data/demo-transfer.yaml for the setting where the teacher's knowledge reaches the student)
+   data/demo-transfer.yaml for the setting where the teacher's knowledge reaches the student), read as a typed
+   `Recipe` (cprd_pipeline/demo_recipe.py) after `--quick` and `--corpus-seed` (`Recipe.for_run`)
 2. unpack the recipe's student (tiny CLIP) and teacher (tiny BLIP) from its assets folder
 3. mine -> score-teacher (BLIP's ITM + ITC score) -> evaluate the student and the teacher re-rank;
    the teacher must beat the student there, or the demo says so and stops
 4. distill one student per recipe method and seed from the same teacher cache (a method may learn from a cache
    of the ITM score alone instead), and evaluate each
-5. report.md and report.json (the comparison table), and report/index.html: the run report (pipeline/report/)
-   of everything under --out, with the table first
+5. with --full, LoopITR's two halves through the loop (cprd_pipeline/rounds.py), per seed: a second round from
+   each round-1 student, and a round with the teacher fine-tuned on the student's negatives
+6. report.md and report.json (the comparison table, cprd_pipeline/demo_report.py), and report/index.html: the
+   run report (pipeline/report/) of everything under --out, with the table first
 
 Every step is the ordinary stage with the artifact contract, so a second `make demo` re-uses what is done.
+
+OUT/
+  data/ models/          the corpus (spec.json: the splits made with its spec) and the unpacked models
+  run/                   mine, teacher (the ITM + ITC cache), teacher-train (--full)
+  run-itm/               mine (a link to run/mine), teacher (the ITM cache, if a method learns from it)
+  students/NAME-sSEED/   one distilled student per method and seed
+  loop/NAME-sSEED/       --full, round 2: the loop's pipeline.yaml; round-1/ links to run/ and the round-1
+                         student, round-2/ is the loop's own (mine, teacher, distill)
+  loop-ft/NAME-sSEED/    --full, the fine-tuned teacher: round-1/ links mine to run/mine, teacher-train to
+                         run/teacher-train and teacher to run-ft/teacher (shared by the seeds); distill its own
+  eval/SPLIT/MODEL/GALLERY/   every evaluation
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import yaml
 
 from pipeline.artifacts import atomic_write_json, read_json
 from pipeline.config import option, runtime
+from pipeline.demo.corpus import DemoCorpusSpec
 from pipeline.errors import PipelineError
 from pipeline.log import make_log
 from stages import stage
 
+from .demo_recipe import Corpus, Method, Recipe
+from .demo_report import STUDENT, TEACHER, Row, Setting, report
+
 REPO = Path(__file__).resolve().parents[1]  # the recipe and packed models ship in the repository
-KS = (1, 5, 10)
+SAVE_NEVER = 10**6                          # save_every: no checkpoints but the final model
 
 
 @dataclass
@@ -64,16 +83,20 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _prepare_data(recipe: dict, quick: bool, split: str, out: Path, log) -> tuple[Path, list[Path]]:
+def corpus_spec(corpus: Corpus) -> DemoCorpusSpec:
+    """The generator's spec of a recipe's corpus (the spec's other fields are the demo assets')."""
+    return DemoCorpusSpec(seed=corpus.seed, held_out=corpus.held_out, train_images=corpus.train_images)
+
+
+def _prepare_data(corpus: Corpus, split: str, out: Path, log) -> tuple[Path, list[Path]]:
     """(train annotation file, evaluation galleries of `split`), each split generated once per corpus spec.
 
     spec.json lists the splits made with its spec (written after them): a val run and a test run in one folder
     share the train split, and with it mine, the teacher cache and the students; another spec starts over."""
-    from pipeline.demo.corpus import DemoCorpusSpec, generate
+    from pipeline.demo.corpus import generate
 
-    c = {**recipe["corpus"], **(recipe["quick"] if quick else {})}
-    spec = DemoCorpusSpec(seed=c["seed"], held_out=c["held_out"], train_images=c["train_images"])
-    galleries = [split] + [f"{split}-{g}" for g in range(1, int(c.get("galleries", 1)))]
+    spec = corpus_spec(corpus)
+    galleries = [split] + [f"{split}-{g}" for g in range(1, corpus.galleries)]
     marker = out / "data" / "spec.json"
     paths = {s: out / "data" / f"{s}.json" for s in ["train"] + galleries}
     have = read_json(marker) or {}
@@ -116,153 +139,199 @@ def _prepare_models(assets: Path, out: Path, log) -> tuple[Path, Path, dict]:
     return out / "models" / "student", out / "models" / "teacher", meta
 
 
-def _link_mine(run: Path, shared: Path) -> None:
-    """A second run directory that re-uses the first run's mine output (read-only)."""
-    run.mkdir(parents=True, exist_ok=True)
-    if not (run / "mine").exists():
-        (run / "mine").symlink_to(shared.resolve() / "mine", target_is_directory=True)
+def _link(folder: Path, targets: dict[str, Path]) -> None:
+    """FOLDER/NAME -> target for each (a relative link, so OUT can move), each target made if missing: stage outputs
+    that a loop round re-uses (they are up to date there) or shares (made once, through the first link)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, target in targets.items():
+        link = folder / name
+        target.mkdir(parents=True, exist_ok=True)
+        relative = os.path.relpath(target, folder)
+        if link.is_symlink() and os.readlink(link) != relative:
+            link.unlink()        # a link of an earlier demo to another place
+        elif link.exists() and not link.is_symlink():
+            raise PipelineError(f"{link} is a folder where the demo links {target}; remove it")
+        if not link.is_symlink():
+            link.symlink_to(relative, target_is_directory=True)
 
 
 @dataclass
-class Row:
-    """One line of the report: a model (or a teacher re-rank) and its metrics, one dict per seed."""
-    label: str
-    runs: list[dict]
-    seeded: bool = True
-    name: str = ""   # the recipe's method name
+class Demo:
+    """One demo run: the recipe as run, the corpus, the models, and the steps that share them."""
+    cfg: DemoConfig
+    recipe: Recipe
+    out: Path
+    train: Path
+    galleries: list[Path]
+    student: Path
+    teacher: Path
+    itc_weight: float
+    log: Callable[..., None]
+
+    @property
+    def dev(self) -> dict[str, Any]:
+        return dict(device=self.cfg.device, replace=self.cfg.force)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.cfg.seed + i for i in range(self.recipe.seeds)]
+
+    @property
+    def k_test(self) -> int:
+        return self.recipe.evaluate.k_test
+
+    @property
+    def run_main(self) -> Path:
+        return self.out / "run"
+
+    def caches(self) -> dict[str, Path]:
+        """The run whose teacher cache a method learns from, by the method's `cache`."""
+        return {"itm+itc": self.run_main, "itm": self.out / "run-itm"}
+
+    def stage_one(self) -> None:
+        """Mine and score (the recipe's score; a cache of ITM alone if a method learns from it)."""
+        stage("mine").run(run=str(self.run_main), data=str(self.train), student=str(self.student),
+                          k=self.recipe.mine.k, **self.dev)
+        stage("score-teacher").run(run=str(self.run_main), teacher=str(self.teacher), score=self.recipe.teacher.score,
+                                   itc_weight=self.itc_weight, **self.dev)
+        if any(m.cache == "itm" for m in self.recipe.methods):
+            run_itm = self.caches()["itm"]
+            _link(run_itm, {"mine": self.run_main / "mine"})
+            stage("score-teacher").run(run=str(run_itm), teacher=str(self.teacher), score="itm", **self.dev)
+
+    def evaluate(self, model: Path, name: str, score: Optional[str] = None, teacher_on: Optional[int] = None,
+                 by: Optional[Path] = None) -> dict:
+        """The model on every gallery, the teacher (`by`, default the recipe's) re-ranking its top k_test on the
+        first `teacher_on` (default: the recipe's teacher_galleries) for the re-rank row and rank agreement; each
+        number averaged over the galleries that have it."""
+        teacher_on = teacher_on or self.recipe.evaluate.teacher_galleries or len(self.galleries)
+        per = []
+        for i, g in enumerate(self.galleries):
+            rerank = dict(rerank_teacher=str(by or self.teacher), rerank_score=score or self.recipe.teacher.score,
+                          itc_weight=self.itc_weight, teacher_cache=str(self.out / "teacher-scores")) \
+                if i < teacher_on else {}
+            done = stage("evaluate").run(data=str(g), model=str(model), k_test=self.k_test, **self.dev,
+                                         out=str(self.out / "eval" / self.cfg.split / name / g.stem), **rerank)
+            per.append(read_json(done / "metrics.json"))
+        return {**_mean_metrics(per), "rsum_per_gallery": [m["rsum"] for m in per]}
+
+    def check_teacher(self) -> list[Row]:
+        """The student and the teacher re-ranks: the teacher must beat the student before distilling means
+        anything (or --allow-weak-teacher says to go on)."""
+        base = self.evaluate(self.student, "student", teacher_on=len(self.galleries))
+        itm = self.evaluate(self.student, "student-itm", score="itm")["rerank"]  # a reference row: fewer galleries
+        teacher, student = base["rerank"]["rsum"], base["rsum"]
+        if teacher <= student and self.cfg.allow_weak_teacher:
+            self.log(f"[demo] WARNING: the teacher does not beat the student (re-rank RSUM {teacher:.1f} vs "
+                     f"{student:.1f}); continuing because of --allow-weak-teacher")
+        elif teacher <= student:
+            raise PipelineError(f"the demo teacher does not beat the student on the {self.cfg.split} split (re-rank "
+                                f"RSUM {teacher:.1f} vs student {student:.1f}); distilling it would teach nothing. "
+                                "Rebuild the assets with `make demo-assets` (longer teacher training)")
+        else:
+            self.log(f"[demo] teacher re-rank RSUM {teacher:.1f} > student {student:.1f}: distilling")
+        shown = self.recipe.evaluate.teacher_galleries or len(self.galleries)
+        some = ")" if shown >= len(self.galleries) else f", {shown} of the galleries)"
+        return [Row(STUDENT, "student (before distillation)", [base], seeded=False),
+                Row(TEACHER, f"teacher re-rank, ITM + ITC (top {self.k_test})", [base["rerank"]], seeded=False),
+                Row("teacher-itm", f"teacher re-rank, ITM only (top {self.k_test}" + some, [itm], seeded=False)]
+
+    def distilled(self, folder: Path, name: str) -> dict:
+        """A distilled student's metrics (evaluated as eval/SPLIT/NAME) and its training counts."""
+        return {**self.evaluate(folder / "final", name), **_false_negatives(folder)}
+
+    def students(self, method: Method) -> Row:
+        """One distilled student per seed, from the recipe's student on the method's teacher cache."""
+        runs = []
+        for s in self.seeds:
+            target = self.out / "students" / f"{method.name}-s{s}"
+            stage("distill").run(run=str(self.caches()[method.cache]), out=str(target), student=str(self.student),
+                                 seed=s, save_every=SAVE_NEVER, **{**self.recipe.distill, **method.options},
+                                 **self.dev)
+            runs.append(self.distilled(target, f"{method.name}-s{s}"))
+        return Row(method.name, method.label, runs)
+
+    def plan(self, method: Method, seed: int) -> dict[str, Any]:
+        """The loop's pipeline file for one seed of a method: round 1 is the demo's (mine and score-teacher of
+        run/, and the method's student of that seed)."""
+        return {"device": self.cfg.device,
+                "mine": {"data": str(self.train), "student": str(self.student), "k": self.recipe.mine.k},
+                "score-teacher": {"teacher": str(self.teacher), "score": self.recipe.teacher.score,
+                                  "itc_weight": self.itc_weight},
+                "distill": {**self.recipe.distill, **method.options, "seed": seed, "save_every": SAVE_NEVER}}
+
+    def loop(self, root: Path, plan: dict[str, Any], rounds: int) -> None:
+        """`cprd-pipeline loop` on ROOT with the plan (written to ROOT/pipeline.yaml), --force passed on."""
+        from .rounds import LoopConfig, run as run_loop
+
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "pipeline.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
+        run_loop(LoopConfig(run=str(root), rounds=rounds, pipeline=str(root / "pipeline.yaml"),
+                            device=self.cfg.device, force=self.cfg.force))
+
+    def round_two(self, method: Method) -> Row:
+        """Per seed, a loop of two rounds whose round 1 is the demo's (linked, so up to date): round 2 re-mines
+        with the round-1 student, scores with the same teacher and distils on from that student."""
+        runs = []
+        for s in self.seeds:
+            root = self.out / "loop" / f"{method.name}-s{s}"
+            _link(root / "round-1", {"mine": self.run_main / "mine", "teacher": self.run_main / "teacher",
+                                     "distill": self.out / "students" / f"{method.name}-s{s}"})
+            self.loop(root, self.plan(method, s), rounds=2)
+            runs.append(self.distilled(root / "round-2" / "distill", f"{method.name}-round2-s{s}"))
+        return Row(f"{method.name}-round2", f"round 2: {method.label}, re-mined with its round-1 student", runs)
+
+    def tuned_teacher(self, method: Method, train_teacher: dict[str, Any]) -> list[Row]:
+        """Per seed, a one-round loop with train-teacher: the teacher fine-tuned on the round-1 mined negatives
+        (run/teacher-train) and its cache (run-ft/teacher), both made once through the first seed's links, then
+        a student distilled on that cache. Rows: the fine-tuned teacher's re-rank, the students."""
+        runs = []
+        for s in self.seeds:
+            root = self.out / "loop-ft" / f"{method.name}-s{s}"
+            _link(root / "round-1", {"mine": self.run_main / "mine", "teacher-train": self.run_main / "teacher-train",
+                                     "teacher": self.out / "run-ft" / "teacher"})
+            plan = {**self.plan(method, s), "train-teacher": {**train_teacher, "save_every": SAVE_NEVER}}
+            self.loop(root, plan, rounds=1)
+            runs.append(self.distilled(root / "round-1" / "distill", f"{method.name}-ft-s{s}"))
+        tuned = self.run_main / "teacher-train" / "final"
+        rerank = self.evaluate(self.student, "student-ft", by=tuned, teacher_on=len(self.galleries))["rerank"]
+        return [Row("teacher-ft", f"teacher re-rank, fine-tuned on the student's negatives (top {self.k_test})",
+                    [rerank], seeded=False),
+                Row(f"{method.name}-ft", f"{method.label}, teacher fine-tuned on the student's negatives", runs)]
 
 
 def run(cfg: DemoConfig) -> dict:
     log = make_log(True)
     t_start = time.time()
-    recipe = yaml.safe_load(Path(cfg.recipe).read_text())
-    if cfg.corpus_seed is not None:
-        recipe["corpus"]["seed"] = cfg.corpus_seed
+    recipe = Recipe.load(cfg.recipe).for_run(cfg.quick, cfg.corpus_seed)
+    if cfg.full and recipe.full is None:
+        raise PipelineError(f"--full: {cfg.recipe} has no `full:` block")
+    keep = (recipe.full.method,) if cfg.full else ()
+    methods = recipe.chosen(cfg.methods, cfg.recipe, keep=keep)
     out = Path(cfg.out)
-    assets = _in_repo(recipe["assets"])
-    train, galleries = _prepare_data(recipe, cfg.quick, cfg.split, out, log)
-    student, teacher, meta = _prepare_models(assets, out, log)
-    w = float(meta["itc_weight"])
-    dev = dict(device=cfg.device, replace=cfg.force)
-    k_test = int(recipe.get("evaluate", {}).get("k_test", 16))
-    teacher_galleries = int(recipe.get("evaluate", {}).get("teacher_galleries", len(galleries)))
-
-    # stage one: mine and score (the combined score; a cache of ITM alone if a method learns from it)
-    run_main, run_itm = out / "run", out / "run-itm"
-    stage("mine").run(run=str(run_main), data=str(train), student=str(student), k=recipe["mine"]["k"], **dev)
-    stage("score-teacher").run(run=str(run_main), teacher=str(teacher), score="itm+itc", itc_weight=w, **dev)
-    if any(m.get("cache") == "itm" for m in recipe["methods"]):
-        _link_mine(run_itm, run_main)
-        stage("score-teacher").run(run=str(run_itm), teacher=str(teacher), score="itm", **dev)
-
-    def evaluate_model(model: Path, name: str, score: str = "itm+itc", teacher_on: int = teacher_galleries,
-                       by: Path = teacher) -> dict:
-        """The model on every gallery, the teacher re-ranking its top k_test on the first `teacher_on` (for the
-        re-rank row and rank agreement); each number averaged over the galleries that have it."""
-        per = []
-        for i, g in enumerate(galleries):
-            rerank = dict(rerank_teacher=str(by), rerank_score=score, itc_weight=w,
-                          teacher_cache=str(out / "teacher-scores")) if i < teacher_on else {}
-            done = stage("evaluate").run(data=str(g), model=str(model), k_test=k_test, **dev,
-                                         out=str(out / "eval" / cfg.split / name / g.stem), **rerank)
-            per.append(read_json(done / "metrics.json"))
-        return {**_mean_metrics(per), "rsum_per_gallery": [m["rsum"] for m in per]}
-
-    # the teacher must beat the student before distilling means anything
-    base = evaluate_model(student, "student", teacher_on=len(galleries))
-    itm_rerank = evaluate_model(student, "student-itm", score="itm")["rerank"]  # a reference row: fewer galleries
-    weak = base["rerank"]["rsum"] <= base["rsum"]
-    if weak and cfg.allow_weak_teacher:
-        log(f"[demo] WARNING: the teacher does not beat the student (re-rank RSUM {base['rerank']['rsum']:.1f} vs "
-            f"{base['rsum']:.1f}); continuing because of --allow-weak-teacher")
-    elif weak:
-        raise PipelineError(f"the demo teacher does not beat the student on the {cfg.split} split (re-rank RSUM "
-                            f"{base['rerank']['rsum']:.1f} vs student {base['rsum']:.1f}); distilling it would "
-                            "teach nothing. Rebuild the assets with `make demo-assets` (longer teacher training)")
-    else:
-        log(f"[demo] teacher re-rank RSUM {base['rerank']['rsum']:.1f} > student {base['rsum']:.1f}: distilling")
-
-    # stage two: one student per method and seed
-    shared = dict(recipe["distill"])
-    if cfg.quick:
-        shared.pop("epochs", None)
-        shared["max_steps"] = recipe["quick"]["max_steps"]
-    n_seeds = int(recipe["quick"].get("seeds", recipe["seeds"]) if cfg.quick else recipe["seeds"])
-    seeds = [cfg.seed + i for i in range(n_seeds)]
-    caches = {"itm+itc": run_main, "itm": run_itm}
-    rows = [Row("student (before distillation)", [base], seeded=False),
-            Row(f"teacher re-rank, ITM + ITC (top {k_test})", [base["rerank"]], seeded=False),
-            Row(f"teacher re-rank, ITM only (top {k_test}"
-                + (")" if teacher_galleries >= len(galleries) else f", {teacher_galleries} of the galleries)"),
-                [itm_rerank], seeded=False)]
-    def students(name: str, label: str, cache: Callable[[int], Path], method: dict,
-                 start: Callable[[int], Path] = lambda s: student) -> Row:
-        """One distilled student per seed, from `start(seed)` on the teacher cache of run `cache(seed)`, each
-        evaluated."""
-        runs = []
-        for s in seeds:
-            target = out / "students" / f"{name}-s{s}"
-            stage("distill").run(run=str(cache(s)), out=str(target), student=str(start(s)), seed=s,
-                                 save_every=10**6, **{**shared, **method}, **dev)
-            runs.append({**evaluate_model(target / "final", f"{name}-s{s}"), **_false_negatives(target)})
-        return Row(label, runs, name=name)
-
-    methods = {}
-    for method in _chosen_methods(recipe, cfg.methods, cfg.recipe):
-        method = dict(method)
-        name, label, cache = method.pop("name"), method.pop("label"), method.pop("cache", "itm+itc")
-        methods[name] = (label, method)
-        rows.append(students(name, label, lambda s, c=caches[cache]: c, method))
-
-    if cfg.full:  # LoopITR's two halves, each once
-        full = recipe["full"]
-        name, (label, method) = full["method"], methods[full["method"]]
-        for s in seeds:   # round 2: re-mine with each round-1 student, score, distil on from it
-            r2 = out / "round-2" / f"{name}-s{s}"
-            stage("mine").run(run=str(r2), data=str(train), student=str(out / "students" / f"{name}-s{s}" / "final"),
-                              k=recipe["mine"]["k"], **dev)
-            stage("score-teacher").run(run=str(r2), teacher=str(teacher), score="itm+itc", itc_weight=w, **dev)
-        rows.append(students(f"{name}-round2", f"round 2: {label}, re-mined with its round-1 student",
-                             lambda s: out / "round-2" / f"{name}-s{s}", method,
-                             start=lambda s: out / "students" / f"{name}-s{s}" / "final"))
-        # the teacher fine-tuned on the student's mined negatives, then the same distillation from it
-        tt = dict(full["train_teacher"])
-        if cfg.quick:
-            tt.pop("epochs", None)
-            tt["max_steps"] = recipe["quick"]["max_steps"]
-        stage("train-teacher").run(run=str(run_main), teacher=str(teacher), save_every=10**6, **tt, **dev)
-        tuned, run_ft = run_main / "teacher-train" / "final", out / "run-ft"
-        _link_mine(run_ft, run_main)
-        stage("score-teacher").run(run=str(run_ft), teacher=str(tuned), score="itm+itc", itc_weight=w, **dev)
-        rows.append(Row(f"teacher re-rank, fine-tuned on the student's negatives (top {k_test})",
-                        [evaluate_model(student, "student-ft", by=tuned, teacher_on=len(galleries))["rerank"]],
-                        seeded=False))
-        rows.append(students(f"{name}-ft", f"{label}, teacher fine-tuned on the student's negatives",
-                             lambda s: run_ft, method))
-
+    train, galleries = _prepare_data(recipe.corpus, cfg.split, out, log)
+    student, teacher, meta = _prepare_models(_in_repo(recipe.assets), out, log)
+    demo = Demo(cfg, recipe, out, train, galleries, student, teacher, float(meta["itc_weight"]), log)
+    demo.stage_one()
+    rows = demo.check_teacher() + [demo.students(m) for m in methods]
+    if cfg.full:   # LoopITR's two halves, each once
+        full = recipe.method(recipe.full.method)
+        rows += [demo.round_two(full)] + demo.tuned_teacher(full, recipe.full.train_teacher)
     meta = {**meta, "student": _describe(student), "teacher": _describe(teacher)}
-    report = _report(rows, meta, recipe, cfg, len(galleries), time.time() - t_start)
-    (out / "report.md").write_text(report)
-    atomic_write_json(out / "report.json", {r.label: r.runs for r in rows})
-    # the pictures: the run report of everything under OUT, with this table first
-    from pipeline.report import Section, build, write
-
-    table = Section("demo", "The demo's comparison of distillation methods", report.split("\n\n", 1)[1])
-    write(build(out, extra=[table]), out / "report", "cprd-pipeline demo")
-    log("\n" + report)
+    setting = Setting(recipe, corpus_spec(recipe.corpus), cfg.split, len(galleries), meta, cfg.quick, cfg.full)
+    _write_reports(rows, report(rows, setting, time.time() - t_start), out, log)
     return {r.label: r.runs for r in rows}
 
 
-def _chosen_methods(recipe: dict, names: str, path: str) -> list[dict]:
-    """The recipe's methods named in the comma-separated `names` (all when empty), in the recipe's order, with
-    its baseline kept."""
-    if not names.strip():
-        return recipe["methods"]
-    want = {n.strip() for n in names.split(",") if n.strip()}
-    known = [m["name"] for m in recipe["methods"]]
-    if unknown := sorted(want - set(known)):
-        raise PipelineError(f"--methods: {', '.join(unknown)} not in {path} (its methods: {', '.join(known)})")
-    return [m for m in recipe["methods"] if m["name"] in want or m["name"] == recipe.get("baseline")]
+def _write_reports(rows: list[Row], table: str, out: Path, log: Callable[..., None]) -> None:
+    """report.md, report.json, and the run report of everything under OUT with the table first."""
+    from pipeline.report import Section, build, write
+
+    (out / "report.md").write_text(table)
+    atomic_write_json(out / "report.json", {r.label: r.runs for r in rows})
+    section = Section("demo", "The demo's comparison of distillation methods", table.split("\n\n", 1)[1])
+    write(build(out, extra=[section]), out / "report", "cprd-pipeline demo")
+    log("\n" + table)
 
 
 def _mean_metrics(per: list[dict]) -> dict:
@@ -294,105 +363,3 @@ def _describe(model: Path) -> str:
     """'2 layers, width 64' from a saved model's config (its text tower; the vision tower matches)."""
     text = json.loads((model / "config.json").read_text())["text_config"]
     return f"{text['num_hidden_layers']} layers, width {text['hidden_size']}"
-
-
-def _cell(values: list[float], digits: int = 1) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
-
-
-def _tau(m: dict) -> float:
-    """Kendall's tau with the teacher over the top k_test, mean of both directions."""
-    return (m["agreement"]["i2t"]["kendall_tau"] + m["agreement"]["t2i"]["kendall_tau"]) / 2
-
-
-def _versus(runs: list[dict], ref: list[dict]) -> str:
-    """Mean RSUM difference to the reference rows and that difference in pooled standard deviations."""
-    a, b = [m["rsum"] for m in runs], [m["rsum"] for m in ref]
-    diff = np.mean(a) - np.mean(b)
-    if len(a) < 2 or len(b) < 2:
-        return f"{diff:+.1f}"
-    pooled = np.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / 2)
-    return f"{diff:+.1f} ({diff / pooled:+.1f} sd)" if pooled > 0 else f"{diff:+.1f}"
-
-
-def _per_gallery(runs: list[dict], ref: list[dict]) -> str:
-    """Each gallery's RSUM difference to the reference (both averaged over seeds), then their mean ± standard
-    error over galleries: '+8.9 / +0.2 / +3.0 (+4.0 ± 2.6)'. The galleries are draws of images, so this error
-    holds the part of the uncertainty that the seeds' pooled sd leaves out."""
-    d = np.mean([m["rsum_per_gallery"] for m in runs], axis=0) - np.mean([m["rsum_per_gallery"] for m in ref], axis=0)
-    return " / ".join(f"{x:+.1f}" for x in d) + f" ({d.mean():+.1f} ± {d.std(ddof=1) / np.sqrt(len(d)):.1f})"
-
-
-def _report(rows: list[Row], meta: dict, recipe: dict, cfg: DemoConfig, n_galleries: int, seconds: float) -> str:
-    c = {**recipe["corpus"], **(recipe["quick"] if cfg.quick else {})}
-    length = (f"{recipe['quick']['max_steps']} steps" if cfg.quick
-              else f"{recipe['distill'].get('epochs', 1)} epoch(s)")
-    none = next((r for r in rows if r.seeded and r.name == recipe.get("baseline")), None)
-    head = ("| method | seeds | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | RSUM | vs none | "
-            "Kendall tau | false neg. / epoch | images encoded / epoch (lists in-batch) |\n" + "| --- " * 13 + "|\n")
-    body = ""
-    for r in rows:
-        cells = [_cell([m[d][f"R@{k}"] for m in r.runs]) for d in ("i2t", "t2i") for k in KS]
-        seeds = str(len(r.runs)) if r.seeded else "-"
-        versus = _versus(r.runs, none.runs) if (none and r.seeded and r is not none) else ""
-        tau = _cell([_tau(m) for m in r.runs], 3) if "agreement" in r.runs[0] else ""
-        fn = f"{np.mean([m['false_negatives_per_epoch'] for m in r.runs]):,.0f}" if r.seeded else ""
-        by_margin = np.mean([m.get("dropped_by_margin_per_epoch", 0) for m in r.runs]) if r.seeded else 0
-        fn += f" + {by_margin:,.0f} by margin" if by_margin else ""
-        encoded = (f"{np.mean([m['images_encoded_per_epoch'] for m in r.runs]):,.0f} "
-                   f"({100 * np.mean([m['in_batch_share'] for m in r.runs]):.0f}%)"
-                   if r.seeded and "images_encoded_per_epoch" in r.runs[0] else "")
-        body += (f"| {r.label} | {seeds} | " + " | ".join(cells) + f" | {_cell([m['rsum'] for m in r.runs])} | "
-                 f"{versus} | {tau} | {fn} | {encoded} |\n")
-    notes = []
-    if cfg.quick:
-        notes.append("**Quick mode**: a small corpus and a few steps; the numbers only show that every path runs.")
-    if rows[1].runs[0]["rsum"] <= rows[0].runs[0]["rsum"]:
-        notes.append("**The teacher does not beat the student here** (--allow-weak-teacher): distilling it is not "
-                     "expected to help.")
-    if cfg.split == "val":
-        notes.append("**Validation split**: for choosing settings; the README's table is the test split.")
-    if cfg.full:
-        notes.append("**--full**: `round 2` students start from their round-1 student (same seed) and train on "
-                     "negatives that student mined, scored by the same teacher; the fine-tuned teacher was trained "
-                     "on the round-1 student's mined negatives of the train split (settings in the recipe's `full` "
-                     "block, set a priori).")
-    others = [r for r in rows if r.seeded and r is not none]
-    galleries = ""
-    if none and others and n_galleries > 1:
-        galleries = ("`vs none` on each gallery alone (mean over seeds), then mean ± standard error over the "
-                     "galleries, which counts the draw of test images that the pooled sd over seeds does not: " +
-                     "; ".join(f"{r.label} {_per_gallery(r.runs, none.runs)}" for r in others) + ".\n\n")
-    best = max(others, key=lambda r: np.mean([m["rsum"] for m in r.runs]),
-               default=None)
-    gap = ""
-    if none and best:
-        teacher, base = rows[1].runs[0]["rsum"], np.mean([m["rsum"] for m in none.runs])
-        share = (np.mean([m["rsum"] for m in best.runs]) - base) / (teacher - base) if teacher > base else float("nan")
-        gap = (f"The best distilled student ({best.label}) closes {100 * share:.1f}% of the RSUM gap between "
-               f"the baseline and the teacher re-rank" + (" (negative: it ends below the baseline)" if share < 0 else "")
-               + ".\n\n")
-    return (
-        "# cprd-pipeline demo\n\n" + "".join(n + "\n\n" for n in notes) +
-        f"Corpus seed {c['seed']}, split `{cfg.split}`: {n_galleries} galleries of one image per shape combination (264 each, 40 of them never "
-        "seen in training, 5 captions per image), each evaluated alone; Recall@K in percent, averaged over the "
-        "galleries, then mean ± sample standard deviation over seeds. The student is the demo's tiny CLIP "
-        f"({meta['student']}, pre-trained on {meta['student_images']:,} images), the teacher its tiny BLIP "
-        f"({meta['teacher']} per tower, on {meta['teacher_images']:,} images), scored as ITM log-odds + "
-        f"{meta['itc_weight']:g} x ITC cosine (the weight chosen on a separate validation split). Distilled "
-        f"students start from the same student and train {length} on the "
-        f"teacher cache of the train split ({c['train_images']:,} images, top-{recipe['mine']['k']} mined negatives per "
-        f"query) with itc + {recipe['distill']['distill_weight']} x the distillation loss (a method may override). "
-        f"`vs none`: mean RSUM difference to the baseline `{recipe.get('baseline')}`, and in pooled standard deviations. `Kendall tau`: "
-        "agreement of the student's order with the teacher's scores over each query's top "
-        f"{recipe.get('evaluate', {}).get('k_test', 16)} (mean of both directions). `false neg.`: mined candidates "
-        "dropped per epoch because they match the query (identical caption text, or the same image); `+ N by "
-        "margin`: those a method's `max_teacher_margin` drops as well (the teacher scores them above the positive). "
-        "`images encoded / epoch`: what the student's image tower encoded in training, the cost of its steps (a list "
-        "entry outside its batch's pairs is encoded too, unless the lists are cut to the batch), and the share of "
-        "list entries that were queries or positives of their own batch.\n\n"
-        + head + body + "\n" + galleries + gap +
-        f"Total time {seconds / 60:.1f} min. Pictures: report/index.html. Raw numbers: report.json and eval/*/metrics.json.\n"
-    )

@@ -32,8 +32,14 @@ def discover(root: Path, max_depth: int = 4) -> dict[str, list[Found]]:
 
     A folder whose manifest names a stage is that stage's output, and its subfolders (checkpoints, corpus,
     embeddings, ...) are its own, so the walk does not enter it; every other folder is walked, to max_depth.
-    Only hidden folders (temporary files of a writer) are passed over; no folder is skipped for its name."""
+    Only hidden folders (temporary files of a writer) are passed over; no folder is skipped for its name. A
+    link to a folder under root (a round that re-uses another run's output, as the demo's loops do) is not
+    followed: the output is reported once, where it lives."""
     found: dict[str, list[Found]] = {}
+    inside = Path(root).resolve()
+
+    def elsewhere_under_root(e: os.DirEntry) -> bool:
+        return e.is_symlink() and Path(e.path).resolve().is_relative_to(inside)
 
     def walk(d: Path, depth: int) -> None:
         m = read_json(d / MANIFEST) if (d / MANIFEST).is_file() else None
@@ -43,7 +49,8 @@ def discover(root: Path, max_depth: int = 4) -> dict[str, list[Found]]:
         if depth == max_depth:
             return
         with os.scandir(d) as entries:   # DirEntry.is_dir needs no stat per file (large image folders)
-            subs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+            subs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")
+                    and not elsewhere_under_root(e)]
         for name in sorted(subs, key=_natural):
             walk(d / name, depth + 1)
 

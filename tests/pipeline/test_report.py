@@ -164,6 +164,18 @@ def test_stage_outputs_are_found_by_their_manifests_and_not_searched_inside(full
            {"evaluate": ["models/eval"], "teacher": ["data/teacher"]}
 
 
+def test_a_link_to_an_output_under_the_root_is_reported_once_where_it_lives(full_run, tmp_path):
+    # a loop round that re-uses another run's teacher cache links it; one outside the root is followed
+    shutil.copytree(full_run / "teacher", tmp_path / "run" / "a" / "teacher")
+    shutil.copytree(full_run / "eval", tmp_path / "outside" / "eval")
+    (tmp_path / "run" / "loop" / "round-1").mkdir(parents=True)
+    (tmp_path / "run" / "loop" / "round-1" / "teacher").symlink_to("../../a/teacher", target_is_directory=True)
+    (tmp_path / "run" / "linked-eval").symlink_to(tmp_path / "outside" / "eval", target_is_directory=True)
+    found = rep.discover(tmp_path / "run")
+    assert {k: [f.label(tmp_path / "run") for f in v] for k, v in found.items()} == \
+           {"teacher": ["a/teacher"], "evaluate": ["linked-eval"]}
+
+
 class Tables(HTMLParser):
     """Each <table>'s enclosing element, as (tag, class)."""
 
