@@ -2,6 +2,7 @@
 direction (Parquet shards, sampled to MAX_QUERIES queries per direction), and every finished evaluation."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,24 @@ def read_caches(teachers: list[Found], root: Path, max_queries: int = MAX_QUERIE
     caches = [Cache(t.label(root), t.manifest["config"].get("score", "teacher"),
                     read_teacher(t.path, t.manifest, max_queries)) for t in teachers]
     return [c for c in caches if c.dirs]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1 / (1 + np.exp(-np.clip(x.astype(np.float64), -500, 500)))).astype(np.float32)
+
+
+def prob_views(caches: list[Cache], teachers: list[Found], students: list[Found], root: Path) -> list[Cache]:
+    """The caches that a distill under the root read with `--teacher-scale prob`, again, with their teacher scores
+    as match probabilities sigmoid(log-odds) (labelled `LABEL (prob)`): the report draws what those losses saw."""
+    read_as_prob = {Path(where).resolve() for s in students
+                    if (s.manifest.get("config") or {}).get("teacher_scale") == "prob"
+                    and (where := (s.manifest.get("locations") or {}).get("scores"))}
+    labels = {t.label(root) for t in teachers if Path(t.path).resolve() in read_as_prob}
+    return [dataclasses.replace(c, label=f"{c.label} (prob)", score=f"sigmoid({c.score})",
+                                dirs={d: dataclasses.replace(v, teacher=_sigmoid(v.teacher),
+                                                             positives=[_sigmoid(p) for p in v.positives])
+                                      for d, v in c.dirs.items()})
+            for c in caches if c.label in labels]
 
 
 @dataclass

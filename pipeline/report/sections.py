@@ -12,7 +12,7 @@ from ..artifacts import read_jsonl
 from ..metrics import KS, kendall_tau
 from .discover import Found, discover
 from .figures import LEGEND_SIZE, figure as _figure, png as _png, rsum_figure, training_figure
-from .read import MAX_QUERIES, Cache, Evaluation, read_caches, read_evaluations
+from .read import MAX_QUERIES, Cache, Evaluation, prob_views, read_caches, read_evaluations
 
 
 @dataclass
@@ -193,10 +193,12 @@ def build(root: Path, extra: Optional[list[Section]] = None, max_queries: int = 
     students = found.get("distill", [])
     evaluations = read_evaluations(found.get("evaluate", []), mines, students, root)
     sections = list(extra or [])
-    caches = read_caches([f for f in found.get("teacher", []) if f.complete], root, max_queries)
+    teachers = [f for f in found.get("teacher", []) if f.complete]
+    caches = read_caches(teachers, root, max_queries)
     unfinished = [f.label(root) for f in found.get("teacher", []) if not f.complete]
     if caches:
-        sections += [scores_section(caches), positives_section(caches)]
+        drawn = caches + prob_views(caches, teachers, students, root)   # also as read by --teacher-scale prob
+        sections += [scores_section(drawn), positives_section(drawn)]
         if unfinished:
             sections[-2].text += ("\n\nUnfinished teacher caches (drawn once complete): "
                                   + ", ".join(f"`{u}`" for u in unfinished) + ".")

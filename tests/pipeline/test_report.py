@@ -245,3 +245,25 @@ def test_a_markdown_table_and_a_code_block_render_to_their_elements():
                                                                                 ["eval-student", "223.3"]]
     (code,) = root.findall("pre/code")
     assert code.text == "for i in range(2):\n    print(i < 1)\n"
+
+
+def test_a_cache_read_as_match_probabilities_is_drawn_on_that_scale_too(full_run, tmp_path):
+    run = tmp_path / "run"
+    for stage in ("mine", "teacher"):
+        shutil.copytree(full_run / stage, run / stage)
+    sections = {s.key: s for s in rep.build(run)}
+    assert [r[0] for r in table(sections["scores"].text, "| teacher cache |")] == ["teacher"] * 4
+    cli("distill", "--run", run, "--max-steps", "1", "--batch-size", "16", "--num-negatives", "4", "--device", "cpu",
+        "--teacher-scale", "prob")
+    sections = {s.key: s for s in rep.build(run)}
+    rows = table(sections["scores"].text, "| teacher cache |")
+    assert [r[0] for r in rows] == ["teacher"] * 4 + ["teacher (prob)"] * 4
+    # the (prob) rows' teacher moments are those of 1 / (1 + exp(-log-odds)) over the same scores
+    raw = {(r[1], r[2]): float(r[3]) for r in rows if r[0] == "teacher (prob)"}
+    shards = [r for f in sorted((run / "teacher").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    for d in ("i2t", "t2i"):
+        scores = np.array([s for r in shards if r["direction"] == d for s in r["teacher_scores"]], np.float64)
+        assert raw[(d, "teacher (sigmoid(itm))")] == pytest.approx(np.mean(1 / (1 + np.exp(-scores))), abs=1e-3)
+    captions = [c for c, _ in sections["positives"].figures]
+    assert captions == ["teacher: teacher scores of positives and hard negatives",
+                        "teacher (prob): teacher scores of positives and hard negatives"]
