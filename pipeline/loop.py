@@ -9,7 +9,7 @@ A stage's recipe builds its model and hands `Trainer` the pieces that are its ow
                                                               `loss` is backwarded) and counts of its own
             logged=Logged(...),                               counts, extra values and the progress bar
             groups=..., validate=validate(step) -> values,    optional: AdamW groups, validation metrics of a step,
-            state={...})                                      the stage's own state, kept in every checkpoint
+            extra_state={...})                                the recipe's own state, kept in every checkpoint
 
     trainer.resume(); trainer.train(); trainer.finish(writer, save)
 
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoints, faults
 from .artifacts import Growth, atomic_write_bytes, read_jsonl
-from .config import option, runtime
+from .config import as_dict, option, runtime
 from .data import loader
 from .errors import PipelineError
 from .log import make_log
@@ -150,13 +150,15 @@ class Trainer:
     def __init__(self, cfg: Any, acc: Any, out: Path, length: "Length", *, name: str, model: torch.nn.Module,
                  batches: Callable[[int, int, int], Iterable[dict]], step: Callable[[Any, dict], tuple[Terms, Counts]],
                  logged: Logged = Logged(), groups: Optional[list[dict]] = None,
-                 validate: Callable[[int], dict[str, float]] = lambda step: {}, state: Optional[dict] = None):
+                 validate: Callable[[int], dict[str, float]] = lambda step: {},
+                 extra_state: Optional[dict] = None):
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
         self.cfg, self.acc, self.out, self.length, self.name = cfg, acc, out, length, name
         self.batches, self.step, self.logged, self.validate = batches, step, logged, validate
-        self.extra = state if state is not None else {}   # the stage's own state: checkpointed, restored in place
+        # the recipe's own state: saved in every checkpoint, restored in place on resume
+        self.extra_state = {} if extra_state is None else extra_state
         self.log = make_log(acc.is_main_process)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay) if groups is None else groups, lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -174,7 +176,7 @@ class Trainer:
             saved = checkpoints.load(self.acc, self.optimizer, ckpt)
             self.scheduler.load_state_dict(saved["scheduler"])
             self.state = {k: saved[k] for k in self.state}
-            self.extra.update({k: saved[k] for k in self.extra if k in saved})
+            self.extra_state.update({k: saved[k] for k in self.extra_state if k in saved})
             self.log(f"[{self.name}] resuming from {ckpt.name}: step {self.state['step']}, "
                      f"epoch {self.state['epoch']}, batch {self.state['batch_in_epoch']}")
         if self.acc.is_main_process:
@@ -182,8 +184,6 @@ class Trainer:
 
     def train(self) -> None:
         """Optimizer steps up to the run's length; the trackers are open meanwhile."""
-        from .config import as_dict
-
         if self.cfg.report_to:
             self.acc.init_trackers(self.name, config=tracker_config(as_dict(self.cfg)))
         try:
@@ -219,8 +219,8 @@ class Trainer:
                     if step % cfg.save_every == 0 or step == total or stopping:
                         checkpoints.save(acc, self.out, step, {
                             "step": step, "epoch": epoch + done_epoch,
-                            "batch_in_epoch": 0 if done_epoch else batch_in_epoch + 1, **self.extra,
-                            "scheduler": self.scheduler.state_dict()})
+                            "batch_in_epoch": 0 if done_epoch else batch_in_epoch + 1,
+                            **self.extra_state, "scheduler": self.scheduler.state_dict()})
                     if stopping:
                         bar.close()
                         self.log(f"[{self.name}] {stopping}: saved a checkpoint at step {step}")

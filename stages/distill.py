@@ -320,8 +320,8 @@ class Training:
         self.last_val: Optional[dict] = None   # {"step", **metrics} of the last validation
         self.logit_scale = 0.0            # the student's scale at the last micro-step (logged per step)
         self.trainer = Trainer(cfg, acc, out, length, name="distill", model=StudentTowers(encoder).train(),
-                               batches=self.batches, step=self.step, validate=self.validate, state=self.kept,
-                               logged=Logged(self.COUNTS, self.more, self.SHOWN))
+                               batches=self.batches, step=self.step, logged=Logged(self.COUNTS, self.more, self.SHOWN),
+                               validate=self.validate, extra_state=self.kept)
         self.log, self.total_steps = self.trainer.log, length.total_steps
         encoder.device = str(acc.device)   # validation encodes with the training model, wherever it now is
         self.validator = _validator(cfg, val, upstream["teacher"], out, acc) \
