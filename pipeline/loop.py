@@ -1,42 +1,48 @@
-"""The resumable optimizer-step loop that the training stages (distill, train-teacher) share.
+"""The training stages' one trainer, and the options and length every training stage shares.
 
-A stage subclasses `StepLoop` and supplies `batches(epoch, skip, stop)` (the epoch's micro-batches for this
-process, the first `skip` passed over) and `micro_step(batch, step)` (forward, backward, optimizer step when the
-accumulation completes; returns this micro-batch's share of the logged values). The loop owns the rest:
+A stage's recipe builds its model and hands `Trainer` the pieces that are its own; the trainer owns the rest:
 
-    OUT/checkpoints/step-N/     Accelerate save_state + trainer_state.json (step, epoch, batch, scheduler, extra,
-                                and the SHA-256 of every file of the checkpoint, checked before resuming)
-    OUT/checkpoints/latest.json the last complete checkpoint (written after it); older ones are removed
-    OUT/metrics.jsonl           one line per optimizer step; lines after the resumed checkpoint are dropped
+    Trainer(cfg, acc, out, length, name=..., model=...,       the module to train (prepared by Accelerate here)
+            batches=batches(epoch, skip, stop),               this process's micro-batches of an epoch, the first
+                                                              `skip` passed over, ending before `stop`
+            step=step(model, batch) -> (terms, counts),       one micro-batch's forward: named loss terms (tensors;
+                                                              `loss` is backwarded) and counts of its own
+            logged=Logged(...),                               counts, extra values and the progress bar
+            groups=..., validate=validate(step) -> values,    optional: AdamW groups, validation metrics of a step,
+            extra_state={...})                                the recipe's own state, kept in every checkpoint
 
-SIGINT and SIGTERM (a cluster's notice before a kill) end training at the next optimizer step with a checkpoint
-of it; the run then exits as interrupted, and the same command resumes.
+    trainer.resume(); trainer.train(); trainer.finish(writer, save)
 
-`self.cfg` is the stage's config, built on `TrainingOptions` and `TrainingRuntime` (below). Resume is exact: the
-same batches in the same order, mid-epoch included.
+It seeds, builds AdamW (`pipeline.training.param_groups`) and the warm-up + cosine schedule, accumulates and
+clips gradients, writes one line of OUT/metrics.jsonl per optimizer step (and the same values to the trackers
+of --report-to), checkpoints every --save-every steps, at the end and on SIGINT/SIGTERM (`pipeline.checkpoints`),
+and resumes exactly: the same batches in the same order, mid-epoch included. A run extended to a longer length
+(`Length.growth`) resumes from its last checkpoint with the schedule recomputed for the new length.
 """
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from string import Formatter
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from . import faults
-from .artifacts import Growth, atomic_write_bytes, atomic_write_json, read_json, read_jsonl, sha256_file
-from .config import option, runtime
+from . import checkpoints, faults
+from .artifacts import Growth, atomic_write_bytes, read_jsonl
+from .config import as_dict, option, runtime
 from .data import loader
 from .errors import PipelineError
+from .log import make_log
+from .training import backward_step, param_groups, warmup_cosine
 
-
-LATEST = "checkpoints/latest.json"    # names the last complete checkpoint: {"dir": "step-N", "step": N}
+Terms = dict[str, torch.Tensor]     # named loss terms of a micro-batch; "loss" is the one backwarded
+Counts = dict[str, float]           # things counted in a micro-batch (summed over micro-batches and processes)
 
 
 # A training stage's config is `class XConfig(TrainingRuntime, TrainingOptions, XOptions)`: a dataclass lists the
@@ -78,165 +84,15 @@ class TrainingRuntime:
                                    "`demo --force` and `loop --force` pass each stage)")
 
 
-class StepLoop:
-    name = "train"                     # log prefix and progress-bar label
-    COUNTS: tuple[str, ...] = ()       # logged values summed over processes (others are averaged)
-    SHOWN: tuple[str, ...] = ("loss",)  # values on the progress bar
-
-    def __init__(self, cfg: Any, acc: Any, out: Path, log: Any, optimizer: Any, scheduler: Any,
-                 batches_per_epoch: int, total_steps: int):
-        self.cfg, self.acc, self.out, self.log = cfg, acc, out, log
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.batches_per_epoch, self.total_steps = batches_per_epoch, total_steps   # no half-accumulated step
-        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-        self.last_row: dict[str, Any] = {}   # the last line of metrics.jsonl (main process)
-
-    # ------------------------------------------------------------------ supplied by the stage
-    def batches(self, epoch: int, skip: int, stop: int) -> Any:
-        raise NotImplementedError
-
-    def micro_step(self, batch: dict, step: int) -> dict[str, float]:
-        raise NotImplementedError
-
-    def validate(self, step: int) -> dict[str, float]:
-        """Values logged with this step beside the training terms (validation); none by default."""
-        return {}
-
-    def extra_state(self) -> dict[str, Any]:
-        """Kept in every checkpoint's trainer_state.json and restored into self.state on resume."""
-        return {}
-
-    def after_resume(self) -> None:
-        """Reconcile outputs written after the resumed checkpoint (main process)."""
-
-    def postfix(self, row: dict) -> dict[str, str]:
-        return {k: f"{row[k]:.4f}" for k in self.SHOWN if k in row}
-
-    # ------------------------------------------------------------------ the loop
-    @property
-    def metrics_path(self) -> Path:
-        return self.out / "metrics.jsonl"
-
-    def resume(self) -> None:
-        """Load the last complete checkpoint of this fingerprint, if any; drop metric lines after it."""
-        latest = read_json(self.out / LATEST)
-        if latest is not None:
-            ckpt = self.out / "checkpoints" / latest["dir"]
-            saved = verified(ckpt)
-            self.acc.load_state(str(ckpt))
-            finite(self.acc, self.optimizer, ckpt)
-            self.state = {**self.state, **saved}
-            self.state.pop("files", None)
-            self.scheduler.load_state_dict(self.state.pop("scheduler"))
-            self.log(f"[{self.name}] resuming from {ckpt.name}: step {self.state['step']}, "
-                     f"epoch {self.state['epoch']}, batch {self.state['batch_in_epoch']}")
-        if self.acc.is_main_process:
-            kept = [row for row in read_jsonl(self.metrics_path) if row.get("step", 0) <= self.state["step"]]
-            missing = sorted(set(range(1, self.state["step"] + 1)) - {row.get("step") for row in kept})
-            if missing:   # a log with holes would reach the model card and the report as if whole
-                raise PipelineError(f"{self.metrics_path}: {len(missing)} of the {self.state['step']} trained steps are "
-                                    f"missing from the log (first: step {missing[0]}); it cannot be rebuilt: "
-                                    "rerun with --force to train again from the start")
-            atomic_write_bytes(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept).encode())
-            self.last_row = kept[-1] if kept else {}
-            self.after_resume()
-
-    def train(self) -> None:
-        with Stop(self.acc) as signals:
-            self._train(signals)
-
-    def _train(self, signals: "Stop") -> None:
-        cfg, acc, state = self.cfg, self.acc, self.state
-        step, epoch = state["step"], state["epoch"]
-        # the bar closes (ending its line) before any error is printed
-        with tqdm(total=self.total_steps, initial=step, desc=self.name, unit="step",
-                  disable=not acc.is_main_process) as bar:
-            while step < self.total_steps:
-                skip = state["batch_in_epoch"] if epoch == state["epoch"] else 0
-                stop = min(self.batches_per_epoch, skip + (self.total_steps - step) * cfg.grad_accum)  # what is left
-                sums: dict[str, float] = {}
-                for batch_in_epoch, batch in enumerate(loader(self.batches(epoch, skip, stop), cfg.num_workers),
-                                                       start=skip):
-                    if "error" in batch:
-                        raise PipelineError(batch["error"])
-                    for k, v in self.micro_step(batch, step + 1).items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    if not acc.sync_gradients:
-                        continue
-                    step += 1
-                    self.log_step(step, epoch, sums, bar, self.validate(step))
-                    sums = {}
-                    done_epoch = batch_in_epoch + 1 == self.batches_per_epoch
-                    stopping = signals.requested()
-                    if step % cfg.save_every == 0 or step == self.total_steps or stopping:
-                        self.checkpoint(step, epoch + done_epoch, 0 if done_epoch else batch_in_epoch + 1)
-                    if stopping:
-                        bar.close()
-                        self.log(f"[{self.name}] {stopping}: saved a checkpoint at step {step}")
-                        raise KeyboardInterrupt
-                    faults.at("step", step)
-                epoch += 1
-        self.state.update(step=step, epoch=epoch, batch_in_epoch=0)
-
-    def log_step(self, step: int, epoch: int, sums: dict[str, float], bar: Any, extra: dict[str, float]) -> None:
-        self.scheduler.step()
-        row = {"step": step, "epoch": epoch, **{k: mean_over_processes(self.acc, v) for k, v in sums.items()},
-               "lr": self.scheduler.get_last_lr()[0], **self.logged(), **extra}
-        for k in self.COUNTS:  # counts: summed over processes, not averaged
-            if k in row:
-                row[k] = int(round(row[k] * self.acc.num_processes))
-        row.update(self.derived(row))
-        if self.cfg.report_to:
-            self.acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
-        if self.acc.is_main_process:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            self.last_row = row
-            bar.set_postfix(self.postfix(row))
-            bar.update(1)
-
-    def logged(self) -> dict[str, float]:
-        """Values of the model itself logged every step (distill: the logit scale)."""
-        return {}
-
-    def derived(self, row: dict) -> dict[str, float]:
-        """Values computed from the step's summed ones (distill: the share of list entries in-batch)."""
-        return {}
-
-    def checkpoint(self, step: int, epoch: int, batch_in_epoch: int) -> None:
-        """save_state, then trainer_state.json, then latest.json: a checkpoint counts once latest.json names it."""
-        acc, out = self.acc, self.out
-        ckpt = out / "checkpoints" / f"step-{step}"
-        try:
-            acc.save_state(str(ckpt))
-        except RuntimeError as e:   # torch's writer reports a full disk as "[enforce fail at inline_container.cc]"
-            free = shutil.disk_usage(out).free
-            raise PipelineError(f"{ckpt}: the checkpoint could not be written ({free // 2**20} MiB free on that disk: "
-                                f"{str(e).splitlines()[0][:120]}); free some space and rerun to resume from the last "
-                                "complete checkpoint") from None
-        acc.wait_for_everyone()   # every rank's files are written before they are hashed
-        if acc.is_main_process:
-            files = {f.name: sha256_file(f) for f in sorted(ckpt.iterdir()) if f.is_file()}
-            atomic_write_json(ckpt / "trainer_state.json", {"step": step, "epoch": epoch,
-                                                            "batch_in_epoch": batch_in_epoch, **self.extra_state(),
-                                                            "scheduler": self.scheduler.state_dict(), "files": files})
-            previous = read_json(out / LATEST)
-            atomic_write_json(out / LATEST, {"dir": ckpt.name, "step": step})
-            if previous and previous["dir"] != ckpt.name:  # keep only the newest complete checkpoint
-                shutil.rmtree(out / "checkpoints" / previous["dir"], ignore_errors=True)
-        acc.wait_for_everyone()
-
-    def finish_outputs(self, writer: Any, folders: tuple[str, ...], extra: Optional[dict] = None) -> None:
-        """Record the saved model folders' files and metrics.jsonl (main process), then finish the stage."""
-        def files() -> list[str]:
-            return [f"{d}/{f.name}" for d in folders if (self.out / d).exists()
-                    for f in sorted((self.out / d).iterdir())] + ["metrics.jsonl"]
-
-        if self.acc.is_main_process:
-            for rel in files():
-                writer.record_file(rel)
-        self.acc.wait_for_everyone()
-        writer.finish(files(), extra={"steps": self.state["step"], "final": "final", **(extra or {})})
+def check_training(cfg: Any) -> None:
+    """What every training stage checks of `TrainingOptions`/`TrainingRuntime` beyond their declared ranges: one
+    of --max-steps and --epochs at most, and a mixed precision this machine can run."""
+    if cfg.max_steps is not None and cfg.epochs is not None:
+        raise PipelineError("give --max-steps or --epochs, not both")
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if cfg.mixed_precision == "fp16" and on_cpu:
+        # Accelerate runs fp16 on a CPU without autocast or a loss scaler: it would silently train in fp32
+        raise PipelineError("--mixed-precision fp16 needs a GPU; on the CPU use --mixed-precision bf16 (or no)")
 
 
 def accelerator(cfg: Any, out: Path) -> tuple[Any, Any, Any]:
@@ -244,7 +100,6 @@ def accelerator(cfg: Any, out: Path) -> tuple[Any, Any, Any]:
     from accelerate import Accelerator
 
     from .dist import Dist
-    from .log import make_log
 
     acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                       cpu=cfg.device == "cpu", log_with=trackers(cfg.report_to),
@@ -273,56 +128,166 @@ class Length:
 
     def growth(self) -> Growth:
         """What lets a finished (or interrupted) run of this stage continue when only its length grew."""
-        return Growth(keys=("max_steps", "epochs"), steps=self.total_steps, checkpoints=LATEST, outputs=("final",))
+        return Growth(keys=("max_steps", "epochs"), steps=self.total_steps, checkpoints=checkpoints.LATEST,
+                      outputs=("final",))
 
 
-def run_loop(setup: Any, writer: Any, acc: Any, report_to: Optional[str]) -> None:
-    """setup() -> a StepLoop with a finish(writer); resume, train, finish; an error aborts the writer."""
-    try:
-        with writer:
-            loop = setup()
-            loop.resume()
-            loop.train()
-            loop.finish(writer)
-    finally:
-        if report_to:
-            acc.end_training()
+@dataclass(frozen=True)
+class Logged:
+    """What a stage adds to each step's line of metrics.jsonl, and what its progress bar shows."""
+    # names of counts: summed over the step's micro-batches and over processes, logged as integers; those found
+    # in a batch are taken out of it before the step function sees it
+    counts: tuple[str, ...] = ()
+    # values computed once per step from its summed row (and the model): e.g. the logit scale, a share of counts
+    more: Callable[[dict], dict] = lambda row: {}
+    # progress bar: label -> template over the row and the last validation's values (shown when all are there)
+    shown: dict[str, str] = field(default_factory=lambda: {"loss": "{loss:.4f}"})
 
 
-def check_training(cfg: Any) -> None:
-    """What every training stage checks of `TrainingOptions`/`TrainingRuntime` beyond their declared ranges: one
-    of --max-steps and --epochs at most, and a mixed precision this machine can run."""
-    if cfg.max_steps is not None and cfg.epochs is not None:
-        raise PipelineError("give --max-steps or --epochs, not both")
-    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    if cfg.mixed_precision == "fp16" and on_cpu:
-        # Accelerate runs fp16 on a CPU without autocast or a loss scaler: it would silently train in fp32
-        raise PipelineError("--mixed-precision fp16 needs a GPU; on the CPU use --mixed-precision bf16 (or no)")
+class Trainer:
+    """One training run: optimizer, schedule, the step loop, logs, trackers, checkpoints, resume, signals."""
+
+    def __init__(self, cfg: Any, acc: Any, out: Path, length: "Length", *, name: str, model: torch.nn.Module,
+                 batches: Callable[[int, int, int], Iterable[dict]], step: Callable[[Any, dict], tuple[Terms, Counts]],
+                 logged: Logged = Logged(), groups: Optional[list[dict]] = None,
+                 validate: Callable[[int], dict[str, float]] = lambda step: {},
+                 extra_state: Optional[dict] = None):
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)
+        self.cfg, self.acc, self.out, self.length, self.name = cfg, acc, out, length, name
+        self.batches, self.step, self.logged, self.validate = batches, step, logged, validate
+        # the recipe's own state: saved in every checkpoint, restored in place on resume
+        self.extra_state = {} if extra_state is None else extra_state
+        self.log = make_log(acc.is_main_process)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay) if groups is None else groups, lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, length.total_steps))
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}   # where training is (the next batch to read)
+        self.last_row: dict[str, Any] = {}   # the last line of metrics.jsonl (main process)
+        self.last_val: dict[str, float] = {}  # the last validation's values (main process)
+
+    def resume(self) -> None:
+        """Continue from the last complete checkpoint, if any: weights, optimizer, RNG, schedule, position in the
+        data and the stage's state; metrics.jsonl keeps its lines up to the checkpoint (all of them)."""
+        ckpt = checkpoints.latest(self.out)
+        if ckpt is not None:
+            saved = checkpoints.load(self.acc, self.optimizer, ckpt)
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.state = {k: saved[k] for k in self.state}
+            self.extra_state.update({k: saved[k] for k in self.extra_state if k in saved})
+            self.log(f"[{self.name}] resuming from {ckpt.name}: step {self.state['step']}, "
+                     f"epoch {self.state['epoch']}, batch {self.state['batch_in_epoch']}")
+        if self.acc.is_main_process:
+            self.last_row = keep_metrics(self.out / "metrics.jsonl", self.state["step"])
+
+    def train(self) -> None:
+        """Optimizer steps up to the run's length; the trackers are open meanwhile."""
+        if self.cfg.report_to:
+            self.acc.init_trackers(self.name, config=tracker_config(as_dict(self.cfg)))
+        try:
+            with Stop(self.acc) as signals:
+                self._steps(signals)
+        finally:
+            if self.cfg.report_to:
+                self.acc.end_training()
+
+    def _steps(self, signals: "Stop") -> None:
+        cfg, acc, state, total = self.cfg, self.acc, self.state, self.length.total_steps
+        per_epoch = self.length.batches_per_epoch
+        step, epoch = state["step"], state["epoch"]
+        # the bar closes (ending its line) before any error is printed
+        with tqdm(total=total, initial=step, desc=self.name, unit="step", disable=not acc.is_main_process) as bar:
+            while step < total:
+                skip = state["batch_in_epoch"] if epoch == state["epoch"] else 0
+                stop = min(per_epoch, skip + (total - step) * cfg.grad_accum)  # no more than what is left
+                sums: dict[str, float] = {}
+                for batch_in_epoch, batch in enumerate(loader(self.batches(epoch, skip, stop), cfg.num_workers),
+                                                       start=skip):
+                    if "error" in batch:
+                        raise PipelineError(batch["error"])
+                    for k, v in self._micro_step(batch, step + 1).items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    if not acc.sync_gradients:
+                        continue
+                    step += 1
+                    self._log(step, epoch, sums, bar, self.validate(step))
+                    sums = {}
+                    done_epoch = batch_in_epoch + 1 == per_epoch
+                    stopping = signals.requested()
+                    if step % cfg.save_every == 0 or step == total or stopping:
+                        checkpoints.save(acc, self.out, step, {
+                            "step": step, "epoch": epoch + done_epoch,
+                            "batch_in_epoch": 0 if done_epoch else batch_in_epoch + 1,
+                            **self.extra_state, "scheduler": self.scheduler.state_dict()})
+                    if stopping:
+                        bar.close()
+                        self.log(f"[{self.name}] {stopping}: saved a checkpoint at step {step}")
+                        raise KeyboardInterrupt
+                    faults.at("step", step)
+                epoch += 1
+        state.update(step=step, epoch=epoch, batch_in_epoch=0)
+
+    def _micro_step(self, batch: dict, step: int) -> dict[str, float]:
+        """Forward, backward and (when the accumulation is complete) the optimizer step of one micro-batch;
+        returns its share of the step's logged values: each term / grad_accum, and the counts."""
+        acc, cfg = self.acc, self.cfg
+        counts = {k: float(batch.pop(k)) for k in self.logged.counts if k in batch}
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        with acc.accumulate(self.model):
+            terms, own = self.step(self.model, batch)
+            backward_step(acc, self.model, self.optimizer, terms, step, cfg.max_grad_norm)
+        return {**{k: float(v.detach()) / cfg.grad_accum for k, v in terms.items()}, **counts, **own}
+
+    def _log(self, step: int, epoch: int, sums: dict[str, float], bar: Any, val: dict[str, float]) -> None:
+        acc = self.acc
+        self.scheduler.step()
+        row = {"step": step, "epoch": epoch, **{k: mean_over_processes(acc, v) for k, v in sums.items()},
+               "lr": self.scheduler.get_last_lr()[0]}
+        for k in self.logged.counts:   # counts: summed over processes, not averaged
+            if k in row:
+                row[k] = int(round(row[k] * acc.num_processes))
+        row.update(self.logged.more(row))
+        row.update(val)
+        if self.cfg.report_to:
+            acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        if acc.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.last_row, self.last_val = row, val or self.last_val
+            values = {**self.last_val, **row}
+            bar.set_postfix({label: template.format(**values) for label, template in self.logged.shown.items()
+                             if {f for _, f, _, _ in Formatter().parse(template) if f} <= values.keys()})
+            bar.update(1)
+
+    def finish(self, writer: Any, save: Callable[[Path], None], also: tuple[str, ...] = (),
+               extra: Optional[dict] = None) -> None:
+        """save(OUT/final) (main process), then record final/, the folders `also` names and metrics.jsonl in
+        the manifest and finish the stage."""
+        def files() -> list[str]:
+            return [f"{d}/{f.name}" for d in ("final", *also) if (self.out / d).exists()
+                    for f in sorted((self.out / d).iterdir())] + ["metrics.jsonl"]
+
+        if self.acc.is_main_process:
+            save(self.out / "final")
+            for rel in files():
+                writer.record_file(rel)
+        self.acc.wait_for_everyone()
+        writer.finish(files(), extra={"steps": self.state["step"], "final": "final", **(extra or {})})
 
 
-def verified(ckpt: Path) -> dict[str, Any]:
-    """A checkpoint's trainer state, after checking every file against the SHA-256 recorded when it was written."""
-    state = read_json(ckpt / "trainer_state.json")
-    if state is None:
-        raise PipelineError(f"{ckpt}: trainer_state.json is missing (the checkpoint is damaged); remove "
-                            f"{ckpt.parent} to train from the start")
-    for name, digest in (state.get("files") or {}).items():
-        path = ckpt / name
-        if not path.exists() or sha256_file(path) != digest:
-            raise PipelineError(f"{path}: {'missing' if not path.exists() else 'damaged'} (its SHA-256 differs from "
-                                f"the one recorded when the checkpoint was written); remove {ckpt.parent} to train "
-                                "from the start")
-    return state
-
-
-def finite(acc: Any, optimizer: Any, ckpt: Path) -> None:
-    """Refuse to resume from weights or optimizer moments that are not finite."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            tensors = [p.data] + [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
-            if not all(bool(torch.isfinite(t).all()) for t in tensors):
-                raise PipelineError(f"{ckpt}: the checkpoint holds non-finite weights or optimizer state; remove "
-                                    f"{ckpt.parent} to train from the start")
+def keep_metrics(path: Path, step: int) -> dict[str, Any]:
+    """Cut metrics.jsonl back to the lines of steps up to `step` (those of a resumed checkpoint); returns the last.
+    Refuses a log with steps missing: it cannot be rebuilt, and would reach the model card and the report."""
+    kept = [row for row in read_jsonl(path) if row.get("step", 0) <= step]
+    missing = sorted(set(range(1, step + 1)) - {row.get("step") for row in kept})
+    if missing:
+        raise PipelineError(f"{path}: {len(missing)} of the {step} trained steps are missing from the log (first: "
+                            f"step {missing[0]}); it cannot be rebuilt: rerun with --force to train again from the "
+                            "start")
+    atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in kept).encode())
+    return kept[-1] if kept else {}
 
 
 class Stop:

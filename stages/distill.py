@@ -22,8 +22,8 @@ RUN/distill/
   best/                 the same, of the step with the best validation RSUM (with --keep-best)
   trackers/             local tracker logs (with --report-to, e.g. tensorboard)
 
-The file reads top to bottom: config, the loss of one batch, then `run` = setup, resume, train (one step at a
-time, checkpointing), finish.
+The file reads top to bottom: config, the loss of one batch, then `run` (inputs, identity, the output's
+writer) and the recipe `Training`: set up, train (pipeline/loop.py's `Trainer`), save.
 """
 from __future__ import annotations
 
@@ -45,16 +45,13 @@ from pipeline.card import write_card
 from pipeline.config import choice_options, location, option, runtime
 from pipeline.corpus import FORMATS, load_checked, read_source
 from pipeline.data import BatchSpec, DistillBatches, Matches, Processors, list_rows
-from pipeline.dist import Dist
 from pipeline.errors import PipelineError
 from pipeline.log import make_result
 from pipeline.losses import DistillInputs, DistillLoss, itc_loss, registry, sigmoid_loss
 from pipeline.models import (DualEncoder, learns_bias, model_exists, model_identity, save_pretrained_folder,
                              write_st_modules)
-from pipeline.loop import (Length, StepLoop, TrainingOptions, TrainingRuntime, accelerator, check_training, run_loop,
-                           tracker_config)
+from pipeline.loop import Length, Logged, Trainer, TrainingOptions, TrainingRuntime, accelerator, check_training
 from pipeline.packing import in_batch_share, plan
-from pipeline.training import backward_step, param_groups, warmup_cosine
 from pipeline.validation import Validator
 
 
@@ -280,9 +277,9 @@ def run(cfg: DistillConfig) -> Path:
                          growth=length.growth())
     if not writer.begin():
         return out
-    run_loop(lambda: Training.setup(cfg, acc, dist, paths, mine, teacher, identity["student"], out, log, length,
-                                    student(), val),
-             writer, acc, cfg.report_to)
+    with writer:
+        Training(cfg, acc, paths, {"mine": mine, "teacher": teacher, "student": identity["student"]}, out, length,
+                 student(), val).run(writer)
     make_result(acc.is_main_process)(f"[distill] done: {out / 'final'}")
     return out
 
@@ -384,66 +381,53 @@ def _check_easy(cfg: DistillConfig, mine: dict, teacher: dict, paths: layout.Run
                             f"query that {paths.teacher} holds (mined with --easy {easy})")
 
 
-class Training(StepLoop):
-    """Everything one distill run holds; one method per phase (the step loop itself: pipeline/loop.py)."""
-    name = "distill"
+class Training:
+    """distill's recipe, top to bottom: set up (corpus, student towers, validator), train with the shared
+    `Trainer` (pipeline/loop.py: optimizer, schedule, logs, checkpoints, resume), save final/ (and best/)."""
     COUNTS = ("false_negatives", "dropped_by_margin", "negatives", "negatives_in_batch", "images_encoded",
               "texts_encoded")
-    SHOWN = ("loss", "itc", "distill")
+    SHOWN = {"loss": "{loss:.4f}", "itc": "{itc:.4f}", "distill": "{distill:.4f}",
+             "enc": "{images_encoded}i/{texts_encoded}t", "in_batch": "{in_batch_share:.0%}",
+             "val_rsum": "{val_rsum:.1f}"}
 
-    def __init__(self, cfg: DistillConfig, acc, dist: Dist, out: Path, log, encoder: DualEncoder, towers, optimizer,
-                 scheduler, corpus, files: list[Path], batches_per_epoch: int, total_steps: int, upstream: dict,
-                 validator: Optional[Validator]):
-        super().__init__(cfg, acc, out, log, optimizer, scheduler, batches_per_epoch, total_steps)
-        self.dist, self.loss, self.encoder, self.towers = dist, registry.get(cfg.loss), encoder, towers
-        self.corpus, self.files = corpus, files
+    def __init__(self, cfg: DistillConfig, acc, paths: layout.Run, upstream: dict, out: Path, length: Length,
+                 encoder: DualEncoder, val=None):
+        self.cfg, self.acc, self.out, self.encoder, self.loss = cfg, acc, out, encoder, registry.get(cfg.loss)
         self.upstream = upstream          # the mine and teacher manifests and the student's identity (model card)
-        self.validator = validator
-        # best: {"step", "rsum", "val"} of the best validation so far (with --keep-best); kept in every checkpoint
-        self.state["best"] = None
+        self.corpus = load_checked(paths.corpus, cfg.image_root)
+        self.files = [paths.teacher / f for f in layout.teacher_shards(upstream["teacher"], cfg.list)]
+        self.groups = None                # (rows, cand_rows) of the teacher shards, with --batching packed
+        self.kept = {"best": None}        # {"step", "rsum", "val"} of the best validation so far (--keep-best)
+        self.last_val: Optional[dict] = None   # {"step", **metrics} of the last validation
         self.logit_scale = 0.0            # the student's scale at the last micro-step (logged per step)
         self.logit_bias: Optional[float] = None   # and its bias, when the sigmoid loss trains it
-        self.last_val: Optional[dict] = None
-        self.groups = None                # (rows, cand_rows) of the teacher shards, with --batching packed
-
-    @classmethod
-    def setup(cls, cfg: DistillConfig, acc, dist: Dist, paths: layout.Run, mine: dict, teacher: dict, student: dict,
-              out: Path, log, length: Length, encoder: DualEncoder, val=None) -> "Training":
-        from accelerate.utils import set_seed
-
-        set_seed(cfg.seed)
-        corpus = load_checked(paths.corpus, cfg.image_root)
-        validator = _validator(cfg, val, teacher, out, acc) if val is not None and acc.is_main_process else None
         towers = StudentTowers(encoder, train_bias=cfg.contrastive == "sigmoid").train()
-        optimizer = torch.optim.AdamW(param_groups(towers, cfg.weight_decay), lr=cfg.lr)
-
-        files = [paths.teacher / f for f in layout.teacher_shards(teacher, cfg.list)]
-        total_steps = length.total_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps))
-        towers, optimizer = acc.prepare(towers, optimizer)
+        self.trainer = Trainer(cfg, acc, out, length, name="distill", model=towers,
+                               batches=self.batches, step=self.step, logged=Logged(self.COUNTS, self.more, self.SHOWN),
+                               validate=self.validate, extra_state=self.kept)
+        self.log, self.total_steps = self.trainer.log, length.total_steps
         encoder.device = str(acc.device)   # validation encodes with the training model, wherever it now is
-        log(f"[distill] {teacher_rows(teacher, cfg.list)} teacher rows ({cfg.list} lists), {length.steps_per_epoch} steps/epoch x "
-            f"{dist.world_size} process(es), "
-            f"{total_steps} steps, loss itc + {cfg.distill_weight} x {cfg.loss}")
-        if cfg.report_to:
-            acc.init_trackers("distill", config=tracker_config(cfgmod.as_dict(cfg)))
-        return cls(cfg, acc, dist, out, log, encoder, towers, optimizer, scheduler, corpus, files,
-                   length.batches_per_epoch, total_steps, {"mine": mine, "teacher": teacher, "student": student},
-                   validator)
+        self.validator = _validator(cfg, val, upstream["teacher"], out, acc) \
+            if val is not None and acc.is_main_process else None
+        self.log(f"[distill] {teacher_rows(upstream['teacher'], cfg.list)} teacher rows ({cfg.list} lists), "
+                 f"{length.steps_per_epoch} steps/epoch x {acc.num_processes} process(es), {length.total_steps} "
+                 f"steps, loss itc + {cfg.distill_weight} x {cfg.loss}")
 
-    def extra_state(self) -> dict:
-        return {"best": self.state["best"]}
-
-    def after_resume(self) -> None:
-        # best/ of a step after the checkpoint is not in its record: the replay of those steps remakes it
-        best, on_disk = self.state["best"], read_json(self.out / "best" / "best.json")
-        if on_disk is not None and (best is None or on_disk["step"] != best["step"]):
-            shutil.rmtree(self.out / "best")
+    def run(self, writer: StageWriter) -> None:
+        """Resume, train, save final/ and finish the stage."""
+        self.trainer.resume()
+        if self.acc.is_main_process:   # best/ of a step after the checkpoint: the replay of those steps remakes it
+            best, on_disk = self.kept["best"], read_json(self.out / "best" / "best.json")
+            if on_disk is not None and (best is None or on_disk["step"] != best["step"]):
+                shutil.rmtree(self.out / "best")
+        self.trainer.train()
+        best = self.kept["best"]
+        self.trainer.finish(writer, self.save_final, also=("best",), extra={
+            "best": {"dir": "best", "step": best["step"], "val_rsum": best["rsum"]}} if best else None)
 
     def batches(self, epoch: int, skip: int, stop: int) -> DistillBatches:
         cfg = self.cfg
-        spec = batch_spec(cfg, self.dist.rank, self.dist.world_size)
+        spec = batch_spec(cfg, self.acc.process_index, self.acc.num_processes)
         order = None
         if cfg.batching == "packed":
             started = time.perf_counter()
@@ -457,30 +441,23 @@ class Training(StepLoop):
         return DistillBatches(spec, self.files, self.corpus, Processors(enc.image_processor, enc.tokenizer,
                                                                         enc.max_length), epoch, stop, skip, order)
 
-    def micro_step(self, batch: dict, step: int) -> dict[str, float]:
-        """Forward, backward and (when the accumulation is complete) the optimizer step of one micro-batch.
-
-        Returns this micro-batch's share of the step's logged values: each term / grad_accum, and the counts.
-        """
-        acc, cfg = self.acc, self.cfg
-        counts = {k: float(batch.pop(k)) for k in self.COUNTS if k in batch}
-        batch = {k: v.to(acc.device) for k, v in batch.items()}
+    def step(self, towers: StudentTowers, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """One micro-batch's named loss terms, and the images and captions it encoded."""
+        cfg = self.cfg
         live = self.live(batch)
         encoded = lambda rows, key: float(live[key].sum()) if live and not live["others"] else float(len(rows))
-        counts.update(images_encoded=encoded(batch["pixel_values"], "live_images"),
-                      texts_encoded=encoded(batch["input_ids"], "live_texts"))
-        with acc.accumulate(self.towers):
-            with acc.autocast():
-                img, txt, scale, bias = self.towers(batch["pixel_values"], batch["input_ids"],
-                                                    batch["attention_mask"], **live)
-            terms = compute_loss(self.loss, cfg.loss_options, cfg.distill_weight, img.float(), txt.float(),
-                                 scale.float(), batch, cfg.distill_directions, cfg.contrastive, bias.float(),
-                                 teacher_scale=cfg.teacher_scale)
-            # the bias as this step used it (a view of the parameter: read before the optimizer moves it)
-            self.logit_bias = float(bias.detach()) if cfg.contrastive == "sigmoid" else None
-            backward_step(acc, self.towers, self.optimizer, terms, step, cfg.max_grad_norm)
+        counts = {"images_encoded": encoded(batch["pixel_values"], "live_images"),
+                  "texts_encoded": encoded(batch["input_ids"], "live_texts")}
+        with self.acc.autocast():
+            img, txt, scale, bias = towers(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                           **live)
         self.logit_scale = float(scale.detach())
-        return {**{k: float(v.detach()) / cfg.grad_accum for k, v in terms.items()}, **counts}
+        # the bias as this step used it (a view of the parameter: read before the optimizer moves it)
+        self.logit_bias = float(bias.detach()) if cfg.contrastive == "sigmoid" else None
+        terms = compute_loss(self.loss, cfg.loss_options, cfg.distill_weight, img.float(), txt.float(),
+                             scale.float(), batch, cfg.distill_directions, cfg.contrastive, bias.float(),
+                             teacher_scale=cfg.teacher_scale)
+        return terms, counts
 
     def live(self, batch: dict) -> dict[str, Any]:
         """The rows to encode with gradient: all ({}), or the batch's pairs only, the hard negatives encoded without
@@ -490,21 +467,12 @@ class Training(StepLoop):
             return {}
         return pairs_only(batch, others=self.loss.fn is not None)
 
-    def logged(self) -> dict[str, float]:
-        return {"logit_scale": self.logit_scale,
-                **({"logit_bias": self.logit_bias} if self.logit_bias is not None else {})}
-
-    def derived(self, row: dict) -> dict[str, float]:
-        return {"in_batch_share": row["negatives_in_batch"] / row["negatives"]} if row.get("negatives") else {}
-
-    def postfix(self, row: dict) -> dict[str, str]:
-        shown = super().postfix(row)
-        shown["enc"] = f"{row['images_encoded']}i/{row['texts_encoded']}t"
-        if "in_batch_share" in row:
-            shown["in_batch"] = f"{row['in_batch_share']:.0%}"
-        if self.last_val:
-            shown["val_rsum"] = f"{self.last_val['val_rsum']:.1f}"
-        return shown
+    def more(self, row: dict) -> dict[str, float]:
+        """Logged per step beside the summed values: the logit scale (and bias, when trained) and the share of
+        list entries in-batch."""
+        share = {"in_batch_share": row["negatives_in_batch"] / row["negatives"]} if row.get("negatives") else {}
+        bias = {"logit_bias": self.logit_bias} if self.logit_bias is not None else {}
+        return {"logit_scale": self.logit_scale, **bias, **share}
 
     def validate(self, step: int) -> dict[str, float]:
         """The validation metrics at this step, if it is a validation step (main process; {} elsewhere); with
@@ -517,43 +485,38 @@ class Training(StepLoop):
         if self.acc.is_main_process:
             val = self.validator(self.encoder)
             self.last_val = {"step": step, **val}
-            best = self.state["best"]
+            best = self.kept["best"]
             if cfg.keep_best and (best is None or val["val_rsum"] > best["rsum"]):
-                self.state["best"] = {"step": step, "rsum": val["val_rsum"], "val": val}
-                self.save_model(self.out / "best", "best", step, val)
+                self.kept["best"] = {"step": step, "rsum": val["val_rsum"], "val": val}
+                self.save(self.out / "best", "best", step, val)
         self.acc.wait_for_everyone()
         return val
 
-    def save_model(self, folder: Path, which: str, step: int, val: Optional[dict]) -> None:
+    def save_final(self, folder: Path) -> None:
+        step, val = self.trainer.state["step"], self.last_val
+        val = val if val and val["step"] == step else None
+        self.save(folder, "final", step, val and {k: v for k, v in val.items() if k != "step"})
+
+    def save(self, folder: Path, which: str, step: int, val: Optional[dict]) -> None:
         """save_pretrained with processor, tokenizer, model card and sentence-transformers files, replacing
         `folder` at once (main process)."""
-        teacher = self.upstream["teacher"]
+        cfg, teacher = self.cfg, self.upstream["teacher"]
 
         def extra(tmp: Path) -> None:
             if self.encoder.kind == "transformers":   # an open_clip folder is open_clip's own (pipeline.openclip)
                 write_st_modules(tmp, self.encoder.max_length)
-            write_card(tmp, title=f"{Path(self.cfg.student).name}, distilled ({self.cfg.loss})",
-                       config={**cfgmod.fingerprinted(self.cfg), "student": self.cfg.student,
-                               "val_data": self.cfg.val_data},
+            write_card(tmp, title=f"{Path(cfg.student).name}, distilled ({cfg.loss})",
+                       config={**cfgmod.fingerprinted(cfg), "student": cfg.student, "val_data": cfg.val_data},
                        student=self.upstream["student"],
                        teacher={**teacher["config"], "identity": teacher["identity"]["teacher"],
                                 "teacher": (teacher.get("locations") or {}).get("teacher") or teacher["config"]["teacher"]},
-                       mine=self.upstream["mine"]["config"], steps=step, last=self.last_row, val=val, val_step=step,
-                       which=which, val_split=self.cfg.val_split)
+                       mine=self.upstream["mine"]["config"], steps=step, last=self.trainer.last_row, val=val,
+                       val_step=step, which=which, val_split=cfg.val_split)
             if which == "best":
                 atomic_write_json(tmp / "best.json", {"step": step, "val": val})
 
-        save_pretrained_folder(folder, self.acc.unwrap_model(self.towers).model, self.encoder.image_processor,
+        save_pretrained_folder(folder, self.acc.unwrap_model(self.trainer.model).model, self.encoder.image_processor,
                                self.encoder.tokenizer, extra)
-
-    def finish(self, writer: StageWriter) -> None:
-        if self.acc.is_main_process:
-            val = self.last_val if self.last_val and self.last_val["step"] == self.state["step"] else None
-            self.save_model(self.out / "final", "final", self.state["step"],
-                            val and {k: v for k, v in val.items() if k != "step"})
-        best = self.state["best"]
-        self.finish_outputs(writer, ("final", "best"), {"best": {"dir": "best", "step": best["step"],
-                                                                 "val_rsum": best["rsum"]}} if best else None)
 
 
 def _validator(cfg: DistillConfig, corpus, teacher: dict, out: Path, acc) -> Validator:

@@ -11,11 +11,12 @@ cross-entropy), plus, with --itc-weight, BLIP's own contrastive loss over the ba
 Reads RUN/mine; writes
 
 RUN/teacher-train/
-  checkpoints/step-N/, checkpoints/latest.json, metrics.jsonl   the shared step loop (pipeline/loop.py)
+  checkpoints/step-N/, checkpoints/latest.json, metrics.jsonl   the shared trainer (pipeline/loop.py)
   final/        save_pretrained: model, image processor, tokenizer; `score-teacher --teacher train-teacher`
                 (or the folder) scores with it, and its manifest records the lineage
 
-The file reads top to bottom: config, the loss of one batch, then `run` = setup, resume, train, finish.
+The file reads top to bottom: config, the loss of one batch, then `run` (inputs, identity, the output's writer)
+and the recipe `TeacherTraining`: set up, train (pipeline/loop.py's `Trainer`), save.
 """
 from __future__ import annotations
 
@@ -31,15 +32,13 @@ from pipeline.artifacts import StageWriter, require_complete
 from pipeline.config import location, option, runtime
 from pipeline.corpus import load_checked
 from pipeline.data import BatchSpec, MatchingBatches, Processors
-from pipeline.dist import Dist
 from pipeline.errors import PipelineError
 from pipeline.log import make_result
-from pipeline.loop import (Length, StepLoop, TrainingOptions, TrainingRuntime, accelerator, check_training, run_loop,
-                           tracker_config)
+from pipeline.loop import Length, Logged, Trainer, TrainingOptions, TrainingRuntime, accelerator, check_training
 from pipeline.losses import itc_loss
 from pipeline.models import model_identity, save_pretrained_folder
 from pipeline.teachers import BlipITM, CrossEncoder, blip_itc_features, load_teacher
-from pipeline.training import backward_step, param_groups, warmup_cosine
+from pipeline.training import param_groups
 
 
 @dataclass
@@ -124,8 +123,8 @@ def run(cfg: TrainTeacherConfig) -> Path:
                          locations={"teacher": cfg.teacher})
     if not writer.begin():
         return out
-    run_loop(lambda: TeacherTraining.setup(cfg, acc, dist, paths, mine, teacher, out, log, length), writer, acc,
-             cfg.report_to)
+    with writer:
+        TeacherTraining(cfg, acc, paths, mine, teacher, out, length).run(writer)
     make_result(acc.is_main_process)(f"[train-teacher] done: {out / 'final'}")
     return out
 
@@ -141,67 +140,50 @@ def check(cfg: TrainTeacherConfig) -> None:
     check_training(cfg)
 
 
-class TeacherTraining(StepLoop):
-    name = "train-teacher"
-    COUNTS = ("false_negatives",)
-    SHOWN = ("loss", "itm", "itc", "accuracy")
+class TeacherTraining:
+    """train-teacher's recipe, top to bottom: set up (corpus, the trained parameters), train with the shared
+    `Trainer` (pipeline/loop.py: optimizer, schedule, logs, checkpoints, resume), save final/."""
+    SHOWN = {k: f"{{{k}:.4f}}" for k in ("loss", "itm", "itc", "accuracy")}
 
-    def __init__(self, cfg: TrainTeacherConfig, acc, dist: Dist, out: Path, log, teacher: CrossEncoder, scorer,
-                 optimizer, scheduler, corpus, files: list[Path], batches_per_epoch: int, total_steps: int):
-        super().__init__(cfg, acc, out, log, optimizer, scheduler, batches_per_epoch, total_steps)
-        self.dist, self.teacher, self.scorer, self.corpus, self.files = dist, teacher, scorer, corpus, files
-
-    @classmethod
-    def setup(cls, cfg: TrainTeacherConfig, acc, dist: Dist, paths: layout.Run, mine: dict, teacher: CrossEncoder,
-              out: Path, log, length: Length) -> "TeacherTraining":
-        from accelerate.utils import set_seed
-
-        set_seed(cfg.seed)
-        corpus = load_checked(paths.corpus, cfg.image_root)
+    def __init__(self, cfg: TrainTeacherConfig, acc, paths: layout.Run, mine: dict, teacher: CrossEncoder,
+                 out: Path, length: Length):
+        self.cfg, self.acc, self.teacher = cfg, acc, teacher
+        self.corpus = load_checked(paths.corpus, cfg.image_root)
+        self.files = [paths.mine / p["file"] for p in mine["shard_plan"]]
         scorer = Scorer(teacher, cfg).train()
         if cfg.train == "head":
             for name, p in scorer.named_parameters():
                 p.requires_grad_(name.startswith(f"model.{teacher.head}"))
         groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]}
                   for g in param_groups(scorer, cfg.weight_decay)]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
-
-        files = [paths.mine / p["file"] for p in mine["shard_plan"]]
-        total_steps = length.total_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps))
-        scorer, optimizer = acc.prepare(scorer, optimizer)
+        self.trainer = Trainer(cfg, acc, out, length, name="train-teacher", model=scorer,
+                               groups=[g for g in groups if g["params"]], batches=self.batches, step=self.step,
+                               logged=Logged(counts=("false_negatives",), shown=self.SHOWN))
         teacher.device = str(acc.device)
         trained = sum(p.numel() for p in scorer.parameters() if p.requires_grad)
-        log(f"[train-teacher] {mined_queries(mine)} mined queries, {length.steps_per_epoch} steps/epoch x "
-            f"{dist.world_size} process(es), "
-            f"{total_steps} steps, training {trained:,} parameters ({cfg.train})")
-        if cfg.report_to:
-            acc.init_trackers("train-teacher", config=tracker_config(cfgmod.as_dict(cfg)))
-        return cls(cfg, acc, dist, out, log, teacher, scorer, optimizer, scheduler, corpus, files,
-                   length.batches_per_epoch, total_steps)
+        self.trainer.log(f"[train-teacher] {mined_queries(mine)} mined queries, {length.steps_per_epoch} steps/epoch "
+                         f"x {acc.num_processes} process(es), {length.total_steps} steps, training {trained:,} "
+                         f"parameters ({cfg.train})")
+
+    def run(self, writer: StageWriter) -> None:
+        """Resume, train, save final/ and finish the stage."""
+        self.trainer.resume()
+        self.trainer.train()
+        self.trainer.finish(writer, self.save)
 
     def batches(self, epoch: int, skip: int, stop: int) -> MatchingBatches:
         cfg, t = self.cfg, self.teacher
         spec = BatchSpec(batch_size=cfg.batch_size, num_negatives=cfg.num_negatives, seed=cfg.seed,
                          shuffle_buffer=cfg.shuffle_buffer, image_cache_mb=cfg.image_cache_mb,
-                         rank=self.dist.rank, world_size=self.dist.world_size)
+                         rank=self.acc.process_index, world_size=self.acc.num_processes)
         return MatchingBatches(spec, self.files, self.corpus, Processors(t.image_processor, t.tokenizer, t.max_length),
                                epoch, stop, skip, temperature=cfg.sample_temperature, in_batch=cfg.in_batch_negatives)
 
-    def micro_step(self, batch: dict, step: int) -> dict[str, float]:
-        acc, cfg = self.acc, self.cfg
-        counts = {k: float(batch.pop(k)) for k in self.COUNTS}
-        batch = {k: v.to(acc.device) for k, v in batch.items()}
-        with acc.accumulate(self.scorer):
-            with acc.autocast():
-                terms = self.scorer(batch)
-            backward_step(acc, self.scorer, self.optimizer, terms, step, cfg.max_grad_norm)
-        return {**{k: float(v.detach()) / cfg.grad_accum for k, v in terms.items()}, **counts}
+    def step(self, scorer: Scorer, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """One micro-batch's named loss terms (no counts of its own: the batch's are taken by the trainer)."""
+        with self.acc.autocast():
+            return scorer(batch), {}
 
-    def finish(self, writer: StageWriter) -> None:
-        if self.acc.is_main_process:
-            save_pretrained_folder(self.out / "final", self.acc.unwrap_model(self.scorer).model,
-                                   self.teacher.image_processor, self.teacher.tokenizer)
-        self.finish_outputs(writer, ("final",))
-
+    def save(self, folder: Path) -> None:
+        save_pretrained_folder(folder, self.acc.unwrap_model(self.trainer.model).model, self.teacher.image_processor,
+                               self.teacher.tokenizer)
