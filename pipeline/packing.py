@@ -28,7 +28,6 @@ demo's 12,000 rows x 32; its memory is the [R, N] index table, small next to the
 from __future__ import annotations
 
 import heapq
-from typing import Sequence
 
 import numpy as np
 
