@@ -158,7 +158,7 @@ def main() -> None:
     """Distil a cross-encoder teacher into a dual-encoder student for image-text retrieval.
 
     \b
-    Stages (each reads the one before it from RUN/ and can be rerun alone):
+    Stages (each reads the outputs of the stages before it from RUN/ and can be rerun alone):
       mine           embed the corpus with the student, mine top-k hard negatives  -> RUN/mine
       train-teacher  (optional) fine-tune the teacher on the student's hard negatives -> RUN/teacher-train
       score-teacher  score every mined pair with the cross-encoder teacher         -> RUN/teacher

@@ -59,7 +59,7 @@ class DemoConfig:
     seed: int = option(0, "first distillation seed (seeds seed, seed+1, ... as the recipe asks)", at_least=0)
     quick: bool = option(False, "a small, fast version of the same pipeline (for tests)")
     full: bool = option(False, "also LoopITR's two halves: a second round (re-mined with the distilled students) and "
-                               "a teacher fine-tuned on the student's negatives (about 12 more minutes on 2 cores)")
+                               "a teacher fine-tuned on the student's negatives (about 10 more minutes on 2 cores)")
     allow_weak_teacher: bool = option(False, "distil even if the teacher does not beat the student (reported "
                                              "in the table; for studying a teacher, not for results)")
     recipe: str = runtime(str(REPO / "data" / "demo.yaml"), "the demo recipe")
@@ -190,8 +190,10 @@ class Demo:
 
     def stage_one(self) -> None:
         """Mine and score (the recipe's score; a cache of ITM alone if a method learns from it)."""
-        stage("mine").run(run=str(self.run_main), data=str(self.train), student=str(self.student),
-                          k=self.recipe.mine.k, **self.dev)
+        mine = self.recipe.mine
+        easy = {k: v for k, v in (("easy", mine.easy), ("easy_from", mine.easy_from)) if v is not None}
+        stage("mine").run(run=str(self.run_main), data=str(self.train), student=str(self.student), k=mine.k,
+                          **easy, **self.dev)
         stage("score-teacher").run(run=str(self.run_main), teacher=str(self.teacher), score=self.recipe.teacher.score,
                                    itc_weight=self.itc_weight, **self.dev)
         if any(m.cache == "itm" for m in self.recipe.methods):

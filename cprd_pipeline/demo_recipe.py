@@ -34,6 +34,10 @@ class Corpus:
 @dataclass(frozen=True)
 class Mine:
     k: int = option(8, "mined negatives per query", at_least=1)
+    easy: Optional[int] = option(None, "easy candidates per query beside the mined ones (mine --easy: for distill "
+                                       "--list easy)", at_least=1)
+    easy_from: Optional[str] = option(None, "with easy: where they come from (mine --easy-from; default random)",
+                                      choices=("random", "bottom"))
 
 
 @dataclass(frozen=True)
@@ -204,7 +208,7 @@ def _typed(cls: type, raw: Any, where: str) -> Any:
     for f in dataclasses.fields(cls):
         value, choices = getattr(made, f.name), f.metadata.get("choices")
         problem = out_of_range(f, value)
-        if choices and value not in choices:
+        if choices and value is not None and value not in choices:
             problem = f"'{value}' is not one of {', '.join(choices)}"
         if problem:
             raise PipelineError(f"{where}: '{f.name}' {problem}")

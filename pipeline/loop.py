@@ -312,7 +312,7 @@ class Stop:
         """The signal's name on every process if any process got one, else None."""
         flag = self.signal is not None
         if self.acc.num_processes > 1:
-            flag = bool(self.acc.reduce(torch.tensor(int(flag), device=self.acc.device), reduction="sum") > 0)
+            flag = bool(self.acc.reduce(torch.tensor(int(flag), device=self.acc.device), "sum") > 0)
         return (signal.Signals(self.signal).name if self.signal else "a signal to another process") if flag else None
 
     def __exit__(self, *exc: Any) -> None:
@@ -323,7 +323,7 @@ class Stop:
 def mean_over_processes(acc: Any, value: float) -> float:
     if acc.num_processes == 1:
         return value
-    return float(acc.reduce(torch.tensor(value, device=acc.device), reduction="mean"))
+    return float(acc.reduce(torch.tensor(value, device=acc.device), "mean"))
 
 
 def trackers(report_to: Optional[str]) -> Optional[list[str]]:

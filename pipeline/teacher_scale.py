@@ -4,8 +4,8 @@ The teacher cache stores raw scores (`docs/design.md`, shard schemas): for `scor
 match log-odds `logit[match] - logit[no match]` (ViLT's one logit, read as log-odds). `logodds` hands them to the
 loss as they are; `prob` hands it the match probability sigmoid(log-odds), for the negatives and the positive
 alike, before any loss sees them. The order of the scores is the same on both scales, so a loss that reads only
-the order (cprd, listmle, ranknet) changes only through the options measured in score units (`min_teacher_score`,
-`tie_margin`); kl and margin-mse see other numbers.
+the order (cprd, listmle, ranknet) changes only through its options measured in score units (cprd's minimum
+teacher score and tie margin); kl and margin-mse see other numbers.
 
 A `--score itm+itc` cache holds log-odds + itc_weight x cosine, whose sigmoid is no probability, and the cache
 does not keep the log-odds apart: `prob` is refused for it.

@@ -77,8 +77,9 @@ class DistillOptions:
     teacher_scale: str = option("logodds", "the scale the loss sees the teacher's scores on (negatives' and "
                                            "positives'): logodds (as stored: ITM log-odds) or prob (the match "
                                            "probability, their sigmoid; refused for a --score itm+itc cache, which "
-                                           "keeps no log-odds apart). --min-teacher-score and --tie-margin are on "
-                                           "this scale; --max-teacher-margin stays on the stored log-odds",
+                                           "keeps no log-odds apart). A loss's options in score units (a minimum "
+                                           "score, a tie margin) are on this scale; --max-teacher-margin stays on "
+                                           "the stored log-odds",
                                 choices=scales.SCALES, added=True)
     # `list` names the option `--list`; no annotation of this class may use the builtin list (get_type_hints
     # would read this field's default instead)
