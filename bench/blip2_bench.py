@@ -25,7 +25,7 @@ GEOMETRY = dict(hidden=768, layers=12, heads=12, intermediate=3072, cross_attent
 
 
 def main(n_images: int = 4, per_image: int = 2, k: int = 3, naive_pairs: int = 6) -> dict:
-    from bench.common import synthetic_corpus
+    from bench.common import mined_pairs, synthetic_corpus
     from pipeline.tiny_models import save_tiny_blip2, save_tiny_clip
     from stages import stage
 
@@ -42,13 +42,9 @@ def main(n_images: int = 4, per_image: int = 2, k: int = 3, naive_pairs: int = 6
         ours_s = time.perf_counter() - t0
         pairs = json.loads((run / "teacher" / "manifest.json").read_text())["num_pairs"]
 
-        import pyarrow.parquet as pq
         from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForImageTextRetrieval
 
-        table = pq.read_table(run / "teacher" / "pairs" / "part-00000.parquet").slice(0, naive_pairs).to_pydict()
-        images = pq.read_table(run / "mine" / "corpus" / "images.parquet").to_pydict()
-        texts = pq.read_table(run / "mine" / "corpus" / "texts.parquet").to_pydict()
-        path, text = dict(zip(images["image_id"], images["path"])), dict(zip(texts["text_id"], texts["text"]))
+        table, path, text = mined_pairs(run, naive_pairs)
         model = Blip2ForImageTextRetrieval.from_pretrained(blip2).eval()
         proc, tok = AutoImageProcessor.from_pretrained(blip2), AutoTokenizer.from_pretrained(blip2)
         pixels = {iid: proc(images=Image.open(tmp / "data" / path[iid]).convert("RGB"), return_tensors="pt")

@@ -60,3 +60,14 @@ def synthetic_corpus(root: Path, n_images: int, per_image: int, size: int = 64, 
                                     for j in range(per_image)]})
     (root / "ann.json").write_text(json.dumps(records))
     return root / "ann.json"
+
+
+def mined_pairs(run: Path, n: int) -> tuple[dict, dict, dict]:
+    """The first n scored pairs of a run (score-teacher's pairs shard: image_id, text_id, score), with the run's
+    image paths and caption texts by id: the inputs of a benchmark's naive per-pair loop."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(run / "teacher" / "pairs" / "part-00000.parquet").slice(0, n).to_pydict()
+    images = pq.read_table(run / "mine" / "corpus" / "images.parquet").to_pydict()
+    texts = pq.read_table(run / "mine" / "corpus" / "texts.parquet").to_pydict()
+    return table, dict(zip(images["image_id"], images["path"])), dict(zip(texts["text_id"], texts["text"]))

@@ -22,7 +22,7 @@ NAIVE_PAIRS = 600  # the naive loop is timed on a prefix; its rate does not depe
 
 
 def main() -> dict:
-    from bench.common import synthetic_corpus
+    from bench.common import mined_pairs, synthetic_corpus
     from pipeline.tiny_models import save_tiny_blip, save_tiny_clip
     from stages import stage
 
@@ -43,13 +43,9 @@ def main() -> dict:
         pairs = manifest["num_pairs"]
 
         # the naive loop over the same pairs
-        import pyarrow.parquet as pq
         from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval
 
-        table = pq.read_table(run / "teacher" / "pairs" / "part-00000.parquet").slice(0, NAIVE_PAIRS).to_pydict()
-        images = pq.read_table(run / "mine" / "corpus" / "images.parquet").to_pydict()
-        texts = pq.read_table(run / "mine" / "corpus" / "texts.parquet").to_pydict()
-        path, text = dict(zip(images["image_id"], images["path"])), dict(zip(texts["text_id"], texts["text"]))
+        table, path, text = mined_pairs(run, NAIVE_PAIRS)
         model = BlipForImageTextRetrieval.from_pretrained(blip).eval()
         proc, tok = AutoImageProcessor.from_pretrained(blip), AutoTokenizer.from_pretrained(blip)
         pixels = {iid: proc(images=Image.open(path[iid]).convert("RGB"), return_tensors="pt")["pixel_values"]

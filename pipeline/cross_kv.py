@@ -94,15 +94,21 @@ def _cross(a: torch.Tensor, ca: Any, k: torch.Tensor, v: torch.Tensor, runs: lis
     return out
 
 
+def by_image(image_index: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """The pairs grouped by image: `order` ([B], stable) and, over the reordered pairs, runs of (image, start,
+    end), one per image."""
+    order = torch.argsort(image_index, stable=True)
+    images, counts = torch.unique_consecutive(image_index[order], return_counts=True)
+    ends = torch.cumsum(counts, 0).tolist()
+    return order, [(int(i), e - int(c), e) for i, c, e in zip(images, counts, ends)]
+
+
 def itm_logodds(model: Any, kv: list[tuple[torch.Tensor, torch.Tensor]], image_index: torch.Tensor,
                 input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[B] ITM log-odds of B pairs: caption b against image `image_index[b]` of the cached keys and values."""
     text = model.text_encoder
-    order = torch.argsort(image_index, stable=True)                               # pairs grouped by image
-    image_index, input_ids, attention_mask = image_index[order], input_ids[order], attention_mask[order]
-    images, counts = torch.unique_consecutive(image_index, return_counts=True)
-    ends = torch.cumsum(counts, 0).tolist()
-    runs = [(int(i), e - int(c), e) for i, c, e in zip(images, counts, ends)]
+    order, runs = by_image(image_index)
+    input_ids, attention_mask = input_ids[order], attention_mask[order]
     x = text.embeddings(input_ids=input_ids)                                     # [B, L, H]
     # padding keys get the most negative value: softmax gives them exactly 0, as transformers' mask does
     pad = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min    # [B, 1, 1, L]

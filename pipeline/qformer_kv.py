@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .cross_kv import _cross, _get, _heads, _merge
+from .cross_kv import _cross, _get, _heads, _merge, by_image
 from .errors import PipelineError
 
 _MODEL_PARTS = ("query_tokens", "embeddings", "qformer.layernorm", "qformer.encoder.layer", "itm_head")
@@ -74,11 +74,8 @@ def itm_logodds(model: Any, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], im
                 input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[B] ITM log-odds of B pairs: caption b against image `image_index[b]` of the cached keys and values."""
     qf = model.qformer
-    order = torch.argsort(image_index, stable=True)                               # pairs grouped by image
-    image_index, input_ids, attention_mask = image_index[order], input_ids[order], attention_mask[order]
-    images, counts = torch.unique_consecutive(image_index, return_counts=True)
-    ends = torch.cumsum(counts, 0).tolist()
-    runs = [(int(i), e - int(c), e) for i, c, e in zip(images, counts, ends)]
+    order, runs = by_image(image_index)
+    input_ids, attention_mask = input_ids[order], attention_mask[order]
     b, q = input_ids.shape[0], model.query_tokens.shape[1]
     x = model.embeddings(input_ids=input_ids, query_embeds=model.query_tokens.expand(b, -1, -1))  # [B, Q + L, H]
     x = qf.layernorm(x.to(qf.layernorm.weight.dtype))

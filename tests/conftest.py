@@ -9,6 +9,7 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -25,14 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 from pipeline.tiny_models import save_tiny_blip, save_tiny_clip, save_tiny_siglip, save_tiny_vilt  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory) -> Path:
-    return save_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
+def saved_tiny_model(name: str, save: Callable[[Path], Path]) -> Any:
+    """A session fixture `name`: the tiny model `save` writes, in a folder of its own (built once per session)."""
+    @pytest.fixture(scope="session", name=name)
+    def fixture(tmp_path_factory) -> Path:
+        return save(tmp_path_factory.mktemp("models") / name.replace("_", "-"))
+
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def tiny_siglip(tmp_path_factory) -> Path:
-    return save_tiny_siglip(tmp_path_factory.mktemp("models") / "tiny-siglip")
+tiny_clip = saved_tiny_model("tiny_clip", save_tiny_clip)
+tiny_siglip = saved_tiny_model("tiny_siglip", save_tiny_siglip)
+tiny_blip = saved_tiny_model("tiny_blip", save_tiny_blip)
+tiny_vilt = saved_tiny_model("tiny_vilt", save_tiny_vilt)
 
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
@@ -125,16 +131,6 @@ def assert_rows_match(got: list[dict], want: list[dict], float_columns: tuple[st
                {k: v for k, v in w.items() if k not in float_columns}
         for c in float_columns:
             np.testing.assert_allclose(g[c], w[c], atol=atol, rtol=0, err_msg=c)
-
-
-@pytest.fixture(scope="session")
-def tiny_blip(tmp_path_factory) -> Path:
-    return save_tiny_blip(tmp_path_factory.mktemp("models") / "tiny-blip")
-
-
-@pytest.fixture(scope="session")
-def tiny_vilt(tmp_path_factory) -> Path:
-    return save_tiny_vilt(tmp_path_factory.mktemp("models") / "tiny-vilt")
 
 
 @pytest.fixture(scope="session")

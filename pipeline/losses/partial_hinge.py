@@ -26,16 +26,12 @@ def partial_hinge_loss(student_logits: torch.Tensor, teacher_scores: torch.Tenso
     m = 0 are skipped; the result is the mean over the other rows, or a zero that still carries a graph when
     there are none.
 
-    | input             | shape  | meaning                                                            |
-    | ----------------- | ------ | ------------------------------------------------------------------ |
-    | student_logits    | [B, N] | student logit_scale * cos(query, candidate)                        |
-    | teacher_scores    | [B, N] | teacher scores (only their order, and tie_margin's gaps, are used) |
-    | mask              | [B, N] | optional bool, True = real candidate, False = padding              |
-    | num_valid         | int    | optional cap on valid positions j per row                          |
-    | min_teacher_score | float  | optional: j is valid only if its teacher score >= this             |
-    | tie_margin        | float  | optional d > 0: only pairs the teacher scores d or more apart      |
-    | reduction         | str    | a row's terms over its valid positions: mean (1/m, the default) or sum |
-    | margin            | float  | >= 0, in student logits: how far s(j) should be above each s(l)    |
+    Inputs: `partial_ranknet_loss`'s table (student_logits, teacher_scores, mask, num_valid, min_teacher_score,
+    tie_margin, reduction: the same pairs), and
+
+    | input  | shape | meaning                                                         |
+    | ------ | ----- | --------------------------------------------------------------- |
+    | margin | float | >= 0, in student logits: how far s(j) should be above each s(l) |
     """
     if not margin >= 0:
         raise ValueError(f"partial_hinge_loss: margin must be >= 0 (in student logits), got {margin}")

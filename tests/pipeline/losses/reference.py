@@ -44,31 +44,11 @@ def below_ref(value, lift):
     return value.detach() if lift == "only" else value
 
 
-def cprd_tie_margin_ref(student, teacher, mask=None, num_valid=None, tie_margin=1.0, lift="negative",
-                        positive=None, reduction="mean"):
-    """CPRD where j is contrasted against itself and every l the teacher scores at least tie_margin lower."""
-    losses = []
-    for b, idx in rows(student, teacher, mask):
-        order = sorted(idx, key=lambda j: -float(teacher[b, j]))  # sorted() is stable
-        terms = []
-        for j, c in enumerate(order):
-            if num_valid is not None and j >= num_valid:
-                break
-            below = [l for l in order if float(teacher[b, l]) <= float(teacher[b, c]) - tie_margin]
-            if not below:
-                continue
-            anchor = student[b, c] if lift != "positive" else anchor_ref(student[b, c], positive[b])
-            lse = torch.logsumexp(torch.stack([anchor] + [below_ref(student[b, l], lift) for l in below]), 0)
-            terms.append(lse - anchor)
-        if terms:
-            losses.append(sum(terms) / (len(terms) if reduction == "mean" else 1))
-    return torch.stack(losses).mean() if losses else None
-
-
-def partial_pairs_ref(student, teacher, pair, mask=None, num_valid=None, min_teacher_score=None, tie_margin=None,
-                      reduction="mean"):
-    """CPRD's ordered pairs, each j's term the mean of pair(s_j, s_l) over the l the teacher ranks below it (with
-    tie_margin d: scored at least d lower); a row's terms averaged ("mean") or summed ("sum") over its valid j."""
+def ordered_pairs_ref(student, teacher, mask=None, num_valid=None, min_teacher_score=None, tie_margin=None,
+                      reduction="mean", term=None):
+    """A loop over CPRD's ordered pairs: per row in teacher order (stable), each valid j with the candidates l the
+    teacher ranks below it (with tie_margin d: scored at least d lower; a j with none is skipped), its term
+    term(b, c, below); a row's terms averaged ("mean") or summed ("sum"); the mean over rows with any."""
     losses = []
     for b, idx in rows(student, teacher, mask):
         order = sorted(idx, key=lambda j: -float(teacher[b, j]))  # sorted() is stable
@@ -80,12 +60,30 @@ def partial_pairs_ref(student, teacher, pair, mask=None, num_valid=None, min_tea
                 break
             below = [l for l in order[j + 1:]
                      if tie_margin is None or float(teacher[b, l]) <= float(teacher[b, c]) - tie_margin]
-            if not below:
-                continue
-            terms.append(sum(pair(student[b, c], student[b, l]) for l in below) / len(below))
+            if below:
+                terms.append(term(b, c, below))
         if terms:
             losses.append(sum(terms) / (len(terms) if reduction == "mean" else 1))
     return torch.stack(losses).mean() if losses else None
+
+
+def cprd_tie_margin_ref(student, teacher, mask=None, num_valid=None, tie_margin=1.0, lift="negative",
+                        positive=None, reduction="mean"):
+    """CPRD where j is contrasted against itself and every l the teacher scores at least tie_margin lower."""
+    def term(b, c, below):
+        anchor = student[b, c] if lift != "positive" else anchor_ref(student[b, c], positive[b])
+        return torch.logsumexp(torch.stack([anchor] + [below_ref(student[b, l], lift) for l in below]), 0) - anchor
+
+    return ordered_pairs_ref(student, teacher, mask, num_valid, tie_margin=tie_margin, reduction=reduction,
+                             term=term)
+
+
+def partial_pairs_ref(student, teacher, pair, mask=None, num_valid=None, min_teacher_score=None, tie_margin=None,
+                      reduction="mean"):
+    """CPRD's ordered pairs, each j's term the mean of pair(s_j, s_l) over the l the teacher ranks below it."""
+    return ordered_pairs_ref(student, teacher, mask, num_valid, min_teacher_score, tie_margin, reduction,
+                             term=lambda b, c, below: sum(pair(student[b, c], student[b, l]) for l in below)
+                             / len(below))
 
 
 def ranknet_pair(hi, lo):
@@ -169,6 +167,16 @@ def assert_same_value_and_grad(fast, ref, student):
     torch.testing.assert_close(fast.double(), ref.double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_fast.double(), g_ref.double(), rtol=1e-4, atol=1e-6)
     assert not torch.isnan(g_fast).any()
+
+
+def assert_same_value_and_grads(fast, ref, inputs):
+    """The value, and the gradient for each of `inputs` (one no path reaches read as zeros)."""
+    g_fast = torch.autograd.grad(fast, inputs, retain_graph=True, allow_unused=True)
+    g_ref = torch.autograd.grad(ref, inputs, allow_unused=True)
+    torch.testing.assert_close(fast.double(), ref.double(), rtol=1e-5, atol=1e-6)
+    for x, a, b in zip(inputs, g_fast, g_ref):
+        a, b = (torch.zeros_like(x) if g is None else g for g in (a, b))
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-6)
 
 
 def hard_negatives_ref(s_pos, s_neg, mask=None):
