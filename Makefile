@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test demo demo-transfer demo-assets bench bench-quick clean
+.PHONY: install test test-openclip demo demo-transfer demo-assets bench bench-quick clean
 
 install: $(STAMP)
 
@@ -19,6 +19,17 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The open_clip students' tests, which `make test` skips: open_clip needs torchvision, and pip's torchvision for
+# x86-64 Linux is a CUDA build that does not import beside the CPU torch above. A second environment with a
+# matching pair (several GB) runs them.
+OC_VENV  := .venv-openclip
+OC_TORCH ?= torch==2.14.1 torchvision==0.29.1
+test-openclip:
+	test -x $(OC_VENV)/bin/python || $(PYTHON) -m venv $(OC_VENV)
+	$(OC_VENV)/bin/python -m pip install --quiet $(OC_TORCH)
+	$(OC_VENV)/bin/python -m pip install --quiet -e ".[test,openclip]"
+	$(OC_VENV)/bin/python -m pytest -q tests/pipeline/test_openclip.py tests/stages/test_distill.py -k "open_clip or openclip"
 
 demo: install
 	$(VENV)/bin/cprd-pipeline demo --out runs/demo
@@ -39,4 +50,4 @@ bench-quick: install
 	$(PY) -m bench.run_all --quick
 
 clean:
-	rm -rf $(VENV) runs bench/results .pytest_cache
+	rm -rf $(VENV) $(OC_VENV) runs bench/results .pytest_cache

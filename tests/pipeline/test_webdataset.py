@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import captions, cli, write_images
+from conftest import captions, cli, parse_report_html, write_images
 from pipeline import webdataset as wds
 from pipeline.corpus import changed_images, check_images, load_tables, read_corpus
 from pipeline.errors import PipelineError
@@ -318,6 +318,9 @@ def test_mine_score_distill_evaluate_on_shards_and_a_moved_shard_folder(tmp_path
         "--device", "cpu")
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert 0 < metrics["rsum"] <= 600 and "rerank" in metrics
+    cli("report", "--run", run)
+    page = parse_report_html(run / "report" / "index.html")
+    assert page.sections == ["scores", "positives", "agreement", "training", "evaluations"] and not page.missing
     # the same shards, wherever they are: mine is up to date and says where the later stages should look
     out = cli(*mine, "--data", pattern([moved / s.name for s in shards])).output
     assert "up to date" in out and f"--image-root {moved.resolve()}" in out

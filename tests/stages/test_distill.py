@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, cli_subprocess
+from conftest import cli, cli_subprocess, parse_report_html
 from pipeline.artifacts import SUCCESS
 
 FAST = ("--batch-size", "16", "--num-negatives", "5", "--lr", "2e-3", "--shuffle-buffer", "64", "--device", "cpu")
@@ -766,8 +766,11 @@ def test_a_siglip_student_trains_its_bias_with_the_sigmoid_loss_end_to_end(srun,
     assert float(final.logit_bias.detach()) == pytest.approx(final_weights(srun)["logit_bias"].item())
     assert float(final.logit_bias.detach()) != pytest.approx(bias, abs=1e-6)
     test = write_albef_corpus(tmp_path / "test", n_images=8, seed=7)
-    cli("evaluate", "--data", test, "--model", srun / "distill" / "final", "--out", tmp_path / "eval")
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["rsum"] >= 0
+    cli("evaluate", "--data", test, "--model", srun / "distill" / "final", "--out", srun / "eval")
+    assert json.loads((srun / "eval" / "metrics.json").read_text())["rsum"] >= 0
+    cli("report", "--run", srun)
+    page = parse_report_html(srun / "report" / "index.html")
+    assert page.sections == ["scores", "positives", "agreement", "training", "evaluations"] and not page.missing
 
 
 def test_softmax_keeps_a_siglip_bias_frozen_and_auto_does_not_keep_that_choice(srun):
@@ -872,5 +875,8 @@ def test_an_open_clip_student_mines_distils_evaluates_and_its_final_folder_loads
     ours = DualEncoder(str(final))
     np.testing.assert_allclose(ours.encode_images(paths, progress=False), want_img, atol=1e-5)
     np.testing.assert_allclose(ours.encode_texts(texts, progress=False), want_txt, atol=1e-5)
-    cli("evaluate", "--data", test, "--run", run, "--out", tmp_path / "eval")
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["model"].endswith("final")
+    cli("evaluate", "--data", test, "--run", run)
+    assert json.loads((run / "eval" / "metrics.json").read_text())["model"].endswith("final")
+    cli("report", "--run", run)
+    page = parse_report_html(run / "report" / "index.html")
+    assert page.sections == ["scores", "positives", "agreement", "training", "evaluations"] and not page.missing
