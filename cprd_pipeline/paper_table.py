@@ -2,7 +2,7 @@
 difference with its standard error over the galleries, its size in pooled standard deviations over seeds, and a
 verdict.
 
-    python -m cprd_pipeline.paper_table runs/paper/c0/report-test.json runs/paper/c1/report-test.json \
+    python -m cprd_pipeline.paper_table runs/paper-c0/report-test*.json runs/paper-c1/report-test*.json \
         --choose kl-itm=kl-itm-t4 --choose kl-prob=kl-prob-t0.2
 
 A demo run's report.json (copy it per split: each demo run writes its own) maps each row's label to one metrics dict per seed, each with `rsum_per_gallery`. For
@@ -104,13 +104,16 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("reports", nargs="+", type=Path, help="report.json files of data/paper.yaml's demo runs (a "
-                                                          "column each: one per corpus)")
+                                                          "column per folder, e.g. one per corpus, its files' "
+                                                          "rows together)")
     ap.add_argument("--recipe", default="data/paper.yaml")
     ap.add_argument("--choose", action="append", default=[],
                     help="GENERIC=METHOD: the row a comparison's generic name stands for (kl-itm=kl-itm-t4)")
     args = ap.parse_args(argv)
     labels = {m.name: m.label for m in Recipe.load(args.recipe).methods}
-    runs = {str(r.parent.name): rows_by_name(r, labels) for r in args.reports}
+    runs: dict[str, dict[str, list[dict]]] = {}
+    for r in args.reports:   # one column per folder: its report files' rows together
+        runs.setdefault(r.parent.name, {}).update(rows_by_name(r, labels))
     print(table(runs, chosen=dict(c.split("=", 1) for c in args.choose)), end="")
 
 
