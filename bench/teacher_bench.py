@@ -48,7 +48,8 @@ def main() -> dict:
         table, path, text = mined_pairs(run, NAIVE_PAIRS)
         model = BlipForImageTextRetrieval.from_pretrained(blip).eval()
         proc, tok = AutoImageProcessor.from_pretrained(blip), AutoTokenizer.from_pretrained(blip)
-        pixels = {iid: proc(images=Image.open(path[iid]).convert("RGB"), return_tensors="pt")["pixel_values"]
+        root = Path(ann).parent   # the corpus stores image paths relative to its folder
+        pixels = {iid: proc(images=Image.open(root / path[iid]).convert("RGB"), return_tensors="pt")["pixel_values"]
                   for iid in set(table["image_id"])}
         naive_scores = []
         with torch.inference_mode():
