@@ -26,7 +26,6 @@ COMPARISONS = [
     ("1", "kl-prob", "kl-itm", "KL on probabilities against KL on log-odds"),
     ("1", "cprd-itm", "kl-itm", "CPRD against KL, both on log-odds"),
     ("1", "cprd-prob", "kl-prob", "CPRD against KL, both on probabilities (the paper's condition)"),
-    ("1", "cprd-prob", "cprd-itm", "CPRD on probabilities against CPRD on log-odds"),
     ("2", "cprd", "cprd-easy", "CPRD over hard lists against CPRD over easy (random) lists"),
     ("2", "cprd-easy", "none", "CPRD over easy lists against no distillation"),
     ("3", "cprd-nv8", "partial-ranknet", "CPRD against RankNet over the same pairs"),
