@@ -31,10 +31,8 @@ COMPARISONS = [
     ("3", "cprd-nv8", "partial-ranknet", "CPRD against RankNet over the same pairs"),
     ("3", "cprd-nv8", "partial-hinge", "CPRD against a hinge over the same pairs"),
     ("3", "cprd-nv8", "cprd", "CPRD (8 valid) against ListMLE (CPRD with all 32 valid)"),
-    ("LoopITR", "kl-pos-n1", "kl-pos-n32", "KL + positive at 1 negative against 32"),
-    ("LoopITR", "kl-pos-n2", "kl-pos-n32", "KL + positive at 2 negatives against 32"),
-    ("LoopITR", "kl-pos-n4", "kl-pos-n32", "KL + positive at 4 negatives against 32"),
-    ("LoopITR", "kl-pos-n8", "kl-pos-n32", "KL + positive at 8 negatives against 32"),
+    *[("LoopITR", f"kl-pos-n{n}", "kl-pos-n32", f"KL + positive over the first {n} mined negatives against all 32")
+      for n in (1, 2, 4, 8)],
 ]
 
 
