@@ -8,8 +8,9 @@ its wall time (the stage's whole call: loading, packing, steps, saving) and what
 metrics.jsonl. Rows run one after another in one process, so their ratios share the machine's state.
 
 Rows: `none` as the demo trains it (batch 64); each teacher loss on batches of 256 with the whole lists (every
-entry encoded with gradient: the default), with the lists cut to the batch's own pairs (`--out-of-batch drop`),
-and with a budget of 256 or 512 encoded images and captions outside the pairs (`--out-of-batch-budget N`); and
+entry encoded with gradient, `--out-of-batch encode`), with the lists cut to the batch's own pairs (`--out-of-batch
+drop`), and with a budget of 256, 512, 768 (the default: 3 per query) or 1,024 encoded images and captions outside
+the pairs (`--out-of-batch budget --out-of-batch-budget N`); and
 KL with in-batch lists on batches packed in clusters of 64 rows.
 """
 from __future__ import annotations
@@ -23,25 +24,24 @@ LOSSES = {"kl": {"loss": "kl", "teacher_temperature": 30},
           "cprd": {"loss": "cprd", "num_valid": 32},
           "cprd-kl": {"loss": "cprd-kl", "num_valid": 32, "teacher_temperature": 30, "kl_weight": 2.0,
                       "distill_weight": 0.5}}
-LISTS = {"whole lists (default)": {"out_of_batch": "encode"}, "in-batch lists": {"out_of_batch": "drop"},
-         "budget 256": {"out_of_batch": "encode", "out_of_batch_budget": 256},
-         "budget 512": {"out_of_batch": "encode", "out_of_batch_budget": 512}}
+LISTS = {"whole lists": {"out_of_batch": "encode"}, "in-batch lists": {"out_of_batch": "drop"},
+         **{f"budget {n}" + (" (default)" if n == 768 else ""): {"out_of_batch": "budget", "out_of_batch_budget": n}
+            for n in (256, 512, 768, 1024)}}
 
 
 def _data() -> tuple[Path, Path]:
     """(run with mine + teacher, the student) of the transfer demo's recipe, made once."""
-    import yaml
-
     from cprd_pipeline.demo import REPO, _in_repo, _prepare_data, _prepare_models
+    from cprd_pipeline.demo_recipe import Recipe
     from pipeline.log import make_log
     from stages import stage
 
-    recipe = yaml.safe_load((REPO / "data" / "demo-transfer.yaml").read_text())
+    recipe = Recipe.load(REPO / "data" / "demo-transfer.yaml")
     log = make_log(True)
-    train, _ = _prepare_data(recipe, False, "val", OUT, log)
-    student, teacher, meta = _prepare_models(_in_repo(recipe["assets"]), OUT, log)
+    train, _ = _prepare_data(recipe.corpus, "val", OUT, log)
+    student, teacher, meta = _prepare_models(_in_repo(recipe.assets), OUT, log)
     run = OUT / "run"
-    stage("mine").run(run=str(run), data=str(train), student=str(student), k=recipe["mine"]["k"], device="cpu")
+    stage("mine").run(run=str(run), data=str(train), student=str(student), k=recipe.mine.k, device="cpu")
     stage("score-teacher").run(run=str(run), teacher=str(teacher), score="itm+itc",
                                itc_weight=float(meta["itc_weight"]), device="cpu")
     return run, student

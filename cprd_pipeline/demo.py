@@ -220,7 +220,8 @@ class Demo:
     def check_teacher(self) -> list[Row]:
         """The student and the teacher re-ranks: the teacher must beat the student before distilling means
         anything (or --allow-weak-teacher says to go on)."""
-        base = self.evaluate(self.student, "student", teacher_on=len(self.galleries))
+        reference = min(self.recipe.evaluate.reference_galleries or len(self.galleries), len(self.galleries))
+        base = self.evaluate(self.student, "student", teacher_on=reference)
         itm = self.evaluate(self.student, "student-itm", score="itm")["rerank"]  # a reference row: fewer galleries
         teacher, student = base["rerank"]["rsum"], base["rsum"]
         if teacher <= student and self.cfg.allow_weak_teacher:
@@ -233,10 +234,11 @@ class Demo:
         else:
             self.log(f"[demo] teacher re-rank RSUM {teacher:.1f} > student {student:.1f}: distilling")
         shown = self.recipe.evaluate.teacher_galleries or len(self.galleries)
-        some = ")" if shown >= len(self.galleries) else f", {shown} of the galleries)"
+        some = lambda n: ")" if n >= len(self.galleries) else f", {n} of the galleries)"
         return [Row(STUDENT, "student (before distillation)", [base], seeded=False),
-                Row(TEACHER, f"teacher re-rank, ITM + ITC (top {self.k_test})", [base["rerank"]], seeded=False),
-                Row("teacher-itm", f"teacher re-rank, ITM only (top {self.k_test}" + some, [itm], seeded=False)]
+                Row(TEACHER, f"teacher re-rank, ITM + ITC (top {self.k_test}" + some(reference), [base["rerank"]],
+                    seeded=False),
+                Row("teacher-itm", f"teacher re-rank, ITM only (top {self.k_test}" + some(shown), [itm], seeded=False)]
 
     def distilled(self, folder: Path, name: str) -> dict:
         """A distilled student's metrics (evaluated as eval/SPLIT/NAME) and its training counts."""

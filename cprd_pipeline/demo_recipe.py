@@ -51,6 +51,8 @@ class Evaluate:
     k_test: int = option(16, "the teacher re-ranks (and rank agreement covers) each query's top k_test", at_least=1)
     teacher_galleries: Optional[int] = option(None, "galleries with the teacher re-rank for distilled students "
                                                     "(default: all)", at_least=1)
+    reference_galleries: Optional[int] = option(None, "galleries with the teacher re-rank for the student before "
+                                                      "distillation and the teacher's row (default: all)", at_least=1)
 
 
 @dataclass(frozen=True)

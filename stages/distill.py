@@ -57,7 +57,8 @@ from pipeline.validation import Validator
 
 DIRECTIONS = ("both", "i2t", "t2i")   # --distill-directions
 BATCHING = ("shuffle", "packed")      # --batching
-OUT_OF_BATCH = ("encode", "drop")     # --out-of-batch
+OUT_OF_BATCH = ("budget", "encode", "drop")     # --out-of-batch
+BUDGET_PER_QUERY = 3   # --out-of-batch budget's default: 768 per 256 queries, chosen on the demo's validation galleries
 CONTRASTIVE = ("auto", "softmax", "sigmoid")   # --contrastive
 VAL_SOURCE = ("val_format", "val_image_root", "val_image_column", "val_caption_column", "val_id_column")
 
@@ -101,17 +102,20 @@ class DistillOptions:
                                       "each other's queries, dealt in random order; pipeline/packing.py: on the demo "
                                       "it raises the share of in-batch list entries and costs the student recall)",
                            choices=BATCHING, added=True)
-    out_of_batch: str = option("encode", "list entries whose image or caption is no query or positive of the batch: "
-                                         "encode (with gradient, or without it under --frozen-negatives; at 32 "
-                                         "negatives, most of a step) or drop (left out of the list: a step encodes "
-                                         "the batch's pairs alone, as contrastive training does, and on the demo "
-                                         "keeps little of the teacher's gain)", choices=OUT_OF_BATCH, added=True)
+    out_of_batch: str = option("budget", "list entries whose image or caption is no query or positive of the batch, "
+                                         "each one more image or caption to encode: budget (encode the "
+                                         "--out-of-batch-budget listed most often, with gradient, and drop the "
+                                         "others' entries: on the demo, the teacher's gain at about the cost of "
+                                         "contrastive training), encode (all of them, the whole lists: at 32 "
+                                         "negatives most of a step, 2.4x the epoch on the demo) or drop (the "
+                                         "batch's own pairs alone, as contrastive training encodes: little gain)",
+                               choices=OUT_OF_BATCH, added=True)
     cluster_size: int = option(64, "with --batching packed: rows per cluster of mutual hard negatives; a batch "
                                    "holds batch-size / cluster-size clusters dealt at random", added=True,
                                at_least=1)
-    out_of_batch_budget: Optional[int] = option(None, "with --out-of-batch encode: encode at most this many of "
-                                                      "those images and captions per batch, the ones listed most "
-                                                      "often (the others' entries are dropped); default: all",
+    out_of_batch_budget: Optional[int] = option(None, "with --out-of-batch budget: the images and captions outside "
+                                                      "the batch's pairs encoded per batch, those listed most often; "
+                                                      f"default {BUDGET_PER_QUERY} per query (x --batch-size)",
                                                 added=True, at_least=1)
     contrastive: str = option("auto", "the student's own contrastive term: softmax (CLIP's InfoNCE over the batch), "
                                       "sigmoid (SigLIP's pairwise loss; trains the logit bias too) or auto (sigmoid "
@@ -262,7 +266,7 @@ def run(cfg: DistillConfig) -> Path:
     paths = layout.Run(Path(cfg.run), Path(cfg.scores) if cfg.scores else None)
     mine, teacher = _upstream(cfg, paths)
     cfg = dataclasses.replace(cfg, student=cfg.student or _mined_by(mine, paths))
-    cfg = dataclasses.replace(cfg, contrastive=resolve_contrastive(cfg.contrastive, cfg.student))
+    cfg = resolve_lists(dataclasses.replace(cfg, contrastive=resolve_contrastive(cfg.contrastive, cfg.student)))
     log("[distill] resolved config:\n" + cfgmod.render(cfg))
     identity = {"stage": "distill", "config": fingerprinted(cfg), "upstream": teacher["fingerprint"],
                 "student": model_identity(cfg.student), "world_size": dist.world_size}
@@ -304,7 +308,31 @@ def fingerprinted(cfg: DistillConfig) -> dict[str, Any]:
     config = cfgmod.fingerprinted(cfg)
     if cfg.contrastive == "softmax":
         config.pop("contrastive", None)
+    # the lists as encoded: the budget's number (a manifest without one encoded the whole lists, the default
+    # before budgets), `out_of_batch` only for drop
+    config.pop("out_of_batch", None)
+    config.pop("out_of_batch_budget", None)
+    if cfg.out_of_batch == "drop":
+        config["out_of_batch"] = "drop"
+    elif (budget := encoded_budget(cfg)) is not None:
+        config["out_of_batch_budget"] = budget
     return config
+
+
+def encoded_budget(cfg: DistillConfig) -> Optional[int]:
+    """The images and captions outside a batch's pairs encoded per batch: --out-of-batch-budget (default
+    BUDGET_PER_QUERY per query) under budget, or under encode where given (budget's earlier spelling); None for
+    all of them (encode) or with drop."""
+    if cfg.out_of_batch == "drop" or (cfg.out_of_batch == "encode" and cfg.out_of_batch_budget is None):
+        return None
+    return cfg.out_of_batch_budget or BUDGET_PER_QUERY * cfg.batch_size
+
+
+def resolve_lists(cfg: DistillConfig) -> DistillConfig:
+    """--out-of-batch as trained, so the printed config and the manifest name the budget: budget with its number
+    (encode with a number is budget's earlier spelling)."""
+    budget = encoded_budget(cfg)
+    return dataclasses.replace(cfg, out_of_batch="budget", out_of_batch_budget=budget) if budget else cfg
 
 
 def check(cfg: DistillConfig) -> None:
@@ -315,9 +343,9 @@ def check(cfg: DistillConfig) -> None:
     check_training(cfg)
     if cfg.batching != "packed" and cfg.cluster_size != DistillOptions.cluster_size:
         raise PipelineError("--cluster-size sizes the clusters of --batching packed (add it, or leave the size out)")
-    if cfg.out_of_batch_budget is not None and cfg.out_of_batch != "encode":
-        raise PipelineError("--out-of-batch-budget limits what --out-of-batch encode encodes "
-                            f"(got {cfg.out_of_batch_budget} with --out-of-batch {cfg.out_of_batch})")
+    if cfg.out_of_batch_budget is not None and cfg.out_of_batch == "drop":
+        raise PipelineError("--out-of-batch-budget sets what --out-of-batch budget encodes; --out-of-batch drop "
+                            f"encodes none of those entries (got --out-of-batch-budget {cfg.out_of_batch_budget})")
     if cfg.frozen_negatives and cfg.out_of_batch == "drop":
         raise PipelineError("--frozen-negatives encodes the list entries outside the batch without gradient; with "
                             "--out-of-batch drop there are none (add --out-of-batch encode)")
@@ -329,8 +357,8 @@ def check(cfg: DistillConfig) -> None:
 
 def batch_spec(cfg: DistillConfig, rank: int = 0, world_size: int = 1) -> BatchSpec:
     return BatchSpec(batch_size=cfg.batch_size, num_negatives=cfg.num_negatives, seed=cfg.seed,
-                     shuffle_buffer=cfg.shuffle_buffer, outside=cfg.out_of_batch,
-                     outside_budget=cfg.out_of_batch_budget,
+                     shuffle_buffer=cfg.shuffle_buffer, outside="drop" if cfg.out_of_batch == "drop" else "encode",
+                     outside_budget=encoded_budget(cfg),
                      max_teacher_margin=cfg.max_teacher_margin, image_cache_mb=cfg.image_cache_mb, rank=rank,
                      world_size=world_size)
 

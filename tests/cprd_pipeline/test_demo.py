@@ -16,9 +16,10 @@ def test_quick_demo_runs_every_path_and_enforces_the_teacher_check(tmp_path):
     import yaml
 
     out = tmp_path / "demo"
-    first = cli("demo", "--quick", "--full", "--allow-weak-teacher", "--out", out, "--device", "cpu")
+    tour = ASSETS.parent / "demo-tour.yaml"
+    first = cli("demo", "--quick", "--full", "--allow-weak-teacher", "--recipe", tour, "--out", out, "--device", "cpu")
     report = (out / "report.md").read_text()
-    recipe = yaml.safe_load((ASSETS.parent / "demo.yaml").read_text())
+    recipe = yaml.safe_load(tour.read_text())
     # --full through the loop: round 2's round 1 is the demo's own (linked, found up to date, not made again),
     # and round 2 mined with that round-1 student; the fine-tuned teacher was trained once for both seeds
     name = recipe["full"]["method"]
@@ -56,23 +57,24 @@ def test_quick_demo_runs_every_path_and_enforces_the_teacher_check(tmp_path):
     student = data["student (before distillation)"][0]["rsum"]
     teacher = data["teacher re-rank, ITM + ITC (top 16)"][0]["rsum"]
     assert teacher > student + 20, (teacher, student)
-    again = cli("demo", "--quick", "--full", "--out", out, "--device", "cpu")
+    again = cli("demo", "--quick", "--full", "--recipe", tour, "--out", out, "--device", "cpu")
     assert f"teacher re-rank RSUM {teacher:.1f} > student {student:.1f}: distilling" in again.output
     assert "does not beat the student" not in again.output
     assert again.output.count("up to date") >= 3  # mine and both teacher caches are re-used
     # --methods: a subset of the recipe's rows (its baseline kept), re-using what is done; unknown names refused
     kl_name = next(m["name"] for m in recipe["methods"] if m["loss"] == "kl")
-    cli("demo", "--quick", "--methods", kl_name, "--out", out, "--device", "cpu")
+    cli("demo", "--quick", "--recipe", tour, "--methods", kl_name, "--out", out, "--device", "cpu")
     subset = json.loads((out / "report.json").read_text())
     baseline = next(m["label"] for m in recipe["methods"] if m["name"] == recipe["baseline"])
     assert [l for l in subset if l in labels] == [l for l in labels if l in (baseline, _label(recipe, kl_name))]
-    refused = cli("demo", "--quick", "--methods", f"{kl_name},hinge", "--out", out, "--device", "cpu", expect=2)
+    refused = cli("demo", "--quick", "--recipe", tour, "--methods", f"{kl_name},hinge", "--out", out, "--device", "cpu",
+                  expect=2)
     assert "--methods: hinge not in" in refused.output.strip().splitlines()[-1]
 
     # an edited recipe makes the distilled students stale: refused with the change named, replaced with --force
     import yaml
 
-    recipe = yaml.safe_load((ASSETS.parent / "demo.yaml").read_text())
+    recipe = yaml.safe_load(tour.read_text())
     recipe["assets"] = str(ASSETS)
     kl = next(m for m in recipe["methods"] if m["loss"] == "kl")
     kl["teacher_temperature"] = 7.0
@@ -109,7 +111,7 @@ def test_demo_stops_before_distilling_when_the_teacher_loses(tmp_path, tiny_blip
         shutil.copy(ASSETS / name, assets / name)
     tokens = demo_token_ids([c for combo in combinations() for c in captions(combo)])
     pack(tiny_blip, assets / "teacher.safetensors", "teacher", tokens, {})
-    recipe = yaml.safe_load((ASSETS.parent / "demo.yaml").read_text())
+    recipe = yaml.safe_load((ASSETS.parent / "demo-tour.yaml").read_text())
     recipe["assets"] = str(assets)
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(recipe))
     out = tmp_path / "demo"
@@ -134,6 +136,25 @@ def test_per_gallery_difference_is_each_gallerys_seed_mean_minus_the_baselines()
     stderr = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2 / 3)
     expected = " / ".join(f"{d:+.1f}" for d in diffs) + f" ({mean:+.1f} ± {stderr:.1f})"
     assert _per_gallery(runs, none) == expected == "+2.0 / +1.0 / -5.0 (-0.7 ± 2.2)"
+
+
+@pytest.mark.parametrize("reference, want", [(None, 100 * (3.0 - 1.0) / (12.0 - 1.0)),
+                                              (1, 100 * (11.0 - 0.0) / (12.0 - 0.0))])
+def test_the_gap_closed_is_taken_on_the_galleries_the_teacher_re_ranked(reference, want):
+    """With the teacher's row on the first gallery only, the students are compared with it on that gallery."""
+    import dataclasses
+
+    from cprd_pipeline.demo_recipe import Recipe
+    from cprd_pipeline.demo_report import Row, Setting, _closing
+
+    recipe = Recipe.load(ASSETS.parent / "demo.yaml")
+    recipe = dataclasses.replace(recipe, evaluate=dataclasses.replace(recipe.evaluate, reference_galleries=reference))
+    run = lambda *g: {"rsum": sum(g) / len(g), "rsum_per_gallery": list(g)}
+    none = Row("none", "none", [run(0.0, 2.0), run(0.0, 2.0)])                 # 1.0 on both galleries, 0.0 on the first
+    best = Row("kl", "kl", [run(10.0, -4.0), run(12.0, -6.0)])                # 3.0 on both, 11.0 on the first
+    text = _closing(Setting(recipe, None, "test", 2, {}), [none, best], 12.0, none)
+    assert f"closes {want:.1f}% of the RSUM gap" in text
+    assert ("on the first gallery, the one the teacher re-ranked" in text) == (reference == 1)
 
 
 def test_a_test_run_in_a_val_runs_folder_adds_its_galleries_and_keeps_the_train_split(tmp_path):
@@ -162,16 +183,19 @@ def test_a_test_run_in_a_val_runs_folder_adds_its_galleries_and_keeps_the_train_
     assert json.loads((tmp_path / "data" / "spec.json").read_text())["splits"] == ["train", "val", "val-1"]
 
 
-def test_the_transfer_recipe_runs_on_its_student_only_assets_with_the_demo_teacher(tmp_path):
-    """data/demo-transfer.yaml as shipped (quick mode, its chosen CPRD row and the baseline): its assets folder
-    holds only the 128x4 student, and the teacher comes from the folder its assets.json names."""
+def test_the_default_recipe_runs_on_its_student_only_assets_with_the_demo_teacher(tmp_path):
+    """data/demo.yaml as shipped (the default recipe; quick mode, its CPRD row and the baseline): the assets folder
+    holds only the 128x4 student, the teacher comes from the folder its assets.json names, and the teacher's rows
+    train with distill's default lists. data/demo-transfer.yaml is the same setting with the whole lists."""
     import yaml
 
-    recipe = yaml.safe_load((ASSETS.parent / "demo-transfer.yaml").read_text())
+    recipe = yaml.safe_load((ASSETS.parent / "demo.yaml").read_text())
+    transfer = yaml.safe_load((ASSETS.parent / "demo-transfer.yaml").read_text())
+    assert transfer["distill"]["out_of_batch"] == "encode" and "out_of_batch" not in recipe["distill"]
+    assert transfer["assets"] == recipe["assets"] and transfer["mine"] == recipe["mine"]
     chosen = next(m for m in recipe["methods"] if m["loss"] == "cprd-kl")
-    out = tmp_path / "transfer"
-    cli("demo", "--quick", "--allow-weak-teacher", "--recipe", ASSETS.parent / "demo-transfer.yaml",
-        "--methods", chosen["name"], "--out", out, "--device", "cpu")
+    out = tmp_path / "demo"
+    cli("demo", "--quick", "--allow-weak-teacher", "--methods", chosen["name"], "--out", out, "--device", "cpu")
     data = json.loads((out / "report.json").read_text())
     assert [l for l in data if l.startswith("loss=")] == [_label(recipe, recipe["baseline"]), chosen["label"]]
     from cprd_pipeline.demo import _digest
@@ -182,6 +206,8 @@ def test_the_transfer_recipe_runs_on_its_student_only_assets_with_the_demo_teach
     assert manifest["config"]["num_negatives"] == recipe["mine"]["k"] == 32
     assert manifest["config"]["loss_options"]["kl_weight"] == chosen["kl_weight"]
     assert (manifest["config"]["batch_size"], manifest["config"]["lr"]) == (recipe["distill"]["batch_size"], chosen["lr"])
+    # the lists as trained: 3 outside items per query of the batch
+    assert (manifest["config"]["out_of_batch"], manifest["config"]["out_of_batch_budget"]) == ("budget", 3 * 256)
     baseline = json.loads((out / "students" / f"{recipe['baseline']}-s0" / "manifest.json").read_text())["config"]
     assert (baseline["batch_size"], baseline["lr"]) == (64, 2e-4)   # none keeps its own (recipe's method overrides)
 

@@ -11,7 +11,7 @@ from cprd_pipeline.demo_recipe import Recipe
 from pipeline.errors import PipelineError
 
 DATA = Path(__file__).resolve().parents[2] / "data"
-SHIPPED = [DATA / "demo.yaml", DATA / "demo-transfer.yaml"]
+SHIPPED = [DATA / "demo-tour.yaml", DATA / "demo.yaml", DATA / "demo-transfer.yaml", DATA / "paper.yaml"]
 
 
 @pytest.mark.parametrize("path", SHIPPED + sorted((DATA / "study").glob("*.yaml")), ids=lambda p: p.name)

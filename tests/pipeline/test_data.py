@@ -69,10 +69,17 @@ def test_image_cache_is_bounded_and_transparent(scored_run):
     assert len(none.images._cache) == 0
 
 
-def test_rank_and_worker_dealing_covers_every_batch_once(scored_run):
-    whole, _, _ = _dataset(scored_run, batches=6)
-    ranks = [_dataset(scored_run, batches=3, rank=r, world_size=2)[0] for r in range(2)]
-    ids = lambda ds: [tuple(b["query"].tolist()) + tuple(b["positive"].tolist()) for b in ds]
+@pytest.mark.parametrize("budget", [None, 3])
+def test_rank_and_worker_dealing_covers_every_batch_once(scored_run, budget):
+    """Each batch dealt to one rank, whole; under a budget (distill's default lists) a batch's encoded items are a
+    function of the batch alone, so a rank builds what one process builds."""
+    lists = dict(outside="encode", outside_budget=budget)
+    whole, _, _ = _dataset(scored_run, batches=6, **lists)
+    ranks = [_dataset(scored_run, batches=3, rank=r, world_size=2, **lists)[0] for r in range(2)]
+    ids = lambda ds: [tuple(b["query"].tolist()) + tuple(b["positive"].tolist()) +
+                      tuple(map(tuple, b["candidates"].tolist())) + tuple(map(tuple, b["candidate_mask"].tolist())) +
+                      (len(b["pixel_values"]), len(b["input_ids"]))
+                      for b in ds]
     a, b = ids(ranks[0]), ids(ranks[1])
     assert len(a) == len(b) == 3
     assert sorted(a + b) == sorted(ids(whole))

@@ -53,7 +53,7 @@ LOSS_FLAGS = {"cprd": ("--num-valid", "3"), "kl": ("--teacher-temperature", "2")
 
 
 def first_batch(run, batch_size=16, num_negatives=5, seed=0, shuffle_buffer=0, packed=False, outside="drop",
-                cluster_size=64, lists="hard"):
+                cluster_size=64, lists="hard", budget=None):
     """(the first batch of epoch 0 as distill builds it, the student): the shuffled stream's first rows (the
     default), or packed in clusters around their negatives; list entries outside the batch dropped or kept."""
     from pipeline.corpus import load_tables
@@ -66,7 +66,7 @@ def first_batch(run, batch_size=16, num_negatives=5, seed=0, shuffle_buffer=0, p
     files = sorted((run / "teacher" / ("easy" if lists == "easy" else "")).glob("part-*.parquet"))
     corpus = load_tables(run / "mine" / "corpus")
     spec = BatchSpec(batch_size=batch_size, num_negatives=num_negatives, seed=seed, shuffle_buffer=shuffle_buffer,
-                     outside=outside)
+                     outside=outside, outside_budget=budget)
     order = plan(*list_rows(files, Matches(corpus), num_negatives), cluster_size, seed, 0) if packed else None
     batch = next(iter(DistillBatches(spec, files, corpus, Processors(enc.image_processor, enc.tokenizer,
                                                                      enc.max_length), 0, 1, order=order)))
@@ -74,7 +74,7 @@ def first_batch(run, batch_size=16, num_negatives=5, seed=0, shuffle_buffer=0, p
 
 
 def _first_batch_reference(run, loss, include_positive=False, direction=None, shuffle_buffer=0, packed=False,
-                           outside="drop", batch_size=16, cluster_size=64, prob=False, lists="hard"):
+                           outside="drop", batch_size=16, cluster_size=64, prob=False, lists="hard", budget=None):
     """The first step's distillation term recomputed outside the loop: the first batch (the stream's, shuffle off
     unless asked, or packed) through the untouched student, then the plain-loop reference of the named loss (with
     `direction` "i2t" or "t2i": over that direction's rows only, times their share of the batch; with `prob`, the
@@ -86,7 +86,7 @@ def _first_batch_reference(run, loss, include_positive=False, direction=None, sh
     import reference as ref
 
     batch, enc = first_batch(run, batch_size, shuffle_buffer=shuffle_buffer, packed=packed, outside=outside,
-                             cluster_size=cluster_size, lists=lists)
+                             cluster_size=cluster_size, lists=lists, budget=budget)
     with torch.no_grad():
         img = enc.image_features(batch["pixel_values"]).double()
         txt = enc.text_features({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).double()
@@ -147,6 +147,34 @@ def test_whole_lists_train_as_before(run, loss):
     dropped, _ = first_batch(run)                             # --out-of-batch drop cuts them to the batch
     assert int(dropped["candidate_mask"].sum()) < int(batch["candidate_mask"].sum())
     assert m["images_encoded"] == len(batch["pixel_values"]) and m["texts_encoded"] == len(batch["input_ids"])
+
+
+def test_the_default_lists_encode_three_outside_items_per_query_and_name_the_budget(run, tmp_path):
+    # batches of one query whose 5 listed captions lie outside its pair: a budget of 3, the most listed
+    flags = ("--loss", "kl", "--teacher-temperature", "2", "--max-steps", "1", "--batch-size", "1",
+             "--shuffle-buffer", "0")
+    distill(run, *flags)
+    m = metrics(run)[0]
+    budgeted, _ = first_batch(run, 1, outside="encode", budget=3)
+    whole, _ = first_batch(run, 1, outside="encode")
+    pairs = len(set(budgeted["pair_image"].tolist())) + len(set(budgeted["pair_text"].tolist()))
+    encoded = len(budgeted["pixel_values"]) + len(budgeted["input_ids"])
+    assert m["images_encoded"] + m["texts_encoded"] == encoded == pairs + 3   # the budget, spent in full
+    assert len(whole["pixel_values"]) + len(whole["input_ids"]) > encoded     # so it cut something
+    assert int(budgeted["candidate_mask"].sum()) == 3 < int(whole["candidate_mask"].sum()) == m["negatives"]
+    want = float(_first_batch_reference(run, "kl-T2", batch_size=1, outside="encode", budget=3))
+    assert m["distill"] == pytest.approx(want, rel=1e-3)      # a small value (one row): float32 against float64
+    assert want != pytest.approx(float(_first_batch_reference(run, "kl-T2", batch_size=1, outside="encode")), rel=1e-2)
+    config = json.loads((run / "distill" / "manifest.json").read_text())["identity"]["config"]
+    assert config["out_of_batch_budget"] == 3 and "out_of_batch" not in config
+    # the same lists however spelled: budget 3, or encode 3 (the earlier spelling), are this output
+    for how in ("budget", "encode"):
+        again = distill(run, *flags, "--out-of-batch", how, "--out-of-batch-budget", "3")
+        assert "[distill] up to date" in again.output
+    # the whole lists: no budget in the fingerprint, as in every manifest made before budgets
+    distill(run, *flags, "--out-of-batch", "encode", "--out", tmp_path / "whole")
+    config = json.loads((tmp_path / "whole" / "manifest.json").read_text())["identity"]["config"]
+    assert "out_of_batch_budget" not in config and "out_of_batch" not in config
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -286,10 +314,12 @@ def test_loss_decreases(run):
     assert sum(x["distill"] for x in m[-5:]) < sum(x["distill"] for x in m[:5])
 
 
-def test_killed_run_resumes_to_the_same_weights(run, tmp_path):
+@pytest.mark.parametrize("lists", [("--out-of-batch-budget", "6"), ("--out-of-batch", "encode")],
+                         ids=["budget", "whole-lists"])
+def test_killed_run_resumes_to_the_same_weights(run, tmp_path, lists):
     ref = tmp_path / "ref"
     shutil.copytree(run, ref)
-    args = ("--max-steps", "10", "--save-every", "4", "--grad-accum", "2")
+    args = ("--max-steps", "10", "--save-every", "4", "--grad-accum", "2", *lists)
     distill(ref, *args)
     proc = cli_subprocess("distill", "--run", run, *FAST, *args, env={"CPRD_FAULT": "step:6"})
     assert proc.returncode == -signal.SIGKILL and not (run / "distill" / SUCCESS).exists()
@@ -352,7 +382,7 @@ def test_unknown_loss(run):
                                            (("--out-of-batch", "encode", "--out-of-batch-budget", "0"),
                                             "--out-of-batch-budget: must be >= 1, got 0"),
                                            (("--out-of-batch", "drop", "--out-of-batch-budget", "8"),
-                                            "(got 8 with --out-of-batch drop)"),
+                                            "drop encodes none of those entries (got --out-of-batch-budget 8)"),
                                            (("--cluster-size", "8"), "--cluster-size sizes the clusters of "
                                                                      "--batching packed"),
                                            (("--batching", "packed", "--cluster-size", "0"),
