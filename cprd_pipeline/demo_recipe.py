@@ -1,4 +1,4 @@
-"""The demo's recipe (data/demo.yaml, data/demo-transfer.yaml) as typed dataclasses.
+"""The demo's recipe (data/demo.yaml, data/demo-transfer.yaml, data/demo-tour.yaml) as typed dataclasses.
 
     recipe = Recipe.load("data/demo.yaml").for_run(quick=True, corpus_seed=None)
 
