@@ -175,6 +175,10 @@ def test_the_default_lists_encode_three_outside_items_per_query_and_name_the_bud
     distill(run, *flags, "--out-of-batch", "encode", "--out", tmp_path / "whole")
     config = json.loads((tmp_path / "whole" / "manifest.json").read_text())["identity"]["config"]
     assert "out_of_batch_budget" not in config and "out_of_batch" not in config
+    # none encodes no list: its outputs made before budgets stay up to date
+    distill(run, "--loss", "none", "--max-steps", "1", "--batch-size", "1", "--out", tmp_path / "none")
+    config = json.loads((tmp_path / "none" / "manifest.json").read_text())["identity"]["config"]
+    assert "out_of_batch_budget" not in config and "out_of_batch" not in config
 
 
 @pytest.mark.parametrize("packed", [False, True])
