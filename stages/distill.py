@@ -309,12 +309,13 @@ def fingerprinted(cfg: DistillConfig) -> dict[str, Any]:
     if cfg.contrastive == "softmax":
         config.pop("contrastive", None)
     # the lists as encoded: the budget's number (a manifest without one encoded the whole lists, the default
-    # before budgets), `out_of_batch` only for drop; none, which encodes no list, has no budget
+    # before budgets), `out_of_batch` only for drop; a loss without a term (the baseline) encodes no list and
+    # has no budget
     config.pop("out_of_batch", None)
     config.pop("out_of_batch_budget", None)
     if cfg.out_of_batch == "drop":
         config["out_of_batch"] = "drop"
-    elif (budget := encoded_budget(cfg)) is not None and cfg.loss != "none":
+    elif (budget := encoded_budget(cfg)) is not None and registry.get(cfg.loss).fn is not None:
         config["out_of_batch_budget"] = budget
     return config
 
