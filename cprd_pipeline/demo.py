@@ -221,7 +221,7 @@ class Demo:
     def check_teacher(self) -> list[Row]:
         """The student and the teacher re-ranks: the teacher must beat the student before distilling means
         anything (or --allow-weak-teacher says to go on)."""
-        reference = min(self.recipe.evaluate.reference_galleries or len(self.galleries), len(self.galleries))
+        reference = self.recipe.evaluate.reference_on(len(self.galleries))
         base = self.evaluate(self.student, "student", teacher_on=reference)
         itm = self.evaluate(self.student, "student-itm", score="itm")["rerank"]  # a reference row: fewer galleries
         teacher, student = base["rerank"]["rsum"], base["rsum"]

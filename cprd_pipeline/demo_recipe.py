@@ -54,6 +54,10 @@ class Evaluate:
     reference_galleries: Optional[int] = option(None, "galleries with the teacher re-rank for the student before "
                                                       "distillation and the teacher's row (default: all)", at_least=1)
 
+    def reference_on(self, galleries: int) -> int:
+        """How many of the `galleries`, the first ones, carry the teacher's own rows (the gap closed is taken there)."""
+        return min(self.reference_galleries or galleries, galleries)
+
 
 @dataclass(frozen=True)
 class Quick:

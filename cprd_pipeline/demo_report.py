@@ -149,7 +149,7 @@ def _closing(s: Setting, rows: list[Row], teacher_rsum: float, baseline: Optiona
     best = max(others, key=_rsum, default=None)
     if baseline and best:
         # on the galleries the teacher's row covers: a gap between numbers over different images means nothing
-        n = min(s.recipe.evaluate.reference_galleries or s.n_galleries, s.n_galleries)
+        n = s.recipe.evaluate.reference_on(s.n_galleries)
         on = lambda row: float(np.mean([np.mean(m["rsum_per_gallery"][:n]) for m in row.runs]))
         base = on(baseline)
         share = (on(best) - base) / (teacher_rsum - base) if teacher_rsum > base else float("nan")
