@@ -9,9 +9,12 @@ metrics.jsonl. Rows run one after another in one process, so their ratios share 
 
 Rows: `none` as the demo trains it (batch 64); each teacher loss on batches of 256 with the whole lists (every
 entry encoded with gradient, `--out-of-batch encode`), with the lists cut to the batch's own pairs (`--out-of-batch
-drop`), and with a budget of 256, 512, 768 (the default: 3 per query) or 1,024 encoded images and captions outside
-the pairs (`--out-of-batch budget --out-of-batch-budget N`); and
-KL with in-batch lists on batches packed in clusters of 64 rows.
+drop`), with a budget of 256, 512, 768 or 1,024 encoded images and captions outside the pairs, those listed most
+often (`--out-of-batch budget --out-of-batch-budget N --out-of-batch-priority listed`), and with the default: 768
+(3 per query) by teacher rank; and KL with in-batch lists on batches packed in clusters of 64 rows.
+
+`python -m bench.epoch_bench [TEXT ...]` runs `none` and the rows whose name holds one of the TEXTs, writing
+bench/results/epoch-some.json (without TEXTs: every row, into epoch.json).
 """
 from __future__ import annotations
 
@@ -25,8 +28,10 @@ LOSSES = {"kl": {"loss": "kl", "teacher_temperature": 30},
           "cprd-kl": {"loss": "cprd-kl", "num_valid": 32, "teacher_temperature": 30, "kl_weight": 2.0,
                       "distill_weight": 0.5}}
 LISTS = {"whole lists": {"out_of_batch": "encode"}, "in-batch lists": {"out_of_batch": "drop"},
-         **{f"budget {n}" + (" (default)" if n == 768 else ""): {"out_of_batch": "budget", "out_of_batch_budget": n}
-            for n in (256, 512, 768, 1024)}}
+         **{f"budget {n}": {"out_of_batch": "budget", "out_of_batch_budget": n, "out_of_batch_priority": "listed"}
+            for n in (256, 512, 768, 1024)},
+         "budget 768 by teacher rank (default)": {"out_of_batch": "budget", "out_of_batch_budget": 768,
+                                                  "out_of_batch_priority": "teacher-rank"}}
 
 
 def _data() -> tuple[Path, Path]:
@@ -64,16 +69,19 @@ def _epoch(run: Path, student: Path, name: str, options: dict) -> dict:
             "negatives_listed_per_query": total("negatives") / 12000, "options": options}
 
 
-def main() -> dict:
+def main(only: tuple[str, ...] = ()) -> dict:
     run, student = _data()
+    wanted = lambda row: not only or any(text in row for text in only)
     rows = {"none (batch 64)": _epoch(run, student, "none", {"loss": "none", "batch_size": 64, "lr": 2e-4})}
     for name, options in LOSSES.items():
         for lists, how in LISTS.items():
-            rows[f"{name}, {lists}"] = _epoch(run, student, f"{name}-{'-'.join(map(str, how.values()))}",
-                                              {**options, **how})
-    rows["kl, packed in clusters of 64, in-batch lists"] = _epoch(run, student, "kl-packed",
-                                                                  {**LOSSES["kl"], "batching": "packed",
-                                                                   "out_of_batch": "drop"})
+            if wanted(f"{name}, {lists}"):
+                rows[f"{name}, {lists}"] = _epoch(run, student, f"{name}-{'-'.join(map(str, how.values()))}",
+                                                  {**options, **how})
+    if wanted("kl, packed in clusters of 64, in-batch lists"):
+        rows["kl, packed in clusters of 64, in-batch lists"] = _epoch(run, student, "kl-packed",
+                                                                      {**LOSSES["kl"], "batching": "packed",
+                                                                       "out_of_batch": "drop"})
     base = rows["none (batch 64)"]["epoch_s"]
     for row in rows.values():
         row["epoch_time_vs_none"] = row["epoch_s"] / base
@@ -84,4 +92,7 @@ def main() -> dict:
 if __name__ == "__main__":
     from bench.common import write
 
-    write("epoch", main())
+    import sys
+
+    only = tuple(sys.argv[1:])
+    write("epoch-some" if only else "epoch", main(only))

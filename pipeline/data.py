@@ -26,7 +26,8 @@ A batch encodes each unique image (by file) and caption (by text) once. For B qu
 
 A list entry outside the batch's pairs costs one more image or caption to encode; with `outside="drop"` it is
 left out of the list instead (the lists then hold only in-batch entries, and the batch encodes its pairs alone);
-with `outside_budget` N, only the N images and captions listed most often in the batch are encoded, and the
+with `outside_budget` N, only N of those images and captions are encoded (the ones listed most often in the
+batch, or with `outside_priority` "teacher-rank" those whose listings rank highest by the teacher), and the
 entries of the others are left out.
 
 False negatives: a mined candidate that is really a match is never a negative. An i2t candidate caption is
@@ -37,8 +38,9 @@ positive by more than that margin is dropped too.
 """
 from __future__ import annotations
 
+import math
 import zlib
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -108,6 +110,7 @@ class BatchSpec:
     shuffle_buffer: int = 10000            # rows in the streaming shuffle buffer (without a packing order)
     outside: str = "encode"                # list entries that are no query or positive of the batch: encode, drop
     outside_budget: Optional[int] = None   # with "encode": at most this many of their images and captions
+    outside_priority: str = "teacher-rank"  # which ones: by "teacher-rank", or "listed" most often (see below)
     max_teacher_margin: Optional[float] = None  # drop candidates the teacher puts this far above the positive
     image_cache_mb: float = 512            # processed images kept per worker (LRU)
     rank: int = 0
@@ -303,7 +306,7 @@ class DistillBatches(torch.utils.data.IterableDataset):
             pair_texts.add(m.text(pos if i2t else qid))
         entries, false_negatives, dropped = self._lists(rows, choice, pair_paths, pair_texts)
         listed, inside = sum(map(len, entries)), sum(e[3] for kept in entries for e in kept)
-        encoded = self._outside_encoded(entries, rows["direction"])
+        encoded = self._outside_encoded(entries, rows)
 
         is_i2t, query, positive, t_pos, pair_img, pair_txt = [], [], [], [], [], []
         cand = torch.zeros(B, n_neg, dtype=torch.long)
@@ -364,14 +367,31 @@ class DistillBatches(torch.utils.data.IterableDataset):
             entries.append(kept)
         return entries, false_negatives, dropped
 
-    def _outside_encoded(self, entries: list[list[tuple]], directions: list[str]) -> set[tuple[bool, str]]:
+    def _outside_encoded(self, entries: list[list[tuple]], rows: dict[str, list]) -> set[tuple[bool, str]]:
         """The list entries outside the batch's pairs that are encoded, as (i2t, image file or caption text): none
-        (outside "drop"), all ("encode"), or the `outside_budget` most listed ones (ties: first listed)."""
+        (outside "drop"), all ("encode"), or the `outside_budget` with the most weight (ties: first listed). Under
+        priority "listed" each listing weighs 1; under "teacher-rank" a listing weighs 1 / sqrt(1 + r), r its rank
+        by teacher score among its row's entries (0 = the hardest), so a row's hardest negatives go before the
+        tail entries that many rows share."""
         if self.spec.outside == "drop":
             return set()
-        counts = Counter((d == "i2t", item) for d, kept in zip(directions, entries)
-                         for _, _, item, here in kept if not here)
-        return {key for key, _ in counts.most_common(self.spec.outside_budget)}
+        weights: dict[tuple[bool, str], float] = {}   # insertion order = first listed, for ties
+        for r, kept in enumerate(entries):
+            i2t = rows["direction"][r] == "i2t"
+            if self.spec.outside_priority == "teacher-rank":
+                scores = rows["teacher_scores"][r]
+                order = sorted(range(len(kept)), key=lambda e: -scores[kept[e][0]])   # stable: ties keep list order
+                weight = [0.0] * len(kept)
+                for rank, e in enumerate(order):
+                    weight[e] = 1.0 / math.sqrt(1 + rank)
+            else:
+                weight = [1.0] * len(kept)
+            for (_, _, item, here), w in zip(kept, weight):
+                if not here:
+                    weights[(i2t, item)] = weights.get((i2t, item), 0.0) + w
+        first = {key: i for i, key in enumerate(weights)}
+        ranked = sorted(weights, key=lambda key: (-weights[key], first[key]))
+        return set(ranked[:self.spec.outside_budget])
 
 
 class MatchingBatches(torch.utils.data.IterableDataset):

@@ -56,12 +56,31 @@ class CrossEncoder:
         """[B] match log-odds of B pairs, pair b using image `image_index[b]` of a group's image state."""
         return self.score(tuple(t[image_index] for t in image_state), tokens)
 
-    def itc(self, image_state: tuple[torch.Tensor, ...], tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    # The contrastive (ITC) score is a similarity of two features computed apart: an image's [N, Q, D] (Q = 1
+    # but for BLIP-2's query tokens) and a caption's [B, D], both L2-normalised; the score is the best cosine
+    # over Q. Each side is encoded once however many pairs it is in (score_pairs).
+    def itc_image_features(self, image_state: tuple[torch.Tensor, ...]) -> torch.Tensor:
         raise PipelineError(f"{type(self.model).__name__} has no contrastive (ITC) head; use --score itm")
+
+    def itc_text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise PipelineError(f"{type(self.model).__name__} has no contrastive (ITC) head; use --score itm")
+
+    @staticmethod
+    def itc_of(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """[B] cosines of B pairs from their features, [B, Q, D] and [B, D]: the best over the image's Q."""
+        return (image_features * text_features[:, None, :]).sum(-1).amax(1)
 
     def itc_indexed(self, image_state: tuple[torch.Tensor, ...], image_index: torch.Tensor,
                     tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.itc(tuple(t[image_index] for t in image_state), tokens)
+        """[B] ITC cosines of B pairs, pair b using image `image_index[b]` of a group's image state."""
+        images, per_pair = torch.unique(image_index, return_inverse=True)   # each image's features once
+        img = self.itc_image_features(tuple(t[images] for t in image_state))
+        return self.itc_of(img[per_pair], self.itc_text_features(tokens))
+
+    def itc(self, image_state: tuple[torch.Tensor, ...], tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B] ITC cosines of B pairs (image_state already gathered per pair)."""
+        return self.itc_indexed(image_state, torch.arange(image_state[0].shape[0], device=image_state[0].device),
+                                tokens)
 
 
 def blip_itm_logodds(model: Any, image_embeds: torch.Tensor, input_ids: torch.Tensor,
@@ -74,14 +93,22 @@ def blip_itm_logodds(model: Any, image_embeds: torch.Tensor, input_ids: torch.Te
     return logits[:, 1] - logits[:, 0]
 
 
+def blip_itc_image(model: Any, image_embeds: torch.Tensor) -> torch.Tensor:
+    """BLIP's contrastive image features [N, D], L2-normalised: the projected [CLS] of the vision tower."""
+    return torch.nn.functional.normalize(model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
+
+
+def blip_itc_text(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """BLIP's contrastive caption features [B, D], L2-normalised: the projected [CLS] of the caption encoded
+    without the image."""
+    text = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
+    return torch.nn.functional.normalize(model.text_proj(text.last_hidden_state[:, 0, :]).float(), dim=-1)
+
+
 def blip_itc_features(model: Any, image_embeds: torch.Tensor, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """BLIP's contrastive features, L2-normalised: the projected [CLS] of the image and of the caption (encoded
-    without the image), [B, D] each."""
-    text = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
-    img = torch.nn.functional.normalize(model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
-    txt = torch.nn.functional.normalize(model.text_proj(text.last_hidden_state[:, 0, :]).float(), dim=-1)
-    return img, txt
+    """BLIP's contrastive features of B pairs, [B, D] each (blip_itc_image, blip_itc_text)."""
+    return blip_itc_image(model, image_embeds), blip_itc_text(model, input_ids, attention_mask)
 
 
 class BlipITM(CrossEncoder):
@@ -106,15 +133,12 @@ class BlipITM(CrossEncoder):
         (image_embeds,) = image_state
         return blip_itm_logodds(self.model, image_embeds, tokens["input_ids"], tokens["attention_mask"])
 
-    def itc_indexed(self, image_state, image_index, tokens):
+    def itc_image_features(self, image_state):
         (image_embeds,) = image_state
-        return self.itc((image_embeds[:, :1][image_index],), tokens)  # only the [CLS] token is used: gather it alone
+        return blip_itc_image(self.model, image_embeds)[:, None, :]
 
-    def itc(self, image_state, tokens):
-        """BLIP's contrastive similarity: cosine of the projected [CLS] features (text encoded without image)."""
-        (image_embeds,) = image_state
-        img, txt = blip_itc_features(self.model, image_embeds, tokens["input_ids"], tokens["attention_mask"])
-        return (img * txt).sum(-1)
+    def itc_text_features(self, tokens):
+        return blip_itc_text(self.model, tokens["input_ids"], tokens["attention_mask"])
 
 
 class ViltRetrieval(CrossEncoder):
@@ -151,21 +175,24 @@ def blip2_itm_logodds(model: Any, image_embeds: torch.Tensor, input_ids: torch.T
     return logits[:, 1] - logits[:, 0]
 
 
-def blip2_itc_features(model: Any, image_embeds: torch.Tensor, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """BLIP-2's contrastive features, L2-normalised: the projected query tokens of N images [N, Q, D] (the
-    Q-Former over the image alone) and the projected [CLS] of B captions [B, D] (the Q-Former over the text alone)."""
+def blip2_itc_image(model: Any, image_embeds: torch.Tensor) -> torch.Tensor:
+    """BLIP-2's contrastive image features [N, Q, D], L2-normalised: the projected query tokens of the Q-Former
+    over the image alone."""
     queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
     img = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
                         encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long,
                                                           device=image_embeds.device)).last_hidden_state
+    return torch.nn.functional.normalize(
+        model.vision_projection(img.to(model.vision_projection.weight.dtype)).float(), dim=-1)
+
+
+def blip2_itc_text(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """BLIP-2's contrastive caption features [B, D], L2-normalised: the projected [CLS] of the Q-Former over the
+    text alone."""
     txt = model.qformer(query_embeds=model.embeddings(input_ids=input_ids), query_length=0,
                         attention_mask=attention_mask).last_hidden_state[:, 0]
-    img = torch.nn.functional.normalize(model.vision_projection(img.to(model.vision_projection.weight.dtype)).float(),
-                                        dim=-1)
-    txt = torch.nn.functional.normalize(model.text_projection(txt.to(model.text_projection.weight.dtype)).float(),
-                                        dim=-1)
-    return img, txt
+    return torch.nn.functional.normalize(
+        model.text_projection(txt.to(model.text_projection.weight.dtype)).float(), dim=-1)
 
 
 class Blip2ITM(CrossEncoder):
@@ -203,18 +230,12 @@ class Blip2ITM(CrossEncoder):
         kv = qformer_kv.image_kv(self.model, image_embeds[images])
         return qformer_kv.itm_logodds(self.model, kv, per_pair, tokens["input_ids"], tokens["attention_mask"])
 
-    def itc_indexed(self, image_state, image_index, tokens):
-        """BLIP-2's contrastive similarity: the best cosine over the image's query tokens; each image's query
-        features are computed once."""
+    def itc_image_features(self, image_state):
         (image_embeds,) = image_state
-        images, per_pair = torch.unique(image_index, return_inverse=True)
-        img, txt = blip2_itc_features(self.model, image_embeds[images].float(), tokens["input_ids"],
-                                      tokens["attention_mask"])
-        return (img[per_pair] * txt[:, None, :]).sum(-1).amax(1)
+        return blip2_itc_image(self.model, image_embeds.float())
 
-    def itc(self, image_state, tokens):
-        index = torch.arange(image_state[0].shape[0], device=image_state[0].device)
-        return self.itc_indexed(image_state, index, tokens)
+    def itc_text_features(self, tokens):
+        return blip2_itc_text(self.model, tokens["input_ids"], tokens["attention_mask"])
 
 
 ADAPTERS = {"blip": ("BlipForImageTextRetrieval", BlipITM), "vilt": ("ViltForImageAndTextRetrieval", ViltRetrieval),
@@ -273,6 +294,24 @@ def resolve_teacher(teacher: str, run: Path) -> tuple[str, dict[str, Any] | None
 
 
 @torch.inference_mode()
+def itc_texts(teacher: CrossEncoder, corpus: Any, txt_rows: np.ndarray, batch_size: int = 256
+              ) -> tuple[np.ndarray, torch.Tensor]:
+    """(the unique caption rows [U] sorted, their ITC features [U, D]): each caption encoded once, shortest
+    first so a batch pads little."""
+    texts = np.unique(txt_rows)
+    lengths = np.fromiter((len(corpus.texts[t]) for t in texts), dtype=np.int64, count=len(texts))
+    order = np.argsort(lengths, kind="stable")
+    features = torch.empty(0, 1, device=teacher.device)   # stays empty without pairs
+    for s in range(0, len(texts), batch_size):
+        part = order[s: s + batch_size]
+        out = teacher.itc_text_features(teacher.tokenize([corpus.texts[t] for t in texts[part]]))
+        if s == 0:
+            features = out.new_empty(len(texts), out.shape[-1])
+        features[torch.from_numpy(part).to(out.device)] = out
+    return texts, features
+
+
+@torch.inference_mode()
 def score_pairs(teacher: CrossEncoder, corpus: Any, img_rows: np.ndarray, txt_rows: np.ndarray, batch_size: int = 256,
                 image_batch_size: int = 64, num_workers: int = 0, itc_weight: float = 0.0, bar: Any = None
                 ) -> np.ndarray:
@@ -282,7 +321,8 @@ def score_pairs(teacher: CrossEncoder, corpus: Any, img_rows: np.ndarray, txt_ro
     computed once (`encode_images`); the pairs of those images then run through the text/cross side in batches
     of `batch_size` (`score_indexed`, each pair naming its image in the group). Within an image, pairs go
     shortest caption first, so a batch pads little. With itc_weight > 0 the score is ITM log-odds +
-    itc_weight x ITC cosine. A non-finite score is an error naming the pair.
+    itc_weight x ITC cosine; ITC's caption side does not see the image, so each unique caption is encoded once
+    (`itc_texts`), as is each image group's side. A non-finite score is an error naming the pair.
     """
     if len(img_rows) and (np.diff(img_rows) < 0).any():
         raise ValueError("score_pairs: pairs must be sorted by image row")
@@ -293,11 +333,15 @@ def score_pairs(teacher: CrossEncoder, corpus: Any, img_rows: np.ndarray, txt_ro
     # within each image, shortest caption first (a stable order: by image, then length)
     lengths = np.fromiter((len(corpus.texts[t]) for t in txt_rows), dtype=np.int64, count=len(txt_rows))
     order = np.lexsort((lengths, img_rows))
+    if itc_weight:
+        texts, text_features = itc_texts(teacher, corpus, txt_rows, batch_size)
     loader = image_batches([corpus.image_paths[i] for i in images], teacher.image_processor, image_batch_size,
                            num_workers)
     for b, (pixels, mask) in zip(range(0, len(images), image_batch_size), loader):
         group = images[b: b + image_batch_size]
         state = teacher.encode_images(pixels, mask)
+        if itc_weight:
+            image_features = teacher.itc_image_features(state)   # [G, Q, D]
         lo, hi = starts[b], ends[b + len(group) - 1]
         for s in range(lo, hi, batch_size):
             pairs = order[s: min(hi, s + batch_size)]
@@ -305,7 +349,8 @@ def score_pairs(teacher: CrossEncoder, corpus: Any, img_rows: np.ndarray, txt_ro
             tokens = teacher.tokenize([corpus.texts[t] for t in txt_rows[pairs]])
             out = teacher.score_indexed(state, idx, tokens)
             if itc_weight:
-                out = out + itc_weight * teacher.itc_indexed(state, idx, tokens)
+                text = torch.from_numpy(np.searchsorted(texts, txt_rows[pairs])).to(teacher.device)
+                out = out + itc_weight * teacher.itc_of(image_features[idx], text_features[text])
             out = out.float().cpu().numpy()
             bad = np.flatnonzero(~np.isfinite(out))
             if len(bad):

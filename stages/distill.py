@@ -58,6 +58,7 @@ from pipeline.validation import Validator
 DIRECTIONS = ("both", "i2t", "t2i")   # --distill-directions
 BATCHING = ("shuffle", "packed")      # --batching
 OUT_OF_BATCH = ("budget", "encode", "drop")     # --out-of-batch
+PRIORITY = ("listed", "teacher-rank")            # --out-of-batch-priority
 BUDGET_PER_QUERY = 3   # --out-of-batch budget's default: 768 per 256 queries, chosen on the demo's validation galleries
 CONTRASTIVE = ("auto", "softmax", "sigmoid")   # --contrastive
 VAL_SOURCE = ("val_format", "val_image_root", "val_image_column", "val_caption_column", "val_id_column")
@@ -103,20 +104,29 @@ class DistillOptions:
                                       "it raises the share of in-batch list entries and costs the student recall)",
                            choices=BATCHING, added=True)
     out_of_batch: str = option("budget", "list entries whose image or caption is no query or positive of the batch, "
-                                         "each one more image or caption to encode: budget (encode the "
-                                         "--out-of-batch-budget listed most often, with gradient, and drop the "
-                                         "others' entries: on the demo, the teacher's gain at about the cost of "
-                                         "contrastive training), encode (all of them, the whole lists: at 32 "
-                                         "negatives most of a step, 2.4x the epoch on the demo) or drop (the "
+                                         "each one more image or caption to encode: budget (encode "
+                                         "--out-of-batch-budget of them, by --out-of-batch-priority, with "
+                                         "gradient, and drop the others' entries: on the demo, the teacher's gain "
+                                         "at about the cost of contrastive training), encode (all of them, the "
+                                         "whole lists: at 32 negatives most of a step, 2.4x the epoch on the "
+                                         "demo) or drop (the "
                                          "batch's own pairs alone, as contrastive training encodes: little gain)",
                                choices=OUT_OF_BATCH, added=True)
     cluster_size: int = option(64, "with --batching packed: rows per cluster of mutual hard negatives; a batch "
                                    "holds batch-size / cluster-size clusters dealt at random", added=True,
                                at_least=1)
     out_of_batch_budget: Optional[int] = option(None, "with --out-of-batch budget: the images and captions outside "
-                                                      "the batch's pairs encoded per batch, those listed most often; "
+                                                      "the batch's pairs encoded per batch (which ones: "
+                                                      "--out-of-batch-priority); "
                                                       f"default {BUDGET_PER_QUERY} per query (x --batch-size)",
                                                 added=True, at_least=1)
+    out_of_batch_priority: str = option("teacher-rank", "with --out-of-batch budget: which outside images and "
+                                                        "captions the budget encodes: teacher-rank (the most "
+                                                        "weight, a listing weighing 1/sqrt(1 + its rank by teacher "
+                                                        "score in its list), so each query's hardest negatives go "
+                                                        "before the tail entries many lists share) or listed (those "
+                                                        "the batch's lists name most often; the rule before "
+                                                        "priorities)", choices=PRIORITY, added=True)
     contrastive: str = option("auto", "the student's own contrastive term: softmax (CLIP's InfoNCE over the batch), "
                                       "sigmoid (SigLIP's pairwise loss; trains the logit bias too) or auto (sigmoid "
                                       "for a SigLIP-family student, one with a learned logit bias; else softmax)",
@@ -309,14 +319,16 @@ def fingerprinted(cfg: DistillConfig) -> dict[str, Any]:
     if cfg.contrastive == "softmax":
         config.pop("contrastive", None)
     # the lists as encoded: the budget's number (a manifest without one encoded the whole lists, the default
-    # before budgets), `out_of_batch` only for drop; a loss without a term (the baseline) encodes no list and
-    # has no budget
-    config.pop("out_of_batch", None)
-    config.pop("out_of_batch_budget", None)
+    # before budgets) and its priority unless listed (the only one before priorities), `out_of_batch` only for
+    # drop; a loss without a term (the baseline) encodes no list and has no budget
+    for key in ("out_of_batch", "out_of_batch_budget", "out_of_batch_priority"):
+        config.pop(key, None)
     if cfg.out_of_batch == "drop":
         config["out_of_batch"] = "drop"
     elif (budget := encoded_budget(cfg)) is not None and registry.get(cfg.loss).fn is not None:
         config["out_of_batch_budget"] = budget
+        if cfg.out_of_batch_priority != "listed":
+            config["out_of_batch_priority"] = cfg.out_of_batch_priority
     return config
 
 
@@ -359,7 +371,7 @@ def check(cfg: DistillConfig) -> None:
 def batch_spec(cfg: DistillConfig, rank: int = 0, world_size: int = 1) -> BatchSpec:
     return BatchSpec(batch_size=cfg.batch_size, num_negatives=cfg.num_negatives, seed=cfg.seed,
                      shuffle_buffer=cfg.shuffle_buffer, outside="drop" if cfg.out_of_batch == "drop" else "encode",
-                     outside_budget=encoded_budget(cfg),
+                     outside_budget=encoded_budget(cfg), outside_priority=cfg.out_of_batch_priority,
                      max_teacher_margin=cfg.max_teacher_margin, image_cache_mb=cfg.image_cache_mb, rank=rank,
                      world_size=world_size)
 

@@ -193,14 +193,16 @@ def test_packed_dealing_covers_every_batch_once_and_holds_no_table_before_it_ite
         assert small.images._cached <= small.images.cache_bytes
 
 
-@pytest.mark.parametrize("outside,budget", [("drop", None), ("encode", None), ("encode", 3)])
-def test_list_entries_outside_the_batch_are_counted_and_dropped_or_kept(scored_run, outside, budget):
+@pytest.mark.parametrize("outside,budget,priority", [("drop", None, "listed"), ("encode", None, "listed"),
+                                                     ("encode", 3, "listed"), ("encode", 7, "teacher-rank")])
+def test_list_entries_outside_the_batch_are_counted_and_dropped_or_kept(scored_run, outside, budget, priority):
     """Brute force from the definition: an entry is in-batch when its caption text or image file is that of a
-    query or (chosen) positive of the batch; with a budget, only the `budget` outside items listed most often
-    (ties: the first listed) keep their entries."""
+    query or (chosen) positive of the batch; with a budget, only the `budget` outside items of most weight (ties:
+    the first listed) keep their entries: a listing weighs 1 (listed) or 1 / sqrt(1 + its rank by teacher score
+    in its row) (teacher-rank)."""
     rows = _rows(scored_run, n=24)
     n = len(rows["query_id"])
-    data, _, _ = _dataset(scored_run, outside=outside, outside_budget=budget)
+    data, _, _ = _dataset(scored_run, outside=outside, outside_budget=budget, outside_priority=priority)
     batch = data.build(rows)
     corpus = data.corpus
     path = dict(zip(corpus.image_ids, corpus.image_paths))
@@ -211,13 +213,21 @@ def test_list_entries_outside_the_batch_are_counted_and_dropped_or_kept(scored_r
     pair_paths = {path[q if i else p] for q, p, i in zip(rows["query_id"], chosen, i2t)}
     pair_texts = {text[p if i else q] for q, p, i in zip(rows["query_id"], chosen, i2t)}
     item = lambda r, c: ("t", text[c]) if i2t[r] else ("i", path[c])
-    counts, first = {}, {}
+    weights = {"listed": {}, "teacher-rank": {}}
+    first = {}
     for r in range(n):
-        for c in rows["candidate_ids"][r][:4]:
+        scores = rows["teacher_scores"][r][:4]
+        for j, c in enumerate(rows["candidate_ids"][r][:4]):
             if not (text[c] in pair_texts if i2t[r] else path[c] in pair_paths):
-                counts[item(r, c)] = counts.get(item(r, c), 0) + 1
+                above = sum(s > scores[j] for s in scores) + sum(s == scores[j] for s in scores[:j])
+                for how, w in (("listed", 1.0), ("teacher-rank", (1 + above) ** -0.5)):
+                    weights[how][item(r, c)] = weights[how].get(item(r, c), 0.0) + w
                 first.setdefault(item(r, c), len(first))
-    ranked = sorted(counts, key=lambda k: (-counts[k], first[k]))
+    counts = weights[priority]
+    ranked = {how: sorted(w, key=lambda k: (-w[k], first[k])) for how, w in weights.items()}
+    if budget is not None and priority != "listed":   # the batch tells the two priorities apart
+        assert set(ranked[priority][:budget]) != set(ranked["listed"][:budget])
+    ranked = ranked[priority]
     allowed = set(ranked if budget is None else ranked[:budget]) if outside == "encode" else set()
     listed = inside = 0
     for r in range(n):

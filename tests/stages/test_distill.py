@@ -150,7 +150,7 @@ def test_whole_lists_train_as_before(run, loss):
 
 
 def test_the_default_lists_encode_three_outside_items_per_query_and_name_the_budget(run, tmp_path):
-    # batches of one query whose 5 listed captions lie outside its pair: a budget of 3, the most listed
+    # batches of one query whose 5 listed captions lie outside its pair: a budget of 3, its 3 hardest by teacher
     flags = ("--loss", "kl", "--teacher-temperature", "2", "--max-steps", "1", "--batch-size", "1",
              "--shuffle-buffer", "0")
     distill(run, *flags)
@@ -162,23 +162,31 @@ def test_the_default_lists_encode_three_outside_items_per_query_and_name_the_bud
     assert m["images_encoded"] + m["texts_encoded"] == encoded == pairs + 3   # the budget, spent in full
     assert len(whole["pixel_values"]) + len(whole["input_ids"]) > encoded     # so it cut something
     assert int(budgeted["candidate_mask"].sum()) == 3 < int(whole["candidate_mask"].sum()) == m["negatives"]
+    listed = whole["teacher"][0, :m["negatives"]].tolist()   # one row: its hardest 3 by the teacher are kept
+    assert sorted(budgeted["teacher"][0, :3].tolist()) == sorted(listed)[-3:] != sorted(listed[:3])
     want = float(_first_batch_reference(run, "kl-T2", batch_size=1, outside="encode", budget=3))
     assert m["distill"] == pytest.approx(want, rel=1e-3)      # a small value (one row): float32 against float64
     assert want != pytest.approx(float(_first_batch_reference(run, "kl-T2", batch_size=1, outside="encode")), rel=1e-2)
-    config = json.loads((run / "distill" / "manifest.json").read_text())["identity"]["config"]
+    identity = lambda out: json.loads((out / "manifest.json").read_text())["identity"]["config"]
+    config = identity(run / "distill")
     assert config["out_of_batch_budget"] == 3 and "out_of_batch" not in config
+    assert config["out_of_batch_priority"] == "teacher-rank"
     # the same lists however spelled: budget 3, or encode 3 (the earlier spelling), are this output
     for how in ("budget", "encode"):
         again = distill(run, *flags, "--out-of-batch", how, "--out-of-batch-budget", "3")
         assert "[distill] up to date" in again.output
+    # the rule before priorities: no priority in the fingerprint, as in the manifests made before them
+    distill(run, *flags, "--out-of-batch-priority", "listed", "--out", tmp_path / "listed")
+    config = identity(tmp_path / "listed")
+    assert config["out_of_batch_budget"] == 3 and "out_of_batch_priority" not in config
     # the whole lists: no budget in the fingerprint, as in every manifest made before budgets
     distill(run, *flags, "--out-of-batch", "encode", "--out", tmp_path / "whole")
-    config = json.loads((tmp_path / "whole" / "manifest.json").read_text())["identity"]["config"]
-    assert "out_of_batch_budget" not in config and "out_of_batch" not in config
+    config = identity(tmp_path / "whole")
+    assert not {"out_of_batch_budget", "out_of_batch", "out_of_batch_priority"} & set(config)
     # none encodes no list: its outputs made before budgets stay up to date
     distill(run, "--loss", "none", "--max-steps", "1", "--batch-size", "1", "--out", tmp_path / "none")
-    config = json.loads((tmp_path / "none" / "manifest.json").read_text())["identity"]["config"]
-    assert "out_of_batch_budget" not in config and "out_of_batch" not in config
+    config = identity(tmp_path / "none")
+    assert not {"out_of_batch_budget", "out_of_batch", "out_of_batch_priority"} & set(config)
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -109,6 +109,25 @@ def test_vision_tower_runs_once_per_unique_image(run, tiny_blip, monkeypatch):
     assert len(keys) == len(set(keys))  # deduplicated across directions
 
 
+def test_itc_encodes_each_caption_once_per_pair_shard(run, tiny_blip, monkeypatch):
+    """ITC's caption side does not see the image: a caption in many pairs is encoded once per pair shard, not
+    once per pair (the scores themselves are checked against BLIP's forward below)."""
+    from pipeline.teachers import BlipITM
+
+    seen = []
+    original = BlipITM.itc_text_features
+
+    def counting(self, tokens):
+        seen.append(tokens["input_ids"].shape[0])
+        return original(self, tokens)
+
+    monkeypatch.setattr(BlipITM, "itc_text_features", counting)
+    score(run, tiny_blip, "--score", "itm+itc", "--itc-weight", "2")
+    shards = [pq.read_table(f).to_pydict() for f in sorted((run / "teacher" / "pairs").glob("*.parquet"))]
+    pairs = sum(len(t["text_id"]) for t in shards)
+    assert sum(seen) == sum(len(set(t["text_id"])) for t in shards) < pairs
+
+
 def test_itm_plus_itc_adds_the_contrastive_cosine(run, tiny_blip, tmp_path):
     score(run, tiny_blip)
     itm = teacher_rows(run)
