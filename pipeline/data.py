@@ -163,8 +163,16 @@ class Matches:
 
     def table(self, paths: Sequence[str], texts: Sequence[str]) -> torch.Tensor:
         """[len(paths), len(texts)] bool: True where text j is a caption of image file i."""
-        return torch.tensor([[t in self.captions.get(p, ()) for t in texts] for p in paths],
-                            dtype=torch.bool).reshape(len(paths), len(texts))
+        column = {t: j for j, t in enumerate(texts)}   # a text listed twice: its columns copy one
+        out = torch.zeros(len(paths), len(texts), dtype=torch.bool)
+        rows, cols = [], []
+        for i, p in enumerate(paths):
+            for t in self.captions.get(p, ()):
+                if t in column:
+                    rows.append(i), cols.append(column[t])
+        out[rows, cols] = True
+        first = torch.tensor([column[t] for t in texts], dtype=torch.long)
+        return out[:, first]
 
 
 class RowSource:
@@ -275,9 +283,14 @@ class BatchItems:
         return processors.tokenizer(list(self.texts), padding=True, truncation=True,
                                     max_length=processors.max_length, return_tensors="pt")
 
-    def positives(self) -> torch.Tensor:
-        """[Ui, Ut] bool: True where caption j is a caption of image file i."""
-        return self.matches.table(list(self.images), list(self.texts))
+    def positives(self, image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+        """[len(image_index), len(text_index)] bool: True where caption text_index[j] is a caption of image file
+        image_index[i] (indices into the batch's unique images and captions); only the pairs' rows are built."""
+        images, per_image = torch.unique(image_index, return_inverse=True)
+        texts, per_text = torch.unique(text_index, return_inverse=True)
+        paths, captions = list(self.images), list(self.texts)
+        table = self.matches.table([paths[i] for i in images.tolist()], [captions[j] for j in texts.tolist()])
+        return table[per_image][:, per_text]
 
 
 class DistillBatches(torch.utils.data.IterableDataset):
@@ -337,7 +350,7 @@ class DistillBatches(torch.utils.data.IterableDataset):
         return {
             "pixel_values": pixels,
             "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-            "pair_image": pi, "pair_text": pt, "pair_positive_mask": items.positives()[pi][:, pt],
+            "pair_image": pi, "pair_text": pt, "pair_positive_mask": items.positives(pi, pt),
             "query_is_image": torch.tensor(is_i2t), "query": torch.tensor(query), "positive": torch.tensor(positive),
             "candidates": cand, "candidate_mask": cmask, "teacher": teacher,
             "teacher_positive": torch.tensor(t_pos, dtype=torch.float32),
@@ -488,7 +501,7 @@ class MatchingBatches(torch.utils.data.IterableDataset):
         return {"pixel_values": pixels, "pixel_mask": mask, "input_ids": tokens["input_ids"],
                 "attention_mask": tokens["attention_mask"], "pair_image": pi, "pair_text": pt,
                 "label": torch.tensor(label), "positive_pairs": torch.tensor(positive_pairs),
-                "positive_mask": items.positives()[pos_i][:, pos_t],
+                "positive_mask": items.positives(pos_i, pos_t),
                 "false_negatives": torch.tensor(false_negatives)}
 
 

@@ -296,3 +296,25 @@ def test_the_contrastive_positives_are_every_caption_of_each_image_file(scored_r
             # an entry points at the row whose query it is (its caption's t2i row, its image's i2t row)
             assert cand[r, j] == (-1 if false else row_of[("t2i" if d == "i2t" else "i2t", c)])
     assert left_out > 0
+
+
+def test_the_positive_table_of_a_batchs_pairs_follows_the_corpus(scored_run):
+    """BatchItems.positives (built for the pairs' own images and captions only, repeats included) against the
+    definition: caption j is a positive of image i when its text is among the texts of image i's file."""
+    from pipeline.data import BatchItems, Matches
+
+    corpus = load_tables(scored_run / "mine" / "corpus")
+    items = BatchItems(Matches(corpus))
+    images = [items.image(i) for i in corpus.image_ids[:6]]
+    texts = [items.text(t) for t in corpus.text_ids[::3]]
+    gen = torch.Generator().manual_seed(0)
+    pi = torch.tensor(images)[torch.randint(len(images), (9,), generator=gen)]
+    pt = torch.tensor(texts)[torch.randint(len(texts), (11,), generator=gen)]
+    paths, captions = list(items.images), list(items.texts)
+    of_file = {}
+    for text, row in zip(corpus.texts, corpus.text_image_rows()):
+        of_file.setdefault(corpus.image_paths[row], set()).add(text)
+    want = [[captions[j] in of_file.get(paths[i], set()) for j in pt.tolist()] for i in pi.tolist()]
+    got = items.positives(pi, pt)
+    assert got.tolist() == want
+    assert 0 < int(got.sum()) < got.numel()   # both kinds of cell
