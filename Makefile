@@ -41,7 +41,7 @@ demo-tour: install
 	$(VENV)/bin/cprd-pipeline demo --recipe data/demo-tour.yaml --out runs/demo-tour
 
 # The same transfer setting with the whole lists, and more rows (docs/demo.md): every list entry encoded with
-# gradient, 2.4x the epoch; about 25 minutes on 2 cores.
+# gradient, 2.7-3x the epoch; about 25 minutes on 2 cores.
 demo-transfer: install
 	$(VENV)/bin/cprd-pipeline demo --recipe data/demo-transfer.yaml --out runs/demo-transfer
 

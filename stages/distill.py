@@ -108,7 +108,7 @@ class DistillOptions:
                                          "--out-of-batch-budget of them, by --out-of-batch-priority, with "
                                          "gradient, and drop the others' entries: on the demo, the teacher's gain "
                                          "at about the cost of contrastive training), encode (all of them, the "
-                                         "whole lists: at 32 negatives most of a step, 2.4x the epoch on the "
+                                         "whole lists: at 32 negatives most of a step, 2.7-3x the epoch on the "
                                          "demo) or drop (the "
                                          "batch's own pairs alone, as contrastive training encodes: little gain)",
                                choices=OUT_OF_BATCH, added=True)
