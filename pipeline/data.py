@@ -402,8 +402,7 @@ class DistillBatches(torch.utils.data.IterableDataset):
             for (_, _, item, here), w in zip(kept, weight):
                 if not here:
                     weights[(i2t, item)] = weights.get((i2t, item), 0.0) + w
-        first = {key: i for i, key in enumerate(weights)}
-        ranked = sorted(weights, key=lambda key: (-weights[key], first[key]))
+        ranked = sorted(weights, key=lambda key: -weights[key])   # a stable sort: ties stay first listed first
         return set(ranked[:self.spec.outside_budget])
 
 
