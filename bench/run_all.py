@@ -1,8 +1,8 @@
 """`make bench`: every benchmark, each writing bench/results/NAME.json. `--quick` shrinks the corpora."""
 import sys
 
-from bench import (blip2_bench, corpus_hash_bench, distill_bench, epoch_bench, itc_bench, mine_bench,
-                   teacher_bench, teacher_kv_bench, webdataset_bench)
+from bench import (blip2_bench, corpus_hash_bench, distill_bench, epoch_bench, gpu_epoch_bench, itc_bench,
+                   mine_bench, teacher_bench, teacher_kv_bench, webdataset_bench)
 from bench.common import write
 
 if __name__ == "__main__":
@@ -13,6 +13,7 @@ if __name__ == "__main__":
     write("score_teacher_kv" + ("_quick" if quick else ""), teacher_kv_bench.main(quick=quick))
     write("score_teacher_blip2", blip2_bench.main())
     write("distill", distill_bench.main())
+    write("gpu_epoch", gpu_epoch_bench.main())   # recorded as skipped without CUDA
     write("webdataset" + ("_quick" if quick else ""), webdataset_bench.main(n_images=600 if quick else 3000))
     if not quick:   # the transfer demo's data: mining and scoring it once takes minutes
         write("epoch", epoch_bench.main())

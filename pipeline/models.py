@@ -300,6 +300,22 @@ class DualEncoder:
         out = self.model.get_text_features(**tokens)
         return torch.nn.functional.normalize(projected(out).float(), dim=-1)
 
+    def tower_layers(self) -> tuple[torch.nn.ModuleList, torch.nn.ModuleList]:
+        """(image tower's, text tower's) transformer blocks, in order: where a tower can be cut for gradient
+        (distill's --outside-grad-layers)."""
+        paths = {"transformers": ("vision_model.encoder.layers", "text_model.encoder.layers"),
+                 "open_clip": ("clip.visual.transformer.resblocks", "clip.transformer.resblocks")}[self.kind]
+        found = []
+        for path in paths:
+            module = self.model
+            for name in path.split("."):
+                module = getattr(module, name, None)
+            if not isinstance(module, torch.nn.ModuleList) or not len(module):
+                raise PipelineError(f"{self.name}: {type(self.model).__name__} has no {path} (the transformer blocks "
+                                    "a tower is cut at); --outside-grad-layers needs a CLIP-style tower")
+            found.append(module)
+        return found[0], found[1]
+
     @torch.inference_mode()
     def encode_images(self, paths: Sequence[str], batch_size: int = 64, num_workers: int = 0,
                       progress: bool = True) -> np.ndarray:

@@ -27,6 +27,7 @@ writer) and the recipe `Training`: set up, train (pipeline/loop.py's `Trainer`),
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import shutil
@@ -98,6 +99,13 @@ class DistillOptions:
                                            "(make bench), but the distillation term then moves only each query "
                                            "and the batch's pairs, and on the demo that loses the teacher's gain",
                                     added=True)
+    outside_grad_layers: Optional[int] = option(
+        None, "encode the list entries outside the batch's pairs (the budget's, or every one with --out-of-batch "
+              "encode) with gradient through only the last N transformer blocks of their tower (and its final norm "
+              "and projection), the blocks below without: their backward costs about N/L of a whole tower's; 0 "
+              "leaves the norm and projection alone (default: every block, the whole tower; on the demo a cut loses "
+              "most of the teacher's gain)",
+        added=True, at_least=0)
     batching: str = option("shuffle", "how an epoch's rows form batches: shuffle (rows through the streaming shuffle "
                                       "buffer) or packed (clusters of --cluster-size rows whose mined negatives are "
                                       "each other's queries, dealt in random order; pipeline/packing.py: on the demo "
@@ -107,7 +115,7 @@ class DistillOptions:
                                          "each one more image or caption to encode: budget (encode "
                                          "--out-of-batch-budget of them, by --out-of-batch-priority, with "
                                          "gradient, and drop the others' entries: on the demo, the teacher's gain "
-                                         "at 1.5-1.8x the epoch of contrastive training), encode (all of them, "
+                                         "at 1.7-2x the epoch of contrastive training), encode (all of them, "
                                          "the whole lists: at 32 negatives most of a step, 2.7-3x the epoch on "
                                          "the demo) or drop (the batch's own pairs alone, as contrastive training "
                                          "encodes: little gain)",
@@ -178,36 +186,62 @@ class StudentTowers(torch.nn.Module):
             # SigLIP's bias: trained by the sigmoid loss, else unused (and DDP needs every trained parameter used)
             self.model.logit_bias.requires_grad_(train_bias)
 
-    def forward(self, pixel_values, input_ids, attention_mask, live_images=None, live_texts=None, others=True):
+    def forward(self, pixel_values, input_ids, attention_mask, live_images=None, live_texts=None, others=True,
+                others_grad_layers=None):
         """[Ui, D] and [Ut, D] unit-norm features, the logit scale and the logit bias (a scalar; zero unless
         `train_bias`: only the sigmoid loss reads it).
 
         live_images / live_texts ([Ui] / [Ut] bool, optional): the rows encoded with gradient; the others are
-        encoded without it (others=True) or not at all, left zero (others=False: no loss reads them).
+        encoded without it (others=True) or not at all, left zero (others=False: no loss reads them), or with
+        gradient through their tower's last `others_grad_layers` blocks only (an int; with others=True).
         """
         enc = self._encoder[0]  # shares self.model; only its tokenizer-free feature helpers are used
-        img = _encode(enc.image_features, lambda rows: pixel_values[rows], len(pixel_values), live_images, others)
+        cut_img = cut_txt = None
+        if others_grad_layers is not None:
+            layers_img, layers_txt = enc.tower_layers()
+            cut_img, cut_txt = (layers_img, others_grad_layers), (layers_txt, others_grad_layers)
+        img = _encode(enc.image_features, lambda rows: pixel_values[rows], len(pixel_values), live_images, others,
+                      cut_img)
         txt = _encode(enc.text_features, lambda rows: {"input_ids": input_ids[rows],
                                                        "attention_mask": attention_mask[rows]},
-                      len(input_ids), live_texts, others)
+                      len(input_ids), live_texts, others, cut_txt)
         scale = self.model.logit_scale.exp().clamp(max=100.0) if hasattr(self.model, "logit_scale") else \
             torch.tensor(1.0, device=img.device)
         bias = self.model.logit_bias.reshape(()) if self.train_bias else torch.zeros((), device=img.device)
         return img, txt, scale, bias
 
 
-def _encode(features, select, n: int, live: Optional[torch.Tensor], others: bool) -> torch.Tensor:
-    """features(select(rows)) for all n rows, those outside `live` without gradient (or left zero)."""
+def _encode(features, select, n: int, live: Optional[torch.Tensor], others: bool,
+            cut: Optional[tuple[torch.nn.ModuleList, int]] = None) -> torch.Tensor:
+    """features(select(rows)) for all n rows, those outside `live` without gradient (or left zero), or with
+    `cut` = (the tower's blocks, N) with gradient through the last N blocks only."""
     if live is None:
         return features(select(slice(None)))
     on, off = live.nonzero().squeeze(1), (~live).nonzero().squeeze(1)
     grad = features(select(on))                                            # [n_live, D]
     out = grad.new_zeros(n, grad.shape[1]).index_copy(0, on, grad)
     if others and len(off):
-        with torch.no_grad():
-            frozen = features(select(off))                                 # [n - n_live, D]
-        out = out.index_copy(0, off, frozen)   # outside no_grad: the copy keeps the live rows' graph
+        with torch.no_grad() if cut is None else gradient_from(*cut):
+            other = features(select(off))                                  # [n - n_live, D]
+        out = out.index_copy(0, off, other)    # outside no_grad: the copy keeps the live rows' graph
     return out
+
+
+@contextlib.contextmanager
+def gradient_from(blocks: torch.nn.ModuleList, n: int):
+    """Within: a tower's forward runs without gradient below its last `n` blocks and with it from there on (those
+    blocks, the final norm, the projection). The rows still move the top of the tower, and their backward, and
+    the activations kept for it, cover n blocks instead of all of them."""
+    def on(*_: Any) -> None:   # None: the block's inputs and outputs are left as they are
+        torch.set_grad_enabled(True)
+
+    n = min(n, len(blocks))                        # all of them: every block, the embeddings below still not
+    handle = blocks[-n].register_forward_pre_hook(on) if n else blocks[-1].register_forward_hook(on)
+    try:
+        with torch.no_grad():
+            yield   # no_grad's exit restores the grad mode it found, whatever the hook set
+    finally:
+        handle.remove()
 
 
 def pairs_only(batch: dict, others: bool) -> dict[str, Any]:
@@ -359,6 +393,11 @@ def check(cfg: DistillConfig) -> None:
     if cfg.out_of_batch_budget is not None and cfg.out_of_batch == "drop":
         raise PipelineError("--out-of-batch-budget sets what --out-of-batch budget encodes; --out-of-batch drop "
                             f"encodes none of those entries (got --out-of-batch-budget {cfg.out_of_batch_budget})")
+    if cfg.outside_grad_layers is not None and (cfg.frozen_negatives or cfg.out_of_batch == "drop"):
+        other = "--frozen-negatives (no block at all)" if cfg.frozen_negatives else \
+            "--out-of-batch drop (no such entries)"
+        raise PipelineError(f"--outside-grad-layers sets the blocks the entries outside the batch's pairs train "
+                            f"through; it cannot go with {other}")
     if cfg.frozen_negatives and cfg.out_of_batch == "drop":
         raise PipelineError("--frozen-negatives encodes the list entries outside the batch without gradient; with "
                             "--out-of-batch drop there are none (add --out-of-batch encode)")
@@ -443,6 +482,8 @@ class Training:
         self.last_val: Optional[dict] = None   # {"step", **metrics} of the last validation
         self.logit_scale = 0.0            # the student's scale at the last micro-step (logged per step)
         self.logit_bias: Optional[float] = None   # and its bias, when the sigmoid loss trains it
+        if cfg.outside_grad_layers is not None and self.loss.fn is not None:
+            encoder.tower_layers()   # a student without the blocks to cut is refused before training
         towers = StudentTowers(encoder, train_bias=cfg.contrastive == "sigmoid").train()
         self.trainer = Trainer(cfg, acc, out, length, name="distill", model=towers,
                                batches=self.batches, step=self.step, logged=Logged(self.COUNTS, self.more, self.SHOWN),
@@ -503,11 +544,13 @@ class Training:
 
     def live(self, batch: dict) -> dict[str, Any]:
         """The rows to encode with gradient: all ({}), or the batch's pairs only, the hard negatives encoded without
-        gradient (--frozen-negatives) or not at all when the loss reads none (none: they would cost most of the
-        step for nothing)."""
-        if not self.cfg.frozen_negatives and self.loss.fn is not None:
-            return {}
-        return pairs_only(batch, others=self.loss.fn is not None)
+        gradient (--frozen-negatives), with it through the top of their towers (--outside-grad-layers) or not at
+        all when the loss reads none (none: they would cost most of the step for nothing)."""
+        if self.loss.fn is None:
+            return pairs_only(batch, others=False)
+        if self.cfg.outside_grad_layers is not None:
+            return {**pairs_only(batch, others=True), "others_grad_layers": self.cfg.outside_grad_layers}
+        return pairs_only(batch, others=True) if self.cfg.frozen_negatives else {}
 
     def more(self, row: dict) -> dict[str, float]:
         """Logged per step beside the summed values: the logit scale (and bias, when trained) and the share of

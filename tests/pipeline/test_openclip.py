@@ -111,3 +111,24 @@ def test_weights_of_another_architecture_are_refused_naming_the_student(weights,
     open_clip.add_model_config(cfg)
     with pytest.raises(PipelineError, match="cannot build the open_clip model"):
         DualEncoder(f"open_clip:tiny-oc-wide@{weights}")
+
+
+def test_the_towers_are_cut_at_open_clips_blocks(weights):
+    """distill's --outside-grad-layers: rows encoded with gradient through the last block alone move that block
+    and leave the ones below it untouched."""
+    from stages.distill import StudentTowers
+
+    enc = DualEncoder(f"open_clip:tiny-oc@{weights}")
+    image_blocks, text_blocks = enc.tower_layers()
+    assert image_blocks is enc.model.clip.visual.transformer.resblocks and len(image_blocks) == 2
+    assert text_blocks is enc.model.clip.transformer.resblocks
+    towers = StudentTowers(enc).train()
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = enc.tokenize(TEXTS[:3])
+    none = torch.zeros(3, dtype=torch.bool)   # every row is an "other": gradient through the last block only
+    img, txt, _, _ = towers(pixels, tokens["input_ids"], tokens["attention_mask"], live_images=none,
+                            live_texts=none, others=True, others_grad_layers=1)
+    (img.sum() + txt.sum()).backward()
+    for blocks in (image_blocks, text_blocks):
+        assert all(p.grad is None for p in blocks[0].parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in blocks[1].parameters())

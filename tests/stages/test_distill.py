@@ -400,7 +400,12 @@ def test_unknown_loss(run):
                                            (("--batching", "packed", "--cluster-size", "0"),
                                             "--cluster-size: must be >= 1, got 0"),
                                            (("--frozen-negatives", "--out-of-batch", "drop"),
-                                            "with --out-of-batch drop there are none")])
+                                            "with --out-of-batch drop there are none"),
+                                           (("--outside-grad-layers", "-1"), "--outside-grad-layers: must be >= 0"),
+                                           (("--outside-grad-layers", "1", "--frozen-negatives"),
+                                            "it cannot go with --frozen-negatives"),
+                                           (("--outside-grad-layers", "1", "--out-of-batch", "drop"),
+                                            "it cannot go with --out-of-batch drop")])
 def test_out_of_range_values_are_refused_before_anything_is_written(run, flags, message):
     assert message in _error(distill(run, *flags, expect=None))
     assert not (run / "distill").exists()
@@ -635,6 +640,94 @@ def test_frozen_negatives_encode_the_same_features_and_pass_gradient_through_liv
     assert any(not torch.allclose(everything[n], want[n], atol=1e-5) for n in want if "vision" in n)
 
 
+def _cut_below(blocks, n):
+    """Hooks that detach what enters the last n blocks (n = 0: what leaves the last): the same features, gradient
+    through the top of the tower only. Independent of distill's grad-mode switch; handles to remove."""
+    def first(value):
+        return value[0] if isinstance(value, tuple) else value
+
+    def pre(module, args, kwargs):
+        if args:
+            return (args[0].detach(), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
+
+    def post(module, args, output):
+        return (output[0].detach(), *output[1:]) if isinstance(output, tuple) else first(output).detach()
+
+    n = min(n, len(blocks))
+    return [blocks[-n].register_forward_pre_hook(pre, with_kwargs=True) if n else blocks[-1].register_forward_hook(post)]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5])
+def test_outside_grad_layers_move_the_top_blocks_alone_through_the_other_rows(tiny_clip, n):
+    towers, pixels, ids, mask = _towers_and_inputs(tiny_clip)
+    enc = towers._encoder[0]
+    blocks = enc.tower_layers()
+    assert [len(b) for b in blocks] == [2, 2]   # n = 5 is then every block
+    live_img = torch.tensor([True, False, True, False, False, True, False])
+    live_txt = torch.tensor([False, True, True, False, True, False])
+    w_img, w_txt = torch.randn(7, 1), torch.randn(6, 1)
+
+    def grads(img, txt, scale):
+        towers.zero_grad()
+        ((img * w_img).sum() + (txt * w_txt).sum() + scale).backward()
+        return {name: p.grad.clone() for name, p in towers.named_parameters() if p.grad is not None}
+
+    # reference: every row with its whole graph, and every row again through hooks that detach below the cut
+    img, txt, scale, _ = towers(pixels, ids, mask)
+    handles = [h for b in blocks for h in _cut_below(b, n)]
+    cut_img, cut_txt, _, _ = towers(pixels, ids, mask)
+    for h in handles:
+        h.remove()
+    want = grads(torch.where(live_img[:, None], img, cut_img), torch.where(live_txt[:, None], txt, cut_txt), scale)
+    got_img, got_txt, got_scale, _ = towers(pixels, ids, mask, live_images=live_img, live_texts=live_txt,
+                                            others=True, others_grad_layers=n)
+    assert torch.is_grad_enabled()   # the switch inside the tower is undone
+    torch.testing.assert_close(got_img, img.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_txt, txt.detach(), atol=1e-5, rtol=1e-5)
+    got = grads(got_img, got_txt, got_scale)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+    # and the cut is where it is said to be: the top differs from frozen rows, the bottom from whole rows
+    frozen = grads(*towers(pixels, ids, mask, live_images=live_img, live_texts=live_txt, others=True)[:3])
+    everything = grads(*towers(pixels, ids, mask)[:3])
+    differs = lambda a, key: not torch.allclose(a[key], got[key], atol=1e-6)
+    assert differs(frozen, "model.visual_projection.weight")
+    assert differs(frozen, "model.vision_model.encoder.layers.1.mlp.fc1.weight") == (n >= 1)
+    assert differs(everything, "model.vision_model.encoder.layers.0.mlp.fc1.weight") == (n < 2)
+    assert differs(everything, "model.vision_model.embeddings.patch_embedding.weight")
+
+
+def test_outside_grad_layers_train_on_the_same_loss_with_another_gradient(run, tmp_path):
+    distill(run, "--loss", "cprd", "--num-valid", "3", "--max-steps", "2", "--shuffle-buffer", "0")
+    top = tmp_path / "top"
+    shutil.copytree(run, top)
+    distill(top, "--loss", "cprd", "--num-valid", "3", "--max-steps", "2", "--shuffle-buffer", "0",
+            "--outside-grad-layers", "1", "--force")
+    a, b = metrics(run), metrics(top)
+    assert b[0]["distill"] == pytest.approx(a[0]["distill"], rel=1e-5)   # the same features at the first step
+    assert b[0]["images_encoded"] == a[0]["images_encoded"]
+    wa, wb = final_weights(run), final_weights(top)
+    assert any(not torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa if "vision" in k)
+    identity = lambda r: json.loads((r / "distill" / "manifest.json").read_text())["identity"]["config"]
+    assert identity(top)["outside_grad_layers"] == 1
+    assert "outside_grad_layers" not in identity(run)   # outputs made before the option stay up to date
+
+
+def test_a_student_without_blocks_to_cut_is_refused_before_training(run, monkeypatch):
+    from pipeline.errors import PipelineError
+    from pipeline.models import DualEncoder
+
+    def no_blocks(self):
+        raise PipelineError(f"{self.name}: CLIPModel has no vision_model.encoder.layers")
+
+    monkeypatch.setattr(DualEncoder, "tower_layers", no_blocks)
+    result = distill(run, "--loss", "kl", "--outside-grad-layers", "1", "--max-steps", "1", expect=None)
+    assert "has no vision_model.encoder.layers" in _error(result)
+    assert not (run / "distill" / "metrics.jsonl").exists()
+
+
 def test_frozen_negatives_train_on_the_same_loss_with_another_gradient(run, tmp_path):
     distill(run, "--loss", "cprd", "--num-valid", "3", "--max-steps", "2", "--out-of-batch", "encode",
             "--shuffle-buffer", "0")
@@ -663,8 +756,8 @@ def test_a_loss_that_reads_no_negatives_skips_them_and_trains_as_if_they_were_en
     distill(every_row, "--loss", "none", "--max-steps", "2", "--out-of-batch", "encode", "--shuffle-buffer", "0")
     monkeypatch.setattr(stage.Training, "live", live)
     calls = []   # (rows in the table, rows encoded with gradient, others encoded at all)
-    monkeypatch.setattr(stage, "_encode", lambda f, select, n, rows, others: calls.append(
-        (n, int(rows.sum()), others)) or encode(f, select, n, rows, others))
+    monkeypatch.setattr(stage, "_encode", lambda f, select, n, rows, others, cut=None: calls.append(
+        (n, int(rows.sum()), others)) or encode(f, select, n, rows, others, cut))
     distill(run, "--loss", "none", "--max-steps", "2", "--out-of-batch", "encode", "--shuffle-buffer", "0")
     assert calls and not any(others for _, _, others in calls)
     assert any(n_live < n for n, n_live, _ in calls)   # the batches hold negatives that were skipped
