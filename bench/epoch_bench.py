@@ -33,6 +33,7 @@ LOSSES = {"kl": {"loss": "kl", "teacher_temperature": 30},
           "cprd": {"loss": "cprd", "num_valid": 32},
           "cprd-kl": {"loss": "cprd-kl", "num_valid": 32, "teacher_temperature": 30, "kl_weight": 2.0,
                       "distill_weight": 0.5}}
+DEFAULT = {"out_of_batch": "budget", "out_of_batch_budget": 768, "out_of_batch_priority": "teacher-rank"}
 LISTS = {"whole lists": {"out_of_batch": "encode"}, "in-batch lists": {"out_of_batch": "drop"},
          **{f"budget {n}": {"out_of_batch": "budget", "out_of_batch_budget": n, "out_of_batch_priority": "listed"}
             for n in (256, 512, 768, 1024)},
@@ -40,8 +41,7 @@ LISTS = {"whole lists": {"out_of_batch": "encode"}, "in-batch lists": {"out_of_b
             {"out_of_batch": "budget", "out_of_batch_budget": n, "out_of_batch_priority": "teacher-rank"}
             for n in (512, 768)},
          **{f"budget 768 by teacher rank, gradient through the last {n} block(s)":
-            {"out_of_batch": "budget", "out_of_batch_budget": 768, "out_of_batch_priority": "teacher-rank",
-             "outside_grad_layers": n} for n in (1, 2)}}
+            {**DEFAULT, "outside_grad_layers": n} for n in (1, 2)}}
 
 
 def _data() -> tuple[Path, Path]:

@@ -20,15 +20,15 @@ import time
 from pathlib import Path
 
 # per step (images, captions, of which the batch's pairs' images, captions): the demo's epoch counts per batch
+PAIRS_256 = dict(pair_images=241, pair_texts=228, steps=47)   # a batch of 256 query rows
+DEFAULT = dict(images=900, texts=340, **PAIRS_256)
 ROWS = {
     "none (batch 64)": dict(images=63, texts=62, pair_images=63, pair_texts=62, steps=188),
-    "whole lists (--out-of-batch encode)": dict(images=1675, texts=332, pair_images=241, pair_texts=228, steps=47),
-    "default (768 outside items by teacher rank)": dict(images=900, texts=340, pair_images=241, pair_texts=228,
-                                                         steps=47),
-    "default, --frozen-negatives": dict(images=900, texts=340, pair_images=241, pair_texts=228, steps=47,
-                                        frozen=True),
-    "default, --outside-grad-layers 1": dict(images=900, texts=340, pair_images=241, pair_texts=228, steps=47, cut=1),
-    "default, --outside-grad-layers 3": dict(images=900, texts=340, pair_images=241, pair_texts=228, steps=47, cut=3),
+    "whole lists (--out-of-batch encode)": dict(images=1675, texts=332, **PAIRS_256),
+    "default (768 outside items by teacher rank)": DEFAULT,
+    "default, --frozen-negatives": dict(DEFAULT, frozen=True),
+    "default, --outside-grad-layers 1": dict(DEFAULT, cut=1),
+    "default, --outside-grad-layers 3": dict(DEFAULT, cut=3),
 }
 CLIP_B16 = dict(vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                             image_size=224, patch_size=16),

@@ -16,7 +16,8 @@ def test_each_row_encodes_its_share_of_the_demos_counts_for_an_epoch_of_steps(ti
     assert list(rows) == list(ROWS)
     for name, row in ROWS.items():
         got = rows[name]
-        assert got["images_per_step"] == round(row["images"] * 0.1) and got["texts_per_step"] == round(row["texts"] * 0.1)
+        assert got["images_per_step"] == round(row["images"] * 0.1)
+        assert got["texts_per_step"] == round(row["texts"] * 0.1)
         assert got["epoch_s"] == pytest.approx(got["step_s"] * row["steps"]) and got["step_s"] > 0
     assert rows["none (batch 64)"]["epoch_time_vs_none"] == pytest.approx(1.0)
     assert tiny["geometry"] == "tiny"

@@ -643,19 +643,17 @@ def test_frozen_negatives_encode_the_same_features_and_pass_gradient_through_liv
 def _cut_below(blocks, n):
     """Hooks that detach what enters the last n blocks (n = 0: what leaves the last): the same features, gradient
     through the top of the tower only. Independent of distill's grad-mode switch; handles to remove."""
-    def first(value):
-        return value[0] if isinstance(value, tuple) else value
-
     def pre(module, args, kwargs):
         if args:
             return (args[0].detach(), *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
 
     def post(module, args, output):
-        return (output[0].detach(), *output[1:]) if isinstance(output, tuple) else first(output).detach()
+        return (output[0].detach(), *output[1:]) if isinstance(output, tuple) else output.detach()
 
     n = min(n, len(blocks))
-    return [blocks[-n].register_forward_pre_hook(pre, with_kwargs=True) if n else blocks[-1].register_forward_hook(post)]
+    return [blocks[-n].register_forward_pre_hook(pre, with_kwargs=True) if n else
+            blocks[-1].register_forward_hook(post)]
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 5])
