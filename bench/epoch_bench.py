@@ -15,9 +15,9 @@ Rows: `none` as the demo trains it (batch 64); each teacher loss on batches of 2
 entry encoded with gradient, `--out-of-batch encode`), with the lists cut to the batch's own pairs (`--out-of-batch
 drop`), with a budget of 256, 512, 768 or 1,024 encoded images and captions outside the pairs, those listed most
 often (`--out-of-batch budget --out-of-batch-budget N --out-of-batch-priority listed`), and with 512 or 768 (the
-default: 3 per query) by teacher rank, the default's with the outside items' gradient through the last 1 or 2 of
-the 4 blocks of each tower (`--outside-grad-layers`) and with 50% or 75% of the outside images' patches dropped
-(`--outside-patch-dropout`); and KL with in-batch lists on batches packed in clusters of 64 rows.
+default: 3 per query) by teacher rank, and the default's with the outside items' gradient through the last 1 or
+2 of the 4 blocks of each tower (`--outside-grad-layers`); and KL with in-batch lists on batches packed in clusters
+of 64 rows.
 
 `python -m bench.epoch_bench [TEXT ...]` runs `none` and the rows whose name holds one of the TEXTs, writing
 bench/results/epoch-some.json (without TEXTs: every row, into epoch.json).
@@ -41,9 +41,7 @@ LISTS = {"whole lists": {"out_of_batch": "encode"}, "in-batch lists": {"out_of_b
             {"out_of_batch": "budget", "out_of_batch_budget": n, "out_of_batch_priority": "teacher-rank"}
             for n in (512, 768)},
          **{f"budget 768 by teacher rank, gradient through the last {n} block(s)":
-            {**DEFAULT, "outside_grad_layers": n} for n in (1, 2)},
-         **{f"budget 768 by teacher rank, {round(100 * p)}% of the outside images' patches dropped":
-            {**DEFAULT, "outside_patch_dropout": p} for p in (0.5, 0.75)}}
+            {**DEFAULT, "outside_grad_layers": n} for n in (1, 2)}}
 
 
 def _data() -> tuple[Path, Path]:

@@ -1,12 +1,11 @@
 """A distill epoch's encoder work at a CLIP ViT-B/16 geometry on a GPU (random weights, bf16): time and peak memory
-for `none`, the whole lists, the default lists and the default with the outside items cut (--outside-grad-layers)
-or thinned (--outside-patch-dropout).
+for `none`, the whole lists, the default lists and the default with the outside items cut (--outside-grad-layers).
 
 Each step encodes what a step encodes on the transfer demo's data (`bench/epoch_bench.py`, per batch of its epoch:
 images, captions, and which of them are the batch's pairs), so the rows differ as the demo's do, at the model size
 the pipeline is for: `none` on batches of 64 (188 steps an epoch), every other row on batches of 256 (47 steps).
 A step is the student's forward, a loss reading every feature, the backward and AdamW's step, with the towers of
-`stages.distill.StudentTowers` (so the cut and the patch dropout are distill's own); the data path, the list loss's few microseconds and
+`stages.distill.StudentTowers` (so the cut is distill's own); the data path, the list loss's few microseconds and
 the stage's setup are the demo benchmark's business. Every step of a row encodes the same counts, so a few are
 timed after a warm-up and multiplied by the epoch's steps. A row that does not fit the GPU is reported as such.
 
@@ -30,8 +29,6 @@ ROWS = {
     "default, --frozen-negatives": dict(DEFAULT, frozen=True),
     "default, --outside-grad-layers 1": dict(DEFAULT, cut=1),
     "default, --outside-grad-layers 3": dict(DEFAULT, cut=3),
-    "default, --outside-patch-dropout 0.5": dict(DEFAULT, patches=0.5),
-    "default, --outside-patch-dropout 0.75": dict(DEFAULT, patches=0.75),
 }
 CLIP_B16 = dict(vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                             image_size=224, patch_size=16),
@@ -75,11 +72,10 @@ def step_inputs(row: dict, geometry: dict, device: str, scale: float) -> dict:
          "attention_mask": torch.ones(n("texts"), length, dtype=torch.long)}
     x["input_ids"][:, -1] = 102                                  # CLIP pools at the eos token
     live = {}
-    if row.get("frozen") or row.get("cut") is not None or row.get("patches") is not None:
+    if row.get("frozen") or row.get("cut") is not None:
         live = {"live_images": torch.arange(n("images")) < n("pair_images"),
                 "live_texts": torch.arange(n("texts")) < n("pair_texts"), "others": True,
-                "others_grad_layers": row.get("cut"),
-                "others_patch_dropout": None if row.get("patches") is None else (row["patches"], 0)}
+                "others_grad_layers": row.get("cut")}
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in {**x, **live}.items()}
 
 

@@ -23,7 +23,6 @@ A batch encodes each unique image (by file) and caption (by text) once. For B qu
 | dropped_by_margin     | []             | candidates dropped because the teacher scores them above the positive by more than `max_teacher_margin` |
 | negatives             | []             | list entries left after those two drops                    |
 | negatives_in_batch    | []             | of these, entries whose image or caption is a query or positive of the batch |
-| noise_seed            | []             | the batch's own seed (of the spec's seed, the epoch and its rows): what a step draws at random, the same after a resume |
 
 A list entry outside the batch's pairs costs one more image or caption to encode; with `outside="drop"` it is
 left out of the list instead (the lists then hold only in-batch entries, and the batch encodes its pairs alone);
@@ -100,13 +99,6 @@ def list_rows(files: Sequence[Path], matches: "Matches", num_negatives: int):
 def pick(seed: int, epoch: int, query_id: str, n: int) -> int:
     """Which positive a row uses this epoch: a hash, so the choice survives a resume exactly."""
     return zlib.crc32(f"{seed}:{epoch}:{query_id}".encode()) % n
-
-
-def batch_seed(seed: int, epoch: int, rows: dict[str, list]) -> int:
-    """A batch's seed for what its step draws (--outside-patch-dropout's patches): a hash of its rows, so the draw
-    is the same after a resume and on whichever process deals the batch."""
-    keys = "\n".join(f"{d}:{q}" for d, q in zip(rows["direction"], rows["query_id"]))
-    return zlib.crc32(f"{seed}:{epoch}:{keys}".encode())
 
 
 @dataclass(frozen=True)
@@ -364,7 +356,6 @@ class DistillBatches(torch.utils.data.IterableDataset):
             "teacher_positive": torch.tensor(t_pos, dtype=torch.float32),
             "false_negatives": torch.tensor(false_negatives), "dropped_by_margin": torch.tensor(dropped),
             "negatives": torch.tensor(listed), "negatives_in_batch": torch.tensor(inside),
-            "noise_seed": torch.tensor(batch_seed(self.spec.seed, self.epoch, rows)),
         }
 
     def _lists(self, rows: dict[str, list], choice: list[int], pair_paths: set[str],

@@ -316,21 +316,6 @@ class DualEncoder:
             found.append(module)
         return found[0], found[1]
 
-    def patch_tokens(self) -> tuple[torch.nn.Module, int]:
-        """(the image tower's module whose output is its token sequence [B, prefix + patches, D], position
-        embeddings added, before any block; prefix: the tokens ahead of the patches, 1 for a class token, 0
-        without one, as SigLIP's): where patches can be dropped (distill's --outside-patch-dropout)."""
-        visual = getattr(self.model, "vision_model", None) if self.kind == "transformers" else \
-            getattr(self.model.clip, "visual", None)
-        name = "embeddings" if self.kind == "transformers" else "patch_dropout"
-        module = getattr(visual, name, None)
-        if not isinstance(module, torch.nn.Module):
-            where = "vision_model.embeddings" if self.kind == "transformers" else "clip.visual.patch_dropout"
-            raise PipelineError(f"{self.name}: {type(self.model).__name__} has no {where} (the patch tokens a ViT "
-                                "image tower embeds); --outside-patch-dropout needs a ViT image tower")
-        holder = module if self.kind == "transformers" else visual
-        return module, int(getattr(holder, "class_embedding", None) is not None)
-
     @torch.inference_mode()
     def encode_images(self, paths: Sequence[str], batch_size: int = 64, num_workers: int = 0,
                       progress: bool = True) -> np.ndarray:

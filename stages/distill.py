@@ -106,12 +106,6 @@ class DistillOptions:
               "leaves the norm and projection alone (default: every block, the whole tower; on the demo a cut loses "
               "most of the teacher's gain)",
         added=True, at_least=0)
-    outside_patch_dropout: Optional[float] = option(
-        None, "encode the images outside the batch's pairs (the budget's, or every one with --out-of-batch encode) "
-              "from a random share P of their patch tokens dropped, the rest still with gradient through every "
-              "block (FLIP's masking, for the hard negatives only): their forward and backward cost about 1 - P of "
-              "a whole image's; the batch's own images stay whole. A ViT image tower's (default: no patch dropped)",
-        added=True, at_least=0)
     batching: str = option("shuffle", "how an epoch's rows form batches: shuffle (rows through the streaming shuffle "
                                       "buffer) or packed (clusters of --cluster-size rows whose mined negatives are "
                                       "each other's queries, dealt in random order; pipeline/packing.py: on the demo "
@@ -193,29 +187,24 @@ class StudentTowers(torch.nn.Module):
             self.model.logit_bias.requires_grad_(train_bias)
 
     def forward(self, pixel_values, input_ids, attention_mask, live_images=None, live_texts=None, others=True,
-                others_grad_layers=None, others_patch_dropout=None):
+                others_grad_layers=None):
         """[Ui, D] and [Ut, D] unit-norm features, the logit scale and the logit bias (a scalar; zero unless
         `train_bias`: only the sigmoid loss reads it).
 
         live_images / live_texts ([Ui] / [Ut] bool, optional): the rows encoded with gradient; the others are
-        encoded without it (others=True) or not at all, left zero (others=False: no loss reads them). With
-        others=True, `others_grad_layers` (an int) gives them gradient through their tower's last N blocks only,
-        and `others_patch_dropout` ((P, seed)) gives them gradient through every block (or those N) from images
-        with a share P of their patch tokens dropped (`patch_dropout`; captions whole).
+        encoded without it (others=True) or not at all, left zero (others=False: no loss reads them), or with
+        gradient through their tower's last `others_grad_layers` blocks only (an int; with others=True).
         """
         enc = self._encoder[0]  # shares self.model; only its tokenizer-free feature helpers are used
-        grad = others_patch_dropout is not None
-        cut_img = cut_txt = thin = None
+        cut_img = cut_txt = None
         if others_grad_layers is not None:
             layers_img, layers_txt = enc.tower_layers()
             cut_img, cut_txt = (layers_img, others_grad_layers), (layers_txt, others_grad_layers)
-        if others_patch_dropout is not None:
-            thin = (enc.patch_tokens(), *others_patch_dropout)
         img = _encode(enc.image_features, lambda rows: pixel_values[rows], len(pixel_values), live_images, others,
-                      cut_img, grad, thin)
+                      cut_img)
         txt = _encode(enc.text_features, lambda rows: {"input_ids": input_ids[rows],
                                                        "attention_mask": attention_mask[rows]},
-                      len(input_ids), live_texts, others, cut_txt, grad)
+                      len(input_ids), live_texts, others, cut_txt)
         scale = self.model.logit_scale.exp().clamp(max=100.0) if hasattr(self.model, "logit_scale") else \
             torch.tensor(1.0, device=img.device)
         bias = self.model.logit_bias.reshape(()) if self.train_bias else torch.zeros((), device=img.device)
@@ -223,22 +212,16 @@ class StudentTowers(torch.nn.Module):
 
 
 def _encode(features, select, n: int, live: Optional[torch.Tensor], others: bool,
-            cut: Optional[tuple[torch.nn.ModuleList, int]] = None, grad: bool = False,
-            thin: Optional[tuple[tuple[torch.nn.Module, int], float, int]] = None) -> torch.Tensor:
-    """features(select(rows)) for all n rows, those outside `live` in a forward of their own: without gradient
-    (or left zero), with it through the last N blocks only (`cut` = (the tower's blocks, N)) or through every
-    block (`grad`), and with `thin` = ((patch-token module, prefix), P, seed) from a share P of their patches."""
+            cut: Optional[tuple[torch.nn.ModuleList, int]] = None) -> torch.Tensor:
+    """features(select(rows)) for all n rows, those outside `live` without gradient (or left zero), or with
+    `cut` = (the tower's blocks, N) with gradient through the last N blocks only."""
     if live is None:
         return features(select(slice(None)))
     on, off = live.nonzero().squeeze(1), (~live).nonzero().squeeze(1)
-    grad_rows = features(select(on))                                       # [n_live, D]
-    out = grad_rows.new_zeros(n, grad_rows.shape[1]).index_copy(0, on, grad_rows)
+    grad = features(select(on))                                            # [n_live, D]
+    out = grad.new_zeros(n, grad.shape[1]).index_copy(0, on, grad)
     if others and len(off):
-        with contextlib.ExitStack() as within:
-            within.enter_context(gradient_from(*cut) if cut is not None else
-                                 contextlib.nullcontext() if grad else torch.no_grad())
-            if thin is not None:
-                within.enter_context(patch_dropout(*thin))
+        with torch.no_grad() if cut is None else gradient_from(*cut):
             other = features(select(off))                                  # [n - n_live, D]
         out = out.index_copy(0, off, other)    # outside no_grad: the copy keeps the live rows' graph
     return out
@@ -257,36 +240,6 @@ def gradient_from(blocks: torch.nn.ModuleList, n: int):
     try:
         with torch.no_grad():
             yield   # no_grad's exit restores the grad mode it found, whatever the hook set
-    finally:
-        handle.remove()
-
-
-def kept_patches(rows: int, patches: int, p: float, seed: int) -> torch.Tensor:
-    """[rows, K] the patch positions each row keeps, ascending, K = max(1, round((1 - p) x patches)): a uniform
-    draw without replacement per row, from a generator seeded with `seed` (on the CPU: the same on any device)."""
-    keep = max(1, round((1 - p) * patches))
-    noise = torch.rand(rows, patches, generator=torch.Generator().manual_seed(seed))
-    return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
-
-
-@contextlib.contextmanager
-def patch_dropout(tokens: tuple[torch.nn.Module, int], p: float, seed: int):
-    """Within: the image tower's token sequence ([B, prefix + patches, D] out of `tokens`' module, position
-    embeddings added) keeps its prefix (a class token) and `kept_patches` of its patches, so every block after
-    runs on (1 - p) of them, as FLIP trains; each forward within draws from its own seed (`seed`, then + 1 ...)."""
-    module, prefix = tokens
-    calls = []
-
-    def thin(_module: Any, _inputs: Any, seq: torch.Tensor) -> torch.Tensor:
-        B, T, D = seq.shape
-        keep = kept_patches(B, T - prefix, p, seed + len(calls)).to(seq.device) + prefix      # [B, K]
-        calls.append(1)
-        index = torch.cat([torch.arange(prefix, device=seq.device).expand(B, prefix), keep], dim=1)
-        return seq.gather(1, index.unsqueeze(-1).expand(-1, -1, D))                        # [B, prefix + K, D]
-
-    handle = module.register_forward_hook(thin)
-    try:
-        yield
     finally:
         handle.remove()
 
@@ -445,15 +398,6 @@ def check(cfg: DistillConfig) -> None:
             "--out-of-batch drop (no such entries)"
         raise PipelineError(f"--outside-grad-layers sets the blocks the entries outside the batch's pairs train "
                             f"through; it cannot go with {other}")
-    if cfg.outside_patch_dropout is not None:
-        if not cfg.outside_patch_dropout < 1:
-            raise PipelineError(f"--outside-patch-dropout is the share of an image's patches dropped: must be < 1, "
-                                f"got {cfg.outside_patch_dropout}")
-        if cfg.frozen_negatives or cfg.out_of_batch == "drop":
-            other = "--frozen-negatives (no gradient to save)" if cfg.frozen_negatives else \
-                "--out-of-batch drop (no such images)"
-            raise PipelineError(f"--outside-patch-dropout thins the images outside the batch's pairs; it cannot go "
-                                f"with {other}")
     if cfg.frozen_negatives and cfg.out_of_batch == "drop":
         raise PipelineError("--frozen-negatives encodes the list entries outside the batch without gradient; with "
                             "--out-of-batch drop there are none (add --out-of-batch encode)")
@@ -540,8 +484,6 @@ class Training:
         self.logit_bias: Optional[float] = None   # and its bias, when the sigmoid loss trains it
         if cfg.outside_grad_layers is not None and self.loss.fn is not None:
             encoder.tower_layers()   # a student without the blocks to cut is refused before training
-        if cfg.outside_patch_dropout is not None and self.loss.fn is not None:
-            encoder.patch_tokens()   # and one without patch tokens to drop
         towers = StudentTowers(encoder, train_bias=cfg.contrastive == "sigmoid").train()
         self.trainer = Trainer(cfg, acc, out, length, name="distill", model=towers,
                                batches=self.batches, step=self.step, logged=Logged(self.COUNTS, self.more, self.SHOWN),
@@ -602,17 +544,13 @@ class Training:
 
     def live(self, batch: dict) -> dict[str, Any]:
         """The rows to encode with gradient: all ({}), or the batch's pairs only, the hard negatives encoded without
-        gradient (--frozen-negatives), with it through the top of their towers (--outside-grad-layers) or from a
-        share of their patches (--outside-patch-dropout: every batch draws its own, from its `noise_seed`), or not
-        at all when the loss reads none (none: they would cost most of the step for nothing)."""
+        gradient (--frozen-negatives), with it through the top of their towers (--outside-grad-layers) or not at
+        all when the loss reads none (none: they would cost most of the step for nothing)."""
         if self.loss.fn is None:
             return pairs_only(batch, others=False)
-        cfg, given = self.cfg, {}
-        if cfg.outside_grad_layers is not None:
-            given["others_grad_layers"] = cfg.outside_grad_layers
-        if cfg.outside_patch_dropout is not None:
-            given["others_patch_dropout"] = (cfg.outside_patch_dropout, int(batch["noise_seed"]))
-        return {**pairs_only(batch, others=True), **given} if given or cfg.frozen_negatives else {}
+        if self.cfg.outside_grad_layers is not None:
+            return {**pairs_only(batch, others=True), "others_grad_layers": self.cfg.outside_grad_layers}
+        return pairs_only(batch, others=True) if self.cfg.frozen_negatives else {}
 
     def more(self, row: dict) -> dict[str, float]:
         """Logged per step beside the summed values: the logit scale (and bias, when trained) and the share of

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.corpus import load_tables
-from pipeline.data import BatchSpec, DistillBatches, Processors, batch_seed, pick
+from pipeline.data import BatchSpec, DistillBatches, Processors, pick
 from pipeline.models import load_image, load_processors
 
 
@@ -60,15 +60,6 @@ def test_positive_choice_is_a_pure_function():
     assert len({pick(0, e, "q", 5) for e in range(20)}) > 1
 
 
-def test_a_batchs_seed_is_a_function_of_the_seed_the_epoch_and_its_rows():
-    rows = {"direction": ["i2t", "t2i"], "query_id": ["a.jpg", "a red circle"]}
-    assert batch_seed(0, 0, rows) == batch_seed(0, 0, dict(rows))
-    others = [batch_seed(1, 0, rows), batch_seed(0, 1, rows),
-              batch_seed(0, 0, {"direction": ["t2i", "t2i"], "query_id": rows["query_id"]}),
-              batch_seed(0, 0, {"direction": rows["direction"], "query_id": ["b.jpg", "a red circle"]})]
-    assert batch_seed(0, 0, rows) not in others and len(set(others)) == 4
-
-
 def test_image_cache_is_bounded_and_transparent(scored_run):
     small, _, _ = _dataset(scored_run, image_cache_mb=0.03)  # room for two or three 32x32 images
     none, _, _ = _dataset(scored_run, image_cache_mb=0)
@@ -87,7 +78,7 @@ def test_rank_and_worker_dealing_covers_every_batch_once(scored_run, budget):
     ranks = [_dataset(scored_run, batches=3, rank=r, world_size=2, **lists)[0] for r in range(2)]
     ids = lambda ds: [tuple(b["query"].tolist()) + tuple(b["positive"].tolist()) +
                       tuple(map(tuple, b["candidates"].tolist())) + tuple(map(tuple, b["candidate_mask"].tolist())) +
-                      (len(b["pixel_values"]), len(b["input_ids"]), int(b["noise_seed"]))
+                      (len(b["pixel_values"]), len(b["input_ids"]))
                       for b in ds]
     a, b = ids(ranks[0]), ids(ranks[1])
     assert len(a) == len(b) == 3

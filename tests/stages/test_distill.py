@@ -326,9 +326,8 @@ def test_loss_decreases(run):
     assert sum(x["distill"] for x in m[-5:]) < sum(x["distill"] for x in m[:5])
 
 
-@pytest.mark.parametrize("lists", [("--out-of-batch-budget", "6"), ("--out-of-batch", "encode"),
-                                   ("--out-of-batch-budget", "6", "--outside-patch-dropout", "0.5")],
-                         ids=["budget", "whole-lists", "patch-dropout"])
+@pytest.mark.parametrize("lists", [("--out-of-batch-budget", "6"), ("--out-of-batch", "encode")],
+                         ids=["budget", "whole-lists"])
 def test_killed_run_resumes_to_the_same_weights(run, tmp_path, lists):
     ref = tmp_path / "ref"
     shutil.copytree(run, ref)
@@ -406,14 +405,7 @@ def test_unknown_loss(run):
                                            (("--outside-grad-layers", "1", "--frozen-negatives"),
                                             "it cannot go with --frozen-negatives"),
                                            (("--outside-grad-layers", "1", "--out-of-batch", "drop"),
-                                            "it cannot go with --out-of-batch drop"),
-                                           (("--outside-patch-dropout", "-0.1"),
-                                            "--outside-patch-dropout: must be >= 0, got -0.1"),
-                                           (("--outside-patch-dropout", "1"), "must be < 1, got 1.0"),
-                                           (("--outside-patch-dropout", "0.5", "--frozen-negatives"),
-                                            "it cannot go with --frozen-negatives (no gradient to save)"),
-                                           (("--outside-patch-dropout", "0.5", "--out-of-batch", "drop"),
-                                            "it cannot go with --out-of-batch drop (no such images)")])
+                                            "it cannot go with --out-of-batch drop")])
 def test_out_of_range_values_are_refused_before_anything_is_written(run, flags, message):
     assert message in _error(distill(run, *flags, expect=None))
     assert not (run / "distill").exists()
@@ -734,108 +726,6 @@ def test_a_student_without_blocks_to_cut_is_refused_before_training(run, monkeyp
     assert not (run / "distill" / "metrics.jsonl").exists()
 
 
-def test_kept_patches_are_a_uniform_draw_of_distinct_positions_that_follows_its_seed():
-    from stages.distill import kept_patches
-
-    keep = kept_patches(2000, 16, 0.75, seed=3)
-    assert keep.shape == (2000, 4)
-    assert (keep.diff(dim=1) > 0).all() and keep.min() >= 0 and keep.max() <= 15   # distinct, ascending, in range
-    counts = torch.bincount(keep.flatten(), minlength=16).float()
-    assert (counts / 2000 - 4 / 16).abs().max() < 0.04          # each position kept a quarter of the time (sd 0.01)
-    assert torch.equal(kept_patches(2000, 16, 0.75, seed=3), keep)
-    assert not torch.equal(kept_patches(2000, 16, 0.75, seed=4), keep)
-    assert torch.equal(kept_patches(3, 16, 0.0, seed=0), torch.arange(16).expand(3, 16))
-    assert kept_patches(3, 16, 0.99, seed=0).shape == (3, 1)    # never no patch at all
-    assert kept_patches(3, 9, 0.5, seed=0).shape == (3, 4)       # round((1 - p) x patches), half to even
-
-
-def _masked_image_features(model, pixels, keep):
-    """Reference for a CLIP image tower run on the class token and the patches `keep` ([B, K], 0-based) only: the
-    whole sequence, with the other patches masked out of every block's attention (they then cannot reach the class
-    token that is pooled). Another computation than dropping the tokens."""
-    vision = model.vision_model
-    seq = vision.pre_layrnorm(vision.embeddings(pixels))                            # [B, 1 + P, D]
-    B, T, _ = seq.shape
-    mask = torch.full((B, 1, T, T), torch.finfo(seq.dtype).min)
-    for b in range(B):
-        for t in [0] + [int(k) + 1 for k in keep[b]]:
-            mask[b, :, :, t] = 0.0
-    hidden = vision.encoder(inputs_embeds=seq, attention_mask=mask).last_hidden_state
-    pooled = vision.post_layernorm(hidden[:, 0])
-    return torch.nn.functional.normalize(model.visual_projection(pooled), dim=-1)
-
-
-def test_outside_patch_dropout_encodes_the_other_images_from_their_kept_patches_with_gradient(tiny_clip):
-    from stages.distill import kept_patches
-
-    towers, pixels, ids, mask = _towers_and_inputs(tiny_clip)
-    enc = towers._encoder[0]
-    assert enc.patch_tokens() == (towers.model.vision_model.embeddings, 1)   # CLIP: a class token ahead
-    live_img = torch.tensor([True, False, True, False, False, True, False])
-    live_txt = torch.tensor([False, True, True, False, True, False])
-    w_img, w_txt = torch.randn(7, 1), torch.randn(6, 1)
-    p, seed = 0.5, 11
-
-    def grads(img, txt, scale):
-        towers.zero_grad()
-        ((img * w_img).sum() + (txt * w_txt).sum() + scale).backward()
-        return {name: q.grad.clone() for name, q in towers.named_parameters() if q.grad is not None}
-
-    # reference: live rows whole; the others through attention masks on the patches kept_patches names
-    img, txt, scale, _ = towers(pixels, ids, mask)
-    off = (~live_img).nonzero().squeeze(1)
-    thin = _masked_image_features(towers.model, pixels[off], kept_patches(len(off), 16, p, seed))
-    ref_img = img.index_copy(0, off, thin)
-    want = grads(ref_img, txt, scale)
-    got_img, got_txt, got_scale, _ = towers(pixels, ids, mask, live_images=live_img, live_texts=live_txt,
-                                            others=True, others_patch_dropout=(p, seed))
-    torch.testing.assert_close(got_img, ref_img.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_txt, txt.detach(), atol=1e-5, rtol=1e-5)      # captions whole
-    assert not torch.allclose(got_img[off], img[off].detach(), atol=1e-3)      # and the patches were dropped
-    got = grads(got_img, got_txt, got_scale)
-    assert set(got) == set(want)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
-    # the hook is gone afterwards: a plain forward encodes whole images again
-    torch.testing.assert_close(towers(pixels, ids, mask)[0], img.detach(), atol=1e-6, rtol=0)
-
-
-def test_a_siglip_image_tower_drops_patches_with_no_class_token_ahead(tiny_siglip):
-    from pipeline.models import DualEncoder
-
-    enc = DualEncoder(str(tiny_siglip))
-    module, prefix = enc.patch_tokens()
-    assert module is enc.model.vision_model.embeddings and prefix == 0
-
-
-def test_outside_patch_dropout_trains_on_other_features_of_the_same_items(run, tmp_path):
-    distill(run, "--loss", "kl", "--max-steps", "2", "--out-of-batch-budget", "6")   # both directions per batch
-    thin = tmp_path / "thin"
-    shutil.copytree(run, thin)
-    distill(thin, "--loss", "kl", "--max-steps", "2", "--out-of-batch-budget", "6",
-            "--outside-patch-dropout", "0.5", "--force")
-    a, b = metrics(run), metrics(thin)
-    assert b[0]["images_encoded"] == a[0]["images_encoded"] and b[0]["texts_encoded"] == a[0]["texts_encoded"]
-    assert b[0]["itc"] == pytest.approx(a[0]["itc"], rel=1e-5)          # the batch's own pairs stay whole
-    assert b[0]["distill"] != pytest.approx(a[0]["distill"], rel=1e-4)  # the outside images do not
-    identity = lambda r: json.loads((r / "distill" / "manifest.json").read_text())["identity"]["config"]
-    assert identity(thin)["outside_patch_dropout"] == 0.5
-    assert "outside_patch_dropout" not in identity(run)   # outputs made before the option stay up to date
-
-
-def test_a_student_without_patch_tokens_is_refused_before_training(run, monkeypatch):
-    from pipeline.errors import PipelineError
-    from pipeline.models import DualEncoder
-
-    def no_patches(self):
-        raise PipelineError(f"{self.name}: CLIPModel has no vision_model.embeddings")
-
-    monkeypatch.setattr(DualEncoder, "patch_tokens", no_patches)
-    result = distill(run, "--loss", "kl", "--outside-patch-dropout", "0.5", "--max-steps", "1", expect=None)
-    assert "has no vision_model.embeddings" in _error(result)
-    assert not (run / "distill" / "metrics.jsonl").exists()
-
-
 def test_frozen_negatives_train_on_the_same_loss_with_another_gradient(run, tmp_path):
     distill(run, "--loss", "cprd", "--num-valid", "3", "--max-steps", "2", "--out-of-batch", "encode",
             "--shuffle-buffer", "0")
@@ -864,8 +754,8 @@ def test_a_loss_that_reads_no_negatives_skips_them_and_trains_as_if_they_were_en
     distill(every_row, "--loss", "none", "--max-steps", "2", "--out-of-batch", "encode", "--shuffle-buffer", "0")
     monkeypatch.setattr(stage.Training, "live", live)
     calls = []   # (rows in the table, rows encoded with gradient, others encoded at all)
-    monkeypatch.setattr(stage, "_encode", lambda f, select, n, rows, others, *how: calls.append(
-        (n, int(rows.sum()), others)) or encode(f, select, n, rows, others, *how))
+    monkeypatch.setattr(stage, "_encode", lambda f, select, n, rows, others, cut=None: calls.append(
+        (n, int(rows.sum()), others)) or encode(f, select, n, rows, others, cut))
     distill(run, "--loss", "none", "--max-steps", "2", "--out-of-batch", "encode", "--shuffle-buffer", "0")
     assert calls and not any(others for _, _, others in calls)
     assert any(n_live < n for n, n_live, _ in calls)   # the batches hold negatives that were skipped
