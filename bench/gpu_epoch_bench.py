@@ -9,8 +9,10 @@ A step is the student's forward, a loss reading every feature, the backward and 
 the stage's setup are the demo benchmark's business. Every step of a row encodes the same counts, so a few are
 timed after a warm-up and multiplied by the epoch's steps. A row that does not fit the GPU is reported as such.
 
-`make bench` runs it where CUDA is (elsewhere it is recorded as skipped); `python -m bench.gpu_epoch_bench --tiny`
-runs the same rows at a tiny geometry, on the CPU if there is no GPU (what the tests check).
+Every run also counts each row's FLOPs per epoch on the CPU (`epoch_flops`): the time ratio where the encoders'
+arithmetic is the step, which is what a GPU at this size approaches. `make bench` times the rows where CUDA is
+(elsewhere they are recorded as skipped, beside the FLOPs); `python -m bench.gpu_epoch_bench --tiny` runs the same
+rows at a tiny geometry, on the CPU if there is no GPU (what the tests check).
 """
 from __future__ import annotations
 
@@ -109,12 +111,58 @@ def measure(model, optimizer, inputs: dict, device: str, bf16: bool, timed: int)
     return seconds, (torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
 
 
+def step_flops(model, row: dict, geometry: dict, scale: float = 1.0, **counts: int) -> int:
+    """The FLOPs of one step of `row` (its counts times `scale`, or the `counts` given in their place) through
+    `model`, forward and backward, as torch's FlopCounterMode counts them (matrix products and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = step_inputs(dict(row, **counts), geometry, "cpu", scale)
+    with FlopCounterMode(display=False) as counter:
+        img, txt, scale_, _ = model(**x)
+        (scale_ * (img.square().mean() + txt.square().mean())).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def epoch_flops(geometry: dict) -> dict[str, dict]:
+    """Each row's arithmetic per epoch: the forward and backward FLOPs of what its steps encode, and against
+    `none`'s. That is the time ratio where the encoders' arithmetic is the step, as on a GPU at this size, before
+    memory and overheads.
+
+    A ViT or a text transformer encodes each item on its own, so a step's FLOPs are linear in its items: counted on
+    the CPU for one pair, then for one more item of each kind (a pair's image or caption, with gradient; another,
+    as the row encodes those: with gradient, without, or through the last N blocks), and multiplied out by the
+    row's counts."""
+    model = towers(geometry, "cpu")
+    per_mode: dict[tuple, dict[str, int]] = {}
+    out = {}
+    for name, row in ROWS.items():
+        mode = (row.get("frozen"), row.get("cut"))
+        if mode not in per_mode:
+            count = lambda i, t, pi, pt: step_flops(model, row, geometry, images=i, texts=t, pair_images=pi,
+                                                    pair_texts=pt)
+            base = count(1, 1, 1, 1)
+            per_mode[mode] = {"pair": base, "pair_image": count(2, 1, 2, 1) - base,
+                              "pair_text": count(1, 2, 1, 2) - base, "other_image": count(2, 1, 1, 1) - base,
+                              "other_text": count(1, 2, 1, 1) - base}
+        per = per_mode[mode]
+        step = per["pair"] + per["pair_image"] * (row["pair_images"] - 1) + \
+            per["pair_text"] * (row["pair_texts"] - 1) + per["other_image"] * (row["images"] - row["pair_images"]) + \
+            per["other_text"] * (row["texts"] - row["pair_texts"])
+        out[name] = {"tflops_per_epoch": step * row["steps"] / 1e12,
+                     **{f"gflops_per_{k}": v / 1e9 for k, v in per.items()}}
+    for r in out.values():
+        r["flops_vs_none"] = r["tflops_per_epoch"] / out["none (batch 64)"]["tflops_per_epoch"]
+    return out
+
+
 def main(tiny: bool = False, timed: int = 3) -> dict:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not tiny and device == "cpu":
-        return {"skipped": "no CUDA device: this benchmark measures GPU time and memory at CLIP ViT-B/16's size"}
+        return {"skipped": "no CUDA device: this benchmark measures GPU time and memory at CLIP ViT-B/16's size",
+                "geometry": "CLIP ViT-B/16 (random weights)", "flops": epoch_flops(CLIP_B16)}
     geometry = TINY if tiny else CLIP_B16
     scale = 0.1 if tiny else 1.0            # the tiny run keeps the rows' proportions at a tenth of the counts
     model = towers(geometry, device)
@@ -137,7 +185,7 @@ def main(tiny: bool = False, timed: int = 3) -> dict:
         if base and "epoch_s" in r:
             r["epoch_time_vs_none"] = r["epoch_s"] / base
     return {"device": device, "geometry": "tiny" if tiny else "CLIP ViT-B/16 (random weights)",
-            "precision": "bf16" if bf16 else "fp32", "rows": rows}
+            "precision": "bf16" if bf16 else "fp32", "rows": rows, "flops": epoch_flops(geometry)}
 
 
 if __name__ == "__main__":
