@@ -218,12 +218,17 @@ def _encode(features, select, n: int, live: Optional[torch.Tensor], others: bool
     if live is None:
         return features(select(slice(None)))
     on, off = live.nonzero().squeeze(1), (~live).nonzero().squeeze(1)
-    grad = features(select(on))                                            # [n_live, D]
-    out = grad.new_zeros(n, grad.shape[1]).index_copy(0, on, grad)
+    encoded = []   # (rows, their features); a tower is never called on no rows (its reshapes fail on them)
+    if len(on):
+        encoded.append((on, features(select(on))))                         # [n_live, D]
     if others and len(off):
         with torch.no_grad() if cut is None else gradient_from(*cut):
-            other = features(select(off))                                  # [n - n_live, D]
-        out = out.index_copy(0, off, other)    # outside no_grad: the copy keeps the live rows' graph
+            encoded.append((off, features(select(off))))                   # [n - n_live, D]
+    if not encoded:
+        raise ValueError("_encode: no row is live and others=False: there is nothing to encode")
+    out = encoded[0][1].new_zeros(n, encoded[0][1].shape[1])
+    for rows, feats in encoded:
+        out = out.index_copy(0, rows, feats)   # outside no_grad: the copies keep the live rows' graph
     return out
 
 

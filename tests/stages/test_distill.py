@@ -697,6 +697,21 @@ def test_outside_grad_layers_move_the_top_blocks_alone_through_the_other_rows(ti
     assert differs(everything, "model.vision_model.embeddings.patch_embedding.weight")
 
 
+def test_a_forward_with_no_live_row_encodes_the_others_alone(tiny_clip):
+    towers, pixels, ids, mask = _towers_and_inputs(tiny_clip)
+    img, txt, _, _ = towers(pixels, ids, mask)
+    no_image, no_text = torch.zeros(7, dtype=torch.bool), torch.zeros(6, dtype=torch.bool)
+    got_img, got_txt, _, _ = towers(pixels, ids, mask, live_images=no_image, live_texts=no_text, others=True,
+                                    others_grad_layers=1)
+    torch.testing.assert_close(got_img, img.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_txt, txt.detach(), atol=1e-5, rtol=1e-5)
+    assert got_img.requires_grad   # through the last block
+    frozen_img = towers(pixels, ids, mask, live_images=no_image, live_texts=no_text, others=True)[0]
+    assert not frozen_img.requires_grad
+    with pytest.raises(ValueError, match="nothing to encode"):
+        towers(pixels, ids, mask, live_images=no_image, live_texts=no_text, others=False)
+
+
 def test_outside_grad_layers_train_on_the_same_loss_with_another_gradient(run, tmp_path):
     distill(run, "--loss", "cprd", "--num-valid", "3", "--max-steps", "2", "--shuffle-buffer", "0")
     top = tmp_path / "top"
