@@ -115,9 +115,10 @@ class DistillOptions:
                                          "each one more image or caption to encode: budget (encode "
                                          "--out-of-batch-budget of them, by --out-of-batch-priority, with "
                                          "gradient, and drop the others' entries: on the demo, the teacher's gain "
-                                         "at 1.7-2x the epoch of contrastive training), encode (all of them, "
-                                         "the whole lists: at 32 negatives most of a step, 2.7-3x the epoch on "
-                                         "the demo) or drop (the batch's own pairs alone, as contrastive training "
+                                         "at 1.7-2x the epoch of contrastive training on 2 CPU cores, 3.4x its "
+                                         "FLOPs at CLIP ViT-B/16), encode (all of them, the whole lists: at 32 "
+                                         "negatives most of a step, 2.7-3x the epoch on the demo, 6.3x the "
+                                         "FLOPs) or drop (the batch's own pairs alone, as contrastive training "
                                          "encodes: little gain)",
                                choices=OUT_OF_BATCH, added=True)
     cluster_size: int = option(64, "with --batching packed: rows per cluster of mutual hard negatives; a batch "
