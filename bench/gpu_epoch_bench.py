@@ -81,6 +81,12 @@ def step_inputs(row: dict, geometry: dict, device: str, scale: float) -> dict:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in {**x, **live}.items()}
 
 
+def step_loss(img, txt, scale):
+    """A loss that reads every feature (the list losses' own cost is microseconds): what a timed step backwards,
+    and what its FLOPs are counted through."""
+    return scale * (img.float().square().mean() + txt.float().square().mean() - (img[:1] @ txt[:1].T).sum())
+
+
 def measure(model, optimizer, inputs: dict, device: str, bf16: bool, timed: int) -> tuple[float, float | None]:
     """(seconds per step, peak GPU memory in GiB or None on the CPU) over `timed` steps after one warm-up."""
     import torch
@@ -93,9 +99,7 @@ def measure(model, optimizer, inputs: dict, device: str, bf16: bool, timed: int)
     def step():
         with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=bf16):
             img, txt, scale, _ = model(**inputs)
-        # a loss that reads every feature (the list losses' own cost is microseconds)
-        loss = scale * (img.float().square().mean() + txt.float().square().mean() - (img[:1] @ txt[:1].T).sum())
-        loss.backward()
+        step_loss(img, txt, scale).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -118,8 +122,7 @@ def step_flops(model, row: dict, geometry: dict, scale: float = 1.0, **counts: i
 
     x = step_inputs(dict(row, **counts), geometry, "cpu", scale)
     with FlopCounterMode(display=False) as counter:
-        img, txt, scale_, _ = model(**x)
-        (scale_ * (img.square().mean() + txt.square().mean())).backward()
+        step_loss(*model(**x)[:3]).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
