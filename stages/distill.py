@@ -115,7 +115,7 @@ class DistillOptions:
                                          "each one more image or caption to encode: budget (encode "
                                          "--out-of-batch-budget of them, by --out-of-batch-priority, with "
                                          "gradient, and drop the others' entries: on the demo, the teacher's gain "
-                                         "at 1.7-2x the epoch of contrastive training on 2 CPU cores, 3.4x its "
+                                         "at 1.7-2.2x the epoch of contrastive training on 2 CPU cores, 3.4x its "
                                          "FLOPs at CLIP ViT-B/16), encode (all of them, the whole lists: at 32 "
                                          "negatives most of a step, 2.7-3x the epoch on the demo, 6.3x the "
                                          "FLOPs) or drop (the batch's own pairs alone, as contrastive training "
@@ -414,9 +414,12 @@ def check(cfg: DistillConfig) -> None:
 
 
 def batch_spec(cfg: DistillConfig, rank: int = 0, world_size: int = 1) -> BatchSpec:
+    # a loss that reads no list (the baseline) encodes none of its entries, so its batches load the pairs alone
+    lists = registry.get(cfg.loss).fn is not None
     return BatchSpec(batch_size=cfg.batch_size, num_negatives=cfg.num_negatives, seed=cfg.seed,
-                     shuffle_buffer=cfg.shuffle_buffer, outside="drop" if cfg.out_of_batch == "drop" else "encode",
-                     outside_budget=encoded_budget(cfg), outside_priority=cfg.out_of_batch_priority,
+                     shuffle_buffer=cfg.shuffle_buffer,
+                     outside="drop" if cfg.out_of_batch == "drop" or not lists else "encode",
+                     outside_budget=encoded_budget(cfg) if lists else None, outside_priority=cfg.out_of_batch_priority,
                      max_teacher_margin=cfg.max_teacher_margin, image_cache_mb=cfg.image_cache_mb, rank=rank,
                      world_size=world_size)
 
@@ -550,10 +553,8 @@ class Training:
 
     def live(self, batch: dict) -> dict[str, Any]:
         """The rows to encode with gradient: all ({}), or the batch's pairs only, the hard negatives encoded without
-        gradient (--frozen-negatives), with it through the top of their towers (--outside-grad-layers) or not at
-        all when the loss reads none (none: they would cost most of the step for nothing)."""
-        if self.loss.fn is None:
-            return pairs_only(batch, others=False)
+        gradient (--frozen-negatives) or with it through the top of their towers (--outside-grad-layers). A loss
+        that reads no list (none) encodes every row: its batches hold the pairs alone (`batch_spec`)."""
         if self.cfg.outside_grad_layers is not None:
             return {**pairs_only(batch, others=True), "others_grad_layers": self.cfg.outside_grad_layers}
         return pairs_only(batch, others=True) if self.cfg.frozen_negatives else {}

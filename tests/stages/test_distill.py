@@ -759,23 +759,37 @@ def test_frozen_negatives_train_on_the_same_loss_with_another_gradient(run, tmp_
     assert manifest["config"]["frozen_negatives"] is True
 
 
-def test_a_loss_that_reads_no_negatives_skips_them_and_trains_as_if_they_were_encoded(run, tmp_path, monkeypatch):
+def test_a_loss_that_reads_no_negatives_loads_only_the_pairs_and_trains_as_if_every_entry_were_encoded(
+        run, tmp_path, monkeypatch):
+    from pipeline.data import DistillBatches
     from stages import distill as stage
 
     every_row = tmp_path / "every-row"
     shutil.copytree(run, every_row)
-    live, encode = stage.Training.live, stage._encode
-    monkeypatch.setattr(stage.Training, "live", lambda self, batch: {})   # the reference: every row encoded
+    build, spec = DistillBatches.build, stage.batch_spec
+    seen = []   # per batch: (image rows, the pairs' image rows, caption rows, the pairs' caption rows)
+
+    def recorded(self, rows):
+        b = build(self, rows)
+        seen.append((len(b["pixel_values"]), len(set(b["pair_image"].tolist())), len(b["input_ids"]),
+                     len(set(b["pair_text"].tolist()))))
+        return b
+
+    monkeypatch.setattr(DistillBatches, "build", recorded)
+    # the reference: batches holding every list entry (as for a loss that reads them), every row encoded
+    monkeypatch.setattr(stage, "batch_spec", lambda cfg, *a: dataclasses.replace(
+        spec(cfg, *a), outside="encode", outside_budget=None))
+    monkeypatch.setattr(stage.Training, "live", lambda self, batch: {})
     distill(every_row, "--loss", "none", "--max-steps", "2", "--out-of-batch", "encode", "--shuffle-buffer", "0")
-    monkeypatch.setattr(stage.Training, "live", live)
-    calls = []   # (rows in the table, rows encoded with gradient, others encoded at all)
-    monkeypatch.setattr(stage, "_encode", lambda f, select, n, rows, others, cut=None: calls.append(
-        (n, int(rows.sum()), others)) or encode(f, select, n, rows, others, cut))
+    reference, seen[:] = list(seen), []
+    monkeypatch.undo()
+    monkeypatch.setattr(DistillBatches, "build", recorded)
     distill(run, "--loss", "none", "--max-steps", "2", "--out-of-batch", "encode", "--shuffle-buffer", "0")
-    assert calls and not any(others for _, _, others in calls)
-    assert any(n_live < n for n, n_live, _ in calls)   # the batches hold negatives that were skipped
-    # the same training: none reads only the batch's pairs, encoded with gradient either way
-    for x, y in zip(metrics(every_row), metrics(run)):
+    assert any(i > pi or t > pt for i, pi, t, pt in reference)          # the lists name items outside the pairs
+    assert seen and all(i == pi and t == pt for i, pi, t, pt in seen)   # none's batches load none of them
+    assert [m["images_encoded"] for m in metrics(run)] == [float(pi) for _, pi, _, _ in seen]
+    # the same training: none reads only the batch's pairs
+    for x, y in zip(metrics(every_row), metrics(run), strict=True):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
     # Adam divides by the gradient's own size, so last-bit differences of near-zero gradients (the pairs are
     # encoded in a smaller batch) become a few % of a step; a real difference would be whole steps (lr 2e-3)
