@@ -365,11 +365,17 @@ def fingerprinted(cfg: DistillConfig) -> dict[str, Any]:
         config.pop(key, None)
     if cfg.out_of_batch == "drop":
         config["out_of_batch"] = "drop"
-    elif (budget := encoded_budget(cfg)) is not None and registry.get(cfg.loss).fn is not None:
+    elif (budget := encoded_budget(cfg)) is not None and reads_lists(cfg):
         config["out_of_batch_budget"] = budget
         if cfg.out_of_batch_priority != "listed":
             config["out_of_batch_priority"] = cfg.out_of_batch_priority
     return config
+
+
+def reads_lists(cfg: DistillConfig) -> bool:
+    """Whether the loss reads the candidate lists; one without a term (the baseline) neither loads nor encodes
+    their items, and has no budget to fingerprint."""
+    return registry.get(cfg.loss).fn is not None
 
 
 def encoded_budget(cfg: DistillConfig) -> Optional[int]:
@@ -414,8 +420,7 @@ def check(cfg: DistillConfig) -> None:
 
 
 def batch_spec(cfg: DistillConfig, rank: int = 0, world_size: int = 1) -> BatchSpec:
-    # a loss that reads no list (the baseline) encodes none of its entries, so its batches load the pairs alone
-    lists = registry.get(cfg.loss).fn is not None
+    lists = reads_lists(cfg)   # without: the batches load the pairs alone
     return BatchSpec(batch_size=cfg.batch_size, num_negatives=cfg.num_negatives, seed=cfg.seed,
                      shuffle_buffer=cfg.shuffle_buffer,
                      outside="drop" if cfg.out_of_batch == "drop" or not lists else "encode",
