@@ -69,7 +69,7 @@ def _time_steps(run: Path, source) -> float:
     times = []
     t = time.perf_counter()
     for i, batch in enumerate(source):
-        img, txt, scale = towers(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        img, txt, scale, _ = towers(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         batch = {k: v for k, v in batch.items() if k not in ("false_negatives", "dropped_by_margin")}
         compute_loss(cprd, cprd.options(), 1.0, img, txt, scale, batch)["loss"].backward()
         opt.step()
@@ -100,7 +100,7 @@ def _time_frozen(run: Path, loss_name: str, steps: int = 12) -> dict:
     def step(batch: dict, frozen: bool) -> float:
         live = pairs_only(batch, others=loss.fn is not None) if frozen else {}
         t = time.perf_counter()
-        img, txt, scale = towers(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], **live)
+        img, txt, scale, _ = towers(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], **live)
         compute_loss(loss, options, 1.0, img, txt, scale, batch)["loss"].backward()
         opt.step()
         opt.zero_grad()

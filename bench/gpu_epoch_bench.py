@@ -31,6 +31,7 @@ ROWS = {
     "default, --frozen-negatives": dict(DEFAULT, frozen=True),
     "default, --outside-grad-layers 1": dict(DEFAULT, cut=1),
     "default, --outside-grad-layers 3": dict(DEFAULT, cut=3),
+    "default, --grad-checkpointing": dict(DEFAULT, checkpointed=True),
 }
 CLIP_B16 = dict(vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                             image_size=224, patch_size=16),
@@ -44,8 +45,9 @@ TINY = dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=
             projection_dim=16, text_length=16)
 
 
-def towers(geometry: dict, device: str):
-    """StudentTowers over a random CLIP of `geometry` (the processors of a tiny saved CLIP: never used here)."""
+def towers(geometry: dict, device: str, grad_checkpointing: bool = False):
+    """StudentTowers over a random CLIP of `geometry` (the processors of a tiny saved CLIP: never used here), its
+    blocks recomputed in the backward with `grad_checkpointing`."""
     import torch
     from transformers import CLIPConfig, CLIPModel
 
@@ -59,7 +61,7 @@ def towers(geometry: dict, device: str):
                      vision_config=geometry["vision"], projection_dim=geometry["projection_dim"])
     with tempfile.TemporaryDirectory() as folder:
         enc = DualEncoder(str(save_tiny_clip(Path(folder) / "processors")), device=device, model=CLIPModel(cfg))
-    return StudentTowers(enc).train()
+    return StudentTowers(enc, grad_checkpointing=grad_checkpointing).train()
 
 
 def step_inputs(row: dict, geometry: dict, device: str, scale: float) -> dict:
@@ -136,12 +138,13 @@ def epoch_flops(geometry: dict) -> dict[str, dict]:
     the CPU for one pair, then for one more item of each kind (a pair's image or caption, with gradient; another,
     as the row encodes those: with gradient, without, or through the last N blocks), and multiplied out by the
     row's counts."""
-    model = towers(geometry, "cpu")
+    models = {False: towers(geometry, "cpu"), True: towers(geometry, "cpu", grad_checkpointing=True)}
     per_mode: dict[tuple, dict[str, int]] = {}
     out = {}
     for name, row in ROWS.items():
-        mode = (row.get("frozen"), row.get("cut"))
+        mode = (row.get("frozen"), row.get("cut"), bool(row.get("checkpointed")))
         if mode not in per_mode:
+            model = models[mode[2]]
             count = lambda i, t, pi, pt: step_flops(model, row, geometry, images=i, texts=t, pair_images=pi,
                                                     pair_texts=pt)
             base = count(1, 1, 1, 1)
@@ -168,11 +171,13 @@ def main(tiny: bool = False, timed: int = 3) -> dict:
                 "geometry": "CLIP ViT-B/16 (random weights)", "flops": epoch_flops(CLIP_B16)}
     geometry = TINY if tiny else CLIP_B16
     scale = 0.1 if tiny else 1.0            # the tiny run keeps the rows' proportions at a tenth of the counts
-    model = towers(geometry, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    plain = towers(geometry, device)
     bf16 = device == "cuda"
     rows = {}
     for name, row in ROWS.items():
+        # the checkpointed row's towers: the same random weights, their blocks recomputed in the backward
+        model = towers(geometry, device, grad_checkpointing=True) if row.get("checkpointed") else plain
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         inputs = step_inputs(row, geometry, device, scale)
         try:
             seconds, peak = measure(model, optimizer, inputs, device, bf16, timed)

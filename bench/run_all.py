@@ -1,8 +1,8 @@
 """`make bench`: every benchmark, each writing bench/results/NAME.json. `--quick` shrinks the corpora."""
 import sys
 
-from bench import (blip2_bench, corpus_hash_bench, distill_bench, epoch_bench, gpu_epoch_bench, itc_bench,
-                   mine_bench, teacher_bench, teacher_kv_bench, webdataset_bench)
+from bench import (activation_bench, blip2_bench, corpus_hash_bench, distill_bench, epoch_bench, gpu_epoch_bench,
+                   itc_bench, mine_bench, teacher_bench, teacher_kv_bench, webdataset_bench)
 from bench.common import write
 
 if __name__ == "__main__":
@@ -14,6 +14,7 @@ if __name__ == "__main__":
     write("score_teacher_blip2", blip2_bench.main())
     write("distill", distill_bench.main())
     write("gpu_epoch", gpu_epoch_bench.main())   # recorded as skipped without CUDA
+    write("activation", activation_bench.main())   # a step's activations at CLIP ViT-B/16's size, 3 minutes
     write("webdataset" + ("_quick" if quick else ""), webdataset_bench.main(n_images=600 if quick else 3000))
     if not quick:   # the transfer demo's data: mining and scoring it once takes minutes
         write("epoch", epoch_bench.main())

@@ -300,9 +300,10 @@ class DualEncoder:
         out = self.model.get_text_features(**tokens)
         return torch.nn.functional.normalize(projected(out).float(), dim=-1)
 
-    def tower_layers(self) -> tuple[torch.nn.ModuleList, torch.nn.ModuleList]:
+    def tower_layers(self, option: str = "--outside-grad-layers") -> tuple[torch.nn.ModuleList, torch.nn.ModuleList]:
         """(image tower's, text tower's) transformer blocks, in order: where a tower can be cut for gradient
-        (distill's --outside-grad-layers)."""
+        (distill's --outside-grad-layers) or checkpointed (--grad-checkpointing); `option`, the one that needs
+        them, is named if there are none."""
         paths = {"transformers": ("vision_model.encoder.layers", "text_model.encoder.layers"),
                  "open_clip": ("clip.visual.transformer.resblocks", "clip.transformer.resblocks")}[self.kind]
         found = []
@@ -312,7 +313,7 @@ class DualEncoder:
                 module = getattr(module, name, None)
             if not isinstance(module, torch.nn.ModuleList) or not len(module):
                 raise PipelineError(f"{self.name}: {type(self.model).__name__} has no {path} (the transformer blocks "
-                                    "a tower is cut at); --outside-grad-layers needs a CLIP-style tower")
+                                    f"of a tower); {option} needs a CLIP-style tower")
             found.append(module)
         return found[0], found[1]
 

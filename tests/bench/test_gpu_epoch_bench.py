@@ -1,5 +1,5 @@
 """bench/gpu_epoch_bench.py: its rows encode the demo's per-step counts, through distill's own towers; on a GPU
-the budget and the cut take less memory than the whole lists."""
+the budget, the cut and the checkpoint take less memory than the whole lists."""
 import pytest
 import torch
 
@@ -35,9 +35,10 @@ def test_without_cuda_the_full_size_run_is_recorded_as_skipped_with_its_flops(mo
 def test_a_rows_flops_multiplied_out_from_one_item_of_each_kind_are_its_steps_counted_whole(tiny):
     flops = tiny["flops"]
     assert list(flops) == list(ROWS) and flops["none (batch 64)"]["flops_vs_none"] == 1.0
-    model = towers(TINY, "cpu")
+    models = {False: towers(TINY, "cpu"), True: towers(TINY, "cpu", grad_checkpointing=True)}
     for name in ("default (768 outside items by teacher rank)", "default, --frozen-negatives",
-                 "default, --outside-grad-layers 1"):
+                 "default, --outside-grad-layers 1", "default, --grad-checkpointing"):
+        model = models[bool(ROWS[name].get("checkpointed"))]
         row, per = ROWS[name], {k[len("gflops_per_"):]: v * 1e9 for k, v in flops[name].items() if "gflops" in k}
         n = lambda key: max(1, round(row[key] * 0.1))     # the tiny run's counts, as step_inputs makes them
         predicted = per["pair"] + per["pair_image"] * (n("pair_images") - 1) + \
@@ -48,6 +49,9 @@ def test_a_rows_flops_multiplied_out_from_one_item_of_each_kind_are_its_steps_co
     assert ratio["default, --frozen-negatives"] < ratio["default, --outside-grad-layers 1"] < \
         ratio["default, --outside-grad-layers 3"] < ratio["default (768 outside items by teacher rank)"] < \
         ratio["whole lists (--out-of-batch encode)"]
+    # the checkpoint runs each block's forward again in the backward: more arithmetic than the default, not another
+    # step (a forward is about a third of a forward and backward)
+    assert 1.0 < ratio["default, --grad-checkpointing"] / ratio["default (768 outside items by teacher rank)"] < 1.5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="peak GPU memory needs CUDA")
@@ -55,3 +59,4 @@ def test_on_a_gpu_the_budget_and_the_cut_take_less_memory_than_the_whole_lists(t
     peak = {name: row["peak_memory_gib"] for name, row in tiny["rows"].items()}
     assert peak["default, --outside-grad-layers 1"] < peak["default (768 outside items by teacher rank)"]
     assert peak["default (768 outside items by teacher rank)"] < peak["whole lists (--out-of-batch encode)"]
+    assert peak["default, --grad-checkpointing"] < peak["default (768 outside items by teacher rank)"]

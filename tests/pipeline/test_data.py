@@ -168,7 +168,6 @@ def test_packed_batch_b_holds_rows_b_of_the_order(scored_run):
     import pyarrow as pa
     data, order, files = _packed(scored_run)
     table = pa.concat_tables([pq.read_table(f) for f in files])
-    query_ids = table.column("query_id").to_pylist()
     for b, batch in enumerate(data):
         rows = order[b * 48:(b + 1) * 48]
         got = data.build(table.take(rows).to_pydict())

@@ -728,17 +728,120 @@ def test_outside_grad_layers_train_on_the_same_loss_with_another_gradient(run, t
     assert "outside_grad_layers" not in identity(run)   # outputs made before the option stay up to date
 
 
-def test_a_student_without_blocks_to_cut_is_refused_before_training(run, monkeypatch):
+@pytest.mark.parametrize("option", [("--outside-grad-layers", "1"), ("--grad-checkpointing",)])
+def test_a_student_without_blocks_to_cut_is_refused_before_training(run, monkeypatch, option):
     from pipeline.errors import PipelineError
     from pipeline.models import DualEncoder
 
-    def no_blocks(self):
-        raise PipelineError(f"{self.name}: CLIPModel has no vision_model.encoder.layers")
+    def no_blocks(self, needed_by="--outside-grad-layers"):
+        raise PipelineError(f"{self.name}: CLIPModel has no vision_model.encoder.layers; {needed_by} needs them")
 
     monkeypatch.setattr(DualEncoder, "tower_layers", no_blocks)
-    result = distill(run, "--loss", "kl", "--outside-grad-layers", "1", "--max-steps", "1", expect=None)
-    assert "has no vision_model.encoder.layers" in _error(result)
+    result = distill(run, "--loss", "kl", *option, "--max-steps", "1", expect=None)
+    assert f"has no vision_model.encoder.layers; {option[0]} needs them" in _error(result)
     assert not (run / "distill" / "metrics.jsonl").exists()
+
+
+def test_tower_layers_name_the_option_that_needs_them(tiny_clip):
+    from pipeline.errors import PipelineError
+    from pipeline.models import DualEncoder
+
+    enc = DualEncoder(str(tiny_clip))
+    enc.model.vision_model.encoder.layers = torch.nn.ModuleList()
+    with pytest.raises(PipelineError, match="has no vision_model.encoder.layers .*; --grad-checkpointing needs"):
+        enc.tower_layers("--grad-checkpointing")
+
+
+class _Saved:
+    """Bytes of the tensors autograd keeps for the backward, counted as they are saved (a checkpointed block
+    keeps its own under its own hooks, so they are not counted: what the checkpoint frees)."""
+
+    def __enter__(self):
+        self.bytes = 0
+
+        def pack(t):
+            self.bytes += t.numel() * t.element_size()
+            return t
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+@pytest.mark.parametrize("live", ["every row", "frozen others", "others through the last block"])
+def test_grad_checkpointing_recomputes_the_blocks_for_the_same_features_and_gradients(tiny_clip, live):
+    from pipeline.models import DualEncoder
+    from stages.distill import StudentTowers
+
+    reference, pixels, ids, mask = _towers_and_inputs(tiny_clip)
+    enc = DualEncoder(str(tiny_clip))
+    runs = {}   # block forward calls, counted inside the checkpoint: it reruns forward itself in the backward
+    for i, block in enumerate(b for blocks in enc.tower_layers() for b in blocks):
+        def counted(*args, _forward=block.forward, _i=i, **kwargs):
+            runs[_i] = runs.get(_i, 0) + 1
+            return _forward(*args, **kwargs)
+        block.forward = counted
+    towers = StudentTowers(enc, grad_checkpointing=True).eval()
+    kwargs = {}
+    if live != "every row":
+        kwargs = {"live_images": torch.tensor([True, False, True, False, False, True, False]),
+                  "live_texts": torch.tensor([False, True, True, False, True, False]), "others": True,
+                  "others_grad_layers": 1 if live == "others through the last block" else None}
+    w_img, w_txt = torch.randn(7, 1), torch.randn(6, 1)
+
+    def step(model):
+        model.zero_grad()
+        with _Saved() as saved:
+            img, txt, scale, _ = model(pixels, ids, mask, **kwargs)
+        ((img * w_img).sum() + (txt * w_txt).sum() + scale).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return img.detach(), txt.detach(), grads, saved.bytes
+
+    want_img, want_txt, want, plain_bytes = step(reference)
+    runs.clear()
+    got_img, got_txt, got, checkpointed_bytes = step(towers)
+    torch.testing.assert_close(got_img, want_img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_txt, want_txt, atol=1e-5, rtol=1e-5)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+    # blocks 0, 1: the image tower's, 2, 3: the text tower's. A block run with gradient runs twice (the forward,
+    # then again in the backward); without it (the rows that are not live, below the cut) once
+    want_runs = {"every row": [2, 2, 2, 2], "frozen others": [3, 3, 3, 3],
+                 "others through the last block": [3, 4, 3, 4]}[live]
+    assert [runs[i] for i in range(4)] == want_runs
+    assert checkpointed_bytes < plain_bytes / 2
+    # without gradient (validation) the blocks run once and nothing is kept
+    runs.clear()
+    with torch.no_grad():
+        towers(pixels, ids, mask)
+    assert runs == {0: 1, 1: 1, 2: 1, 3: 1}
+
+
+def test_grad_checkpointing_trains_the_same_student_and_is_no_part_of_its_identity(run, tmp_path):
+    distill(run, "--loss", "cprd-kl", "--num-valid", "3", "--max-steps", "3", "--shuffle-buffer", "0")
+    recomputed = tmp_path / "recomputed"
+    shutil.copytree(run, recomputed)
+    result = distill(recomputed, "--loss", "cprd-kl", "--num-valid", "3", "--max-steps", "3", "--shuffle-buffer",
+                     "0", "--grad-checkpointing", "--force")
+    assert "grad_checkpointing: true" in result.output   # the resolved config, printed
+    a, b = metrics(run), metrics(recomputed)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert x["images_encoded"] == y["images_encoded"]
+        for key in ("loss", "itc", "distill"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), key
+    wa, wb = final_weights(run), final_weights(recomputed)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4, msg=k)
+    manifest = lambda r: json.loads((r / "distill" / "manifest.json").read_text())
+    assert manifest(recomputed)["config"]["grad_checkpointing"] is True
+    assert manifest(recomputed)["identity"] == manifest(run)["identity"]   # a memory setting, not another student
+    assert "up to date" in distill(run, "--loss", "cprd-kl", "--num-valid", "3", "--max-steps", "3",
+                                      "--shuffle-buffer", "0", "--grad-checkpointing").output
 
 
 def test_frozen_negatives_train_on_the_same_loss_with_another_gradient(run, tmp_path):

@@ -32,8 +32,9 @@ def test_score_teacher_bf16_on_cuda_is_close_to_fp32(tmp_path, mined_run, tiny_b
     assert np.corrcoef(a, b)[0, 1] > 0.99
 
 
-def test_distill_bf16_on_cuda(tmp_path, scored_run):
+@pytest.mark.parametrize("extra", [(), ("--grad-checkpointing",)])
+def test_distill_bf16_on_cuda(tmp_path, scored_run, extra):
     shutil.copytree(scored_run, tmp_path / "run")
     cli("distill", "--run", tmp_path / "run", "--num-negatives", "5", "--batch-size", "16", "--max-steps", "3",
-        "--mixed-precision", "bf16", "--device", "cuda")
+        "--mixed-precision", "bf16", "--device", "cuda", *extra)
     assert (tmp_path / "run" / "distill" / "final" / "model.safetensors").exists()
