@@ -9,14 +9,17 @@ A stage's recipe builds its model and hands `Trainer` the pieces that are its ow
                                                               `loss` is backwarded) and counts of its own
             logged=Logged(...),                               counts, extra values and the progress bar
             groups=..., validate=validate(step) -> values,    optional: AdamW groups, validation metrics of a step,
-            extra_state={...})                                the recipe's own state, kept in every checkpoint
+            extra_state={...},                                the recipe's own state, kept in every checkpoint
+            out_of_memory="...")                              what to do when a micro-batch does not fit the GPU
 
     trainer.resume(); trainer.train(); trainer.finish(writer, save)
 
 It seeds, builds AdamW (`pipeline.training.param_groups`) and the warm-up + cosine schedule, accumulates and
 clips gradients, writes one line of OUT/metrics.jsonl per optimizer step (and the same values to the trackers
 of --report-to), checkpoints every --save-every steps, at the end and on SIGINT/SIGTERM (`pipeline.checkpoints`),
-and resumes exactly: the same batches in the same order, mid-epoch included. A run extended to a longer length
+and resumes exactly: the same batches in the same order, mid-epoch included. A micro-batch that runs out of GPU
+memory stops the run with one line: the step, the micro-batch's images and captions, the stage's `out_of_memory`
+advice and the checkpoint a rerun goes on from. A run extended to a longer length
 (`Length.growth`) resumes from its last checkpoint with the schedule recomputed for the new length.
 """
 from __future__ import annotations
@@ -151,12 +154,14 @@ class Trainer:
                  batches: Callable[[int, int, int], Iterable[dict]], step: Callable[[Any, dict], tuple[Terms, Counts]],
                  logged: Logged = Logged(), groups: Optional[list[dict]] = None,
                  validate: Callable[[int], dict[str, float]] = lambda step: {},
-                 extra_state: Optional[dict] = None):
+                 extra_state: Optional[dict] = None, out_of_memory: str = "lower --batch-size"):
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
         self.cfg, self.acc, self.out, self.length, self.name = cfg, acc, out, length, name
         self.batches, self.step, self.logged, self.validate = batches, step, logged, validate
+        self.out_of_memory = out_of_memory   # what to do when a micro-batch does not fit the GPU, said in its error
+        self.saved_step = 0                  # the step of the last checkpoint (0: none), where a rerun goes on
         # the recipe's own state: saved in every checkpoint, restored in place on resume
         self.extra_state = {} if extra_state is None else extra_state
         self.log = make_log(acc.is_main_process)
@@ -176,6 +181,7 @@ class Trainer:
             saved = checkpoints.load(self.acc, self.optimizer, ckpt)
             self.scheduler.load_state_dict(saved["scheduler"])
             self.state = {k: saved[k] for k in self.state}
+            self.saved_step = self.state["step"]
             self.extra_state.update({k: saved[k] for k in self.extra_state if k in saved})
             self.log(f"[{self.name}] resuming from {ckpt.name}: step {self.state['step']}, "
                      f"epoch {self.state['epoch']}, batch {self.state['batch_in_epoch']}")
@@ -217,6 +223,7 @@ class Trainer:
                     done_epoch = batch_in_epoch + 1 == per_epoch
                     stopping = signals.requested()
                     if step % cfg.save_every == 0 or step == total or stopping:
+                        self.saved_step = step
                         checkpoints.save(acc, self.out, step, {
                             "step": step, "epoch": epoch + done_epoch,
                             "batch_in_epoch": 0 if done_epoch else batch_in_epoch + 1,
@@ -235,9 +242,15 @@ class Trainer:
         acc, cfg = self.acc, self.cfg
         counts = {k: float(batch.pop(k)) for k in self.logged.counts if k in batch}
         batch = {k: v.to(acc.device) for k, v in batch.items()}
-        with acc.accumulate(self.model):
-            terms, own = self.step(self.model, batch)
-            backward_step(acc, self.model, self.optimizer, terms, step, cfg.max_grad_norm)
+        try:
+            with acc.accumulate(self.model):
+                terms, own = self.step(self.model, batch)
+                backward_step(acc, self.model, self.optimizer, terms, step, cfg.max_grad_norm)
+        except torch.cuda.OutOfMemoryError as e:
+            images, texts = len(batch.get("pixel_values", ())), len(batch.get("input_ids", ()))
+            where = f"its checkpoint of step {self.saved_step}" if self.saved_step else "the start (no checkpoint yet)"
+            raise PipelineError(f"out of GPU memory at step {step}, on a micro-batch of {images} images and {texts} "
+                                f"captions: {self.out_of_memory}; a rerun goes on from {where}") from e
         return {**{k: float(v.detach()) / cfg.grad_accum for k, v in terms.items()}, **counts, **own}
 
     def _log(self, step: int, epoch: int, sums: dict[str, float], bar: Any, val: dict[str, float]) -> None:

@@ -535,7 +535,10 @@ class Training:
                                grad_checkpointing=cfg.grad_checkpointing).train()
         self.trainer = Trainer(cfg, acc, out, length, name="distill", model=towers,
                                batches=self.batches, step=self.step, logged=Logged(self.COUNTS, self.more, self.SHOWN),
-                               validate=self.validate, extra_state=self.kept)
+                               validate=self.validate, extra_state=self.kept,
+                               out_of_memory=("" if cfg.grad_checkpointing else "add --grad-checkpointing (a few "
+                                              "times less activation memory, the same student), or ") +
+                               "lower --batch-size or --out-of-batch-budget")
         self.log, self.total_steps = self.trainer.log, length.total_steps
         encoder.device = str(acc.device)   # validation encodes with the training model, wherever it now is
         self.validator = _validator(cfg, val, upstream["teacher"], out, acc) \

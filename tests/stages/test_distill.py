@@ -844,6 +844,50 @@ def test_grad_checkpointing_trains_the_same_student_and_is_no_part_of_its_identi
                                       "--shuffle-buffer", "0", "--grad-checkpointing").output
 
 
+def test_out_of_gpu_memory_says_what_to_add_and_a_rerun_with_it_goes_on_from_the_last_checkpoint(run, tmp_path,
+                                                                                                     monkeypatch):
+    from stages.distill import Training
+
+    args = ("--loss", "kl", "--max-steps", "4", "--shuffle-buffer", "0", "--save-every", "1")
+    whole = tmp_path / "whole"
+    shutil.copytree(run, whole)
+    distill(whole, *args)
+    step, calls = Training.step, []
+
+    def runs_out_at_the_third(self, towers, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return step(self, towers, batch)
+
+    monkeypatch.setattr(Training, "step", runs_out_at_the_third)
+    line = _error(distill(run, *args, expect=None))
+    assert line.startswith("error: out of GPU memory at step 3, on a micro-batch of "), line
+    assert "add --grad-checkpointing" in line and "goes on from its checkpoint of step 2" in line, line
+    assert len(metrics(run)) == 2 and not (run / "distill" / "final").exists()
+    monkeypatch.setattr(Training, "step", step)
+    again = distill(run, *args, "--grad-checkpointing")
+    assert "resuming from" in again.output and "step 2" in again.output
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    for x, y in zip(metrics(whole), metrics(run)):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), y["step"]
+    wa, wb = final_weights(whole), final_weights(run)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_out_of_gpu_memory_with_checkpointing_on_asks_for_smaller_batches(run, monkeypatch):
+    from stages.distill import Training
+
+    def out_of_memory(self, towers, batch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(Training, "step", out_of_memory)
+    line = _error(distill(run, "--loss", "kl", "--max-steps", "2", "--grad-checkpointing", expect=None))
+    assert "out of GPU memory at step 1" in line and "lower --batch-size or --out-of-batch-budget" in line, line
+    assert "add --grad-checkpointing" not in line and "goes on from the start (no checkpoint yet)" in line, line
+
+
 def test_frozen_negatives_train_on_the_same_loss_with_another_gradient(run, tmp_path):
     distill(run, "--loss", "cprd", "--num-valid", "3", "--max-steps", "2", "--out-of-batch", "encode",
             "--shuffle-buffer", "0")
