@@ -16,7 +16,8 @@ entry encoded with gradient, `--out-of-batch encode`), with the lists cut to the
 drop`), with a budget of 256, 512, 768 or 1,024 encoded images and captions outside the pairs, those listed most
 often (`--out-of-batch budget --out-of-batch-budget N --out-of-batch-priority listed`), and with 512 or 768 (the
 default: 3 per query) by teacher rank, and the default's with the outside items' gradient through the last 1 or
-2 of the 4 blocks of each tower (`--outside-grad-layers`); and KL with in-batch lists on batches packed in clusters
+2 of the 4 blocks of each tower (`--outside-grad-layers`) or with its blocks recomputed in the backward
+(`--grad-checkpointing`); and KL with in-batch lists on batches packed in clusters
 of 64 rows.
 
 `python -m bench.epoch_bench [TEXT ...]` runs `none` and the rows whose name holds one of the TEXTs, writing
@@ -41,7 +42,8 @@ LISTS = {"whole lists": {"out_of_batch": "encode"}, "in-batch lists": {"out_of_b
             {"out_of_batch": "budget", "out_of_batch_budget": n, "out_of_batch_priority": "teacher-rank"}
             for n in (512, 768)},
          **{f"budget 768 by teacher rank, gradient through the last {n} block(s)":
-            {**DEFAULT, "outside_grad_layers": n} for n in (1, 2)}}
+            {**DEFAULT, "outside_grad_layers": n} for n in (1, 2)},
+         "budget 768 by teacher rank, --grad-checkpointing": {**DEFAULT, "grad_checkpointing": True}}
 
 
 def _data() -> tuple[Path, Path]:
