@@ -4,19 +4,22 @@ and what `--grad-checkpointing` makes of it.
 A ViT or a text transformer encodes each item on its own, so the activations a step keeps for its backward are
 linear in the items it encodes with gradient. Each point here is one fresh process (`--child`): random CLIP ViT-B/16
 towers (`bench.gpu_epoch_bench.towers`, distill's own `StudentTowers`), then one forward and backward of n images
-(or captions) with gradient, fp32, timed; then the same again with the heap's bytes in use (glibc's mallinfo2, not
+(or captions) with gradient, fp32, as a warm-up (at the larger n, three more, timed: the median); then one more with
+the heap's bytes in use (glibc's mallinfo2, not
 torch's own accounting) read after every operation, forward and backward, and their peak above what was in use
 before, the weights' gradients (kept from the timed step) among it. Resident memory would not do: the allocator keeps freed pages, so a checkpointed step's resident peak stays
 near the whole step's. Two n per kind give the slope, one item's activations, every constant cancelled out. Multiplied by the transfer demo's per-step counts (`bench.gpu_epoch_bench.ROWS`), the slopes
 say what each row's step holds at once. The times at the larger n give the recompute's cost on this CPU, next to its
 FLOPs (`bench.gpu_epoch_bench.epoch_flops`).
 
-On a GPU in bf16 the activations are about half of these; `bench/gpu_epoch_bench.py` measures the rows' peak GPU
+On a GPU in bf16 the plain towers' activations are about half of these; the checkpointed ones, mostly the
+blocks' inputs, which autocast leaves in fp32 on the residual stream, shrink less; `bench/gpu_epoch_bench.py` measures the rows' peak GPU
 memory there directly. Linux (glibc) only.
 """
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 
@@ -24,6 +27,7 @@ from bench.gpu_epoch_bench import CLIP_B16, ROWS
 from bench.common import run_child
 
 POINTS = {"image": (4, 16), "caption": (32, 128)}   # items per point: the slope's two ends
+TIMED = 3   # steps timed at the larger n (the median), after a warm-up step
 
 
 def heap_in_use() -> int:
@@ -40,9 +44,9 @@ def heap_in_use() -> int:
     return info.uordblks + info.hblkhd
 
 
-def child(kind: str, n: int, checkpointed: bool, geometry: dict = CLIP_B16) -> dict:
+def child(kind: str, n: int, checkpointed: bool, geometry: dict = CLIP_B16, timed: int = 0) -> dict:
     """One point: the peak heap in use (MB) above its start over a forward and backward of `n` items of `kind` with
-    gradient, and the seconds of the same step unobserved."""
+    gradient, after one step unobserved; with `timed`, the median seconds of that many more unobserved steps."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -60,13 +64,15 @@ def child(kind: str, n: int, checkpointed: bool, geometry: dict = CLIP_B16) -> d
     model = towers(geometry, "cpu", grad_checkpointing=checkpointed)
     one = {"image": dict(images=n, texts=1), "caption": dict(images=1, texts=n)}[kind]
     x = step_inputs(dict(one, pair_images=one["images"], pair_texts=one["texts"]), geometry, "cpu", 1.0)
-    started = time.perf_counter()
-    step_loss(*model(**x)[:3]).backward()
-    seconds = time.perf_counter() - started
-    start = heap_in_use()   # the weights' gradients from the timed step: kept, so the next step adds into them
+    seconds = []
+    for i in range(1 + timed):   # the first: a warm-up (a fresh process's first step is slower), never timed
+        started = time.perf_counter()
+        step_loss(*model(**x)[:3]).backward()
+        seconds.append(time.perf_counter() - started)
+    start = heap_in_use()   # the weights' gradients of the steps before: kept, so the next step adds into them
     with Peak():
         step_loss(*model(**x)[:3]).backward()
-    return {"peak_mb": (Peak.peak - start) / 2**20, "seconds": seconds}
+    return {"peak_mb": (Peak.peak - start) / 2**20, "seconds": statistics.median(seconds[1:]) if timed else None}
 
 
 def main() -> dict:
@@ -75,7 +81,8 @@ def main() -> dict:
     for mode in ("whole", "checkpointed"):
         per_item[mode] = {}
         for kind, (small, large) in POINTS.items():
-            a, b = (run_child("bench.activation_bench", "--child", kind, str(n), mode) for n in (small, large))
+            a, b = (run_child("bench.activation_bench", "--child", kind, str(n), mode, str(timed))
+                    for n, timed in ((small, 0), (large, TIMED)))
             per_item[mode][kind] = (b["peak_mb"] - a["peak_mb"]) / (large - small)
             points[f"{mode} {kind}"] = {"n": [small, large], "peak_mb": [a["peak_mb"], b["peak_mb"]],
                                         "seconds_at_n_large": b["seconds"]}
@@ -100,8 +107,8 @@ def main() -> dict:
 
 if __name__ == "__main__":
     if "--child" in sys.argv:
-        kind, n, mode = sys.argv[sys.argv.index("--child") + 1:][:3]
-        print(json.dumps(child(kind, int(n), mode == "checkpointed")))
+        kind, n, mode, timed = sys.argv[sys.argv.index("--child") + 1:][:4]
+        print(json.dumps(child(kind, int(n), mode == "checkpointed", timed=int(timed))))
     else:
         from bench.common import write
 

@@ -171,12 +171,18 @@ def main(tiny: bool = False, timed: int = 3) -> dict:
                 "geometry": "CLIP ViT-B/16 (random weights)", "flops": epoch_flops(CLIP_B16)}
     geometry = TINY if tiny else CLIP_B16
     scale = 0.1 if tiny else 1.0            # the tiny run keeps the rows' proportions at a tenth of the counts
-    plain = towers(geometry, device)
+    model = towers(geometry, device)
     bf16 = device == "cuda"
     rows = {}
     for name, row in ROWS.items():
-        # the checkpointed row's towers: the same random weights, their blocks recomputed in the backward
-        model = towers(geometry, device, grad_checkpointing=True) if row.get("checkpointed") else plain
+        if row.get("checkpointed") and not getattr(model, "checkpointed", False):
+            # the checkpointed rows come last: the same random weights, the plain towers freed before they are made
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            model = towers(geometry, device, grad_checkpointing=True)
+            model.checkpointed = True
+        assert bool(row.get("checkpointed")) == getattr(model, "checkpointed", False), "checkpointed rows go last"
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         inputs = step_inputs(row, geometry, device, scale)
         try:

@@ -14,7 +14,7 @@ if __name__ == "__main__":
     write("score_teacher_blip2", blip2_bench.main())
     write("distill", distill_bench.main())
     write("gpu_epoch", gpu_epoch_bench.main())   # recorded as skipped without CUDA
-    write("activation", activation_bench.main())   # a step's activations at CLIP ViT-B/16's size, 3 minutes
+    write("activation", activation_bench.main())   # a step's activations at CLIP ViT-B/16's size, 6 minutes
     write("webdataset" + ("_quick" if quick else ""), webdataset_bench.main(n_images=600 if quick else 3000))
     if not quick:   # the transfer demo's data: mining and scoring it once takes minutes
         write("epoch", epoch_bench.main())

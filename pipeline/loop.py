@@ -18,9 +18,10 @@ It seeds, builds AdamW (`pipeline.training.param_groups`) and the warm-up + cosi
 clips gradients, writes one line of OUT/metrics.jsonl per optimizer step (and the same values to the trackers
 of --report-to), checkpoints every --save-every steps, at the end and on SIGINT/SIGTERM (`pipeline.checkpoints`),
 and resumes exactly: the same batches in the same order, mid-epoch included. A micro-batch that runs out of GPU
-memory stops the run with one line: the step, the micro-batch's images and captions, the stage's `out_of_memory`
-advice and the checkpoint a rerun goes on from. A run extended to a longer length
-(`Length.growth`) resumes from its last checkpoint with the schedule recomputed for the new length.
+memory stops the run with one line: the step, the micro-batch's images and captions and the stage's
+`out_of_memory` advice (with the checkpoint a rerun goes on from, where the advice keeps the run's identity). A run
+extended to a longer length (`Length.growth`) resumes from its last checkpoint with the schedule recomputed for the
+new length.
 """
 from __future__ import annotations
 
@@ -154,13 +155,16 @@ class Trainer:
                  batches: Callable[[int, int, int], Iterable[dict]], step: Callable[[Any, dict], tuple[Terms, Counts]],
                  logged: Logged = Logged(), groups: Optional[list[dict]] = None,
                  validate: Callable[[int], dict[str, float]] = lambda step: {},
-                 extra_state: Optional[dict] = None, out_of_memory: str = "lower --batch-size"):
+                 extra_state: Optional[dict] = None,
+                 out_of_memory: str = "lower --batch-size (and raise --grad-accum) and rerun with --force: a new run"):
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
         self.cfg, self.acc, self.out, self.length, self.name = cfg, acc, out, length, name
         self.batches, self.step, self.logged, self.validate = batches, step, logged, validate
-        self.out_of_memory = out_of_memory   # what to do when a micro-batch does not fit the GPU, said in its error
+        # what to do when a micro-batch does not fit the GPU, said in its error; "{checkpoint}" in it becomes where
+        # a rerun with the same identity goes on from (a runtime setting changed: another one is a new run)
+        self.out_of_memory = out_of_memory
         self.saved_step = 0                  # the step of the last checkpoint (0: none), where a rerun goes on
         # the recipe's own state: saved in every checkpoint, restored in place on resume
         self.extra_state = {} if extra_state is None else extra_state
@@ -241,16 +245,16 @@ class Trainer:
         returns its share of the step's logged values: each term / grad_accum, and the counts."""
         acc, cfg = self.acc, self.cfg
         counts = {k: float(batch.pop(k)) for k in self.logged.counts if k in batch}
-        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        images, texts = len(batch.get("pixel_values", ())), len(batch.get("input_ids", ()))
         try:
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.accumulate(self.model):
                 terms, own = self.step(self.model, batch)
                 backward_step(acc, self.model, self.optimizer, terms, step, cfg.max_grad_norm)
         except torch.cuda.OutOfMemoryError as e:
-            images, texts = len(batch.get("pixel_values", ())), len(batch.get("input_ids", ()))
             where = f"its checkpoint of step {self.saved_step}" if self.saved_step else "the start (no checkpoint yet)"
             raise PipelineError(f"out of GPU memory at step {step}, on a micro-batch of {images} images and {texts} "
-                                f"captions: {self.out_of_memory}; a rerun goes on from {where}") from e
+                                f"captions: {self.out_of_memory.format(checkpoint=where)}") from e
         return {**{k: float(v.detach()) / cfg.grad_accum for k, v in terms.items()}, **counts, **own}
 
     def _log(self, step: int, epoch: int, sums: dict[str, float], bar: Any, val: dict[str, float]) -> None:

@@ -256,6 +256,8 @@ def recompute_in_backward(block: torch.nn.Module) -> None:
     activation checkpoint), whenever it runs with gradient; without gradient (validation, rows encoded without it,
     the blocks below a cut) it runs as it did. Module hooks still run once, outside the checkpoint, so
     `gradient_from`'s switch composes with it."""
+    if getattr(block, "_recomputed_in_backward", False):   # wrapped once, however many towers share it
+        return
     forward = block.forward
 
     def checkpointed(*args: Any, **kwargs: Any) -> Any:
@@ -264,6 +266,7 @@ def recompute_in_backward(block: torch.nn.Module) -> None:
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     block.forward = checkpointed
+    block._recomputed_in_backward = True
 
 
 @contextlib.contextmanager
@@ -509,6 +512,14 @@ def _check_easy(cfg: DistillConfig, mine: dict, teacher: dict, paths: layout.Run
                             f"query that {paths.teacher} holds (mined with --easy {easy})")
 
 
+# what an out-of-memory error says, by --grad-checkpointing: the option keeps the run's identity, so a rerun with it
+# resumes; smaller batches or budgets make another run
+_OUT_OF_MEMORY = {
+    False: "rerun with --grad-checkpointing (a few times less activation memory, the same student): it goes on from "
+           "{checkpoint}; or lower --batch-size or --out-of-batch-budget and rerun with --force (a new run)",
+    True: "lower --batch-size or --out-of-batch-budget and rerun with --force (a new run)"}
+
+
 class Training:
     """distill's recipe, top to bottom: set up (corpus, student towers, validator), train with the shared
     `Trainer` (pipeline/loop.py: optimizer, schedule, logs, checkpoints, resume), save final/ (and best/)."""
@@ -536,9 +547,7 @@ class Training:
         self.trainer = Trainer(cfg, acc, out, length, name="distill", model=towers,
                                batches=self.batches, step=self.step, logged=Logged(self.COUNTS, self.more, self.SHOWN),
                                validate=self.validate, extra_state=self.kept,
-                               out_of_memory=("" if cfg.grad_checkpointing else "add --grad-checkpointing (a few "
-                                              "times less activation memory, the same student), or ") +
-                               "lower --batch-size or --out-of-batch-budget")
+                               out_of_memory=_OUT_OF_MEMORY[cfg.grad_checkpointing])
         self.log, self.total_steps = self.trainer.log, length.total_steps
         encoder.device = str(acc.device)   # validation encodes with the training model, wherever it now is
         self.validator = _validator(cfg, val, upstream["teacher"], out, acc) \

@@ -785,6 +785,9 @@ def test_grad_checkpointing_recomputes_the_blocks_for_the_same_features_and_grad
             return _forward(*args, **kwargs)
         block.forward = counted
     towers = StudentTowers(enc, grad_checkpointing=True).eval()
+    wrapped = [b.forward for blocks in enc.tower_layers() for b in blocks]
+    StudentTowers(enc, grad_checkpointing=True)   # towers built again over the same blocks do not wrap them twice
+    assert [b.forward for blocks in enc.tower_layers() for b in blocks] == wrapped
     kwargs = {}
     if live != "every row":
         kwargs = {"live_images": torch.tensor([True, False, True, False, False, True, False]),
@@ -863,7 +866,8 @@ def test_out_of_gpu_memory_says_what_to_add_and_a_rerun_with_it_goes_on_from_the
     monkeypatch.setattr(Training, "step", runs_out_at_the_third)
     line = _error(distill(run, *args, expect=None))
     assert line.startswith("error: out of GPU memory at step 3, on a micro-batch of "), line
-    assert "add --grad-checkpointing" in line and "goes on from its checkpoint of step 2" in line, line
+    assert "rerun with --grad-checkpointing" in line and "it goes on from its checkpoint of step 2" in line, line
+    assert "--out-of-batch-budget and rerun with --force (a new run)" in line, line
     assert len(metrics(run)) == 2 and not (run / "distill" / "final").exists()
     monkeypatch.setattr(Training, "step", step)
     again = distill(run, *args, "--grad-checkpointing")
@@ -876,16 +880,22 @@ def test_out_of_gpu_memory_says_what_to_add_and_a_rerun_with_it_goes_on_from_the
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
-def test_out_of_gpu_memory_with_checkpointing_on_asks_for_smaller_batches(run, monkeypatch):
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_out_of_gpu_memory_at_the_first_step(run, monkeypatch, checkpointing):
     from stages.distill import Training
 
     def out_of_memory(self, towers, batch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(Training, "step", out_of_memory)
-    line = _error(distill(run, "--loss", "kl", "--max-steps", "2", "--grad-checkpointing", expect=None))
+    flag = ("--grad-checkpointing",) if checkpointing else ()
+    line = _error(distill(run, "--loss", "kl", "--max-steps", "2", *flag, expect=None))
     assert "out of GPU memory at step 1" in line and "lower --batch-size or --out-of-batch-budget" in line, line
-    assert "add --grad-checkpointing" not in line and "goes on from the start (no checkpoint yet)" in line, line
+    assert "and rerun with --force (a new run)" in line, line
+    if checkpointing:   # nothing left to add: smaller batches only
+        assert "--grad-checkpointing" not in line, line
+    else:
+        assert "rerun with --grad-checkpointing" in line and "goes on from the start (no checkpoint yet)" in line
 
 
 def test_frozen_negatives_train_on_the_same_loss_with_another_gradient(run, tmp_path):
