@@ -18,6 +18,7 @@ memory there directly. Linux (glibc) only.
 """
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -30,17 +31,23 @@ POINTS = {"image": (4, 16), "caption": (32, 128)}   # items per point: the slope
 TIMED = 3   # steps timed at the larger n (the median), after a warm-up step
 
 
-def heap_in_use() -> int:
-    """Bytes the C heap has handed out and not taken back (glibc's mallinfo2: arenas and mmapped blocks)."""
+@functools.cache
+def _mallinfo2():
+    """glibc's mallinfo2, loaded once: it is read after every operation of a measured step."""
     import ctypes
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = MallInfo2
-    info = libc.mallinfo2()
+    fn = ctypes.CDLL("libc.so.6").mallinfo2
+    fn.restype = MallInfo2
+    return fn
+
+
+def heap_in_use() -> int:
+    """Bytes the C heap has handed out and not taken back (glibc's mallinfo2: arenas and mmapped blocks)."""
+    info = _mallinfo2()()
     return info.uordblks + info.hblkhd
 
 

@@ -174,15 +174,15 @@ def main(tiny: bool = False, timed: int = 3) -> dict:
     model = towers(geometry, device)
     bf16 = device == "cuda"
     rows = {}
+    checkpointed = False   # whether `model`'s blocks are recomputed in the backward
     for name, row in ROWS.items():
-        if row.get("checkpointed") and not getattr(model, "checkpointed", False):
+        if row.get("checkpointed") and not checkpointed:
             # the checkpointed rows come last: the same random weights, the plain towers freed before they are made
             del model
             if device == "cuda":
                 torch.cuda.empty_cache()
-            model = towers(geometry, device, grad_checkpointing=True)
-            model.checkpointed = True
-        assert bool(row.get("checkpointed")) == getattr(model, "checkpointed", False), "checkpointed rows go last"
+            model, checkpointed = towers(geometry, device, grad_checkpointing=True), True
+        assert bool(row.get("checkpointed")) == checkpointed, "checkpointed rows go last"
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         inputs = step_inputs(row, geometry, device, scale)
         try:

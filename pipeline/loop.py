@@ -163,7 +163,7 @@ class Trainer:
         self.cfg, self.acc, self.out, self.length, self.name = cfg, acc, out, length, name
         self.batches, self.step, self.logged, self.validate = batches, step, logged, validate
         # what to do when a micro-batch does not fit the GPU, said in its error; "{checkpoint}" in it becomes where
-        # a rerun with the same identity goes on from (a runtime setting changed: another one is a new run)
+        # a rerun goes on from, for advice that keeps the run's identity (a runtime setting)
         self.out_of_memory = out_of_memory
         self.saved_step = 0                  # the step of the last checkpoint (0: none), where a rerun goes on
         # the recipe's own state: saved in every checkpoint, restored in place on resume
@@ -227,11 +227,11 @@ class Trainer:
                     done_epoch = batch_in_epoch + 1 == per_epoch
                     stopping = signals.requested()
                     if step % cfg.save_every == 0 or step == total or stopping:
-                        self.saved_step = step
                         checkpoints.save(acc, self.out, step, {
                             "step": step, "epoch": epoch + done_epoch,
                             "batch_in_epoch": 0 if done_epoch else batch_in_epoch + 1,
                             **self.extra_state, "scheduler": self.scheduler.state_dict()})
+                        self.saved_step = step
                     if stopping:
                         bar.close()
                         self.log(f"[{self.name}] {stopping}: saved a checkpoint at step {step}")

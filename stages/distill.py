@@ -540,10 +540,10 @@ class Training:
         self.last_val: Optional[dict] = None   # {"step", **metrics} of the last validation
         self.logit_scale = 0.0            # the student's scale at the last micro-step (logged per step)
         self.logit_bias: Optional[float] = None   # and its bias, when the sigmoid loss trains it
-        if cfg.outside_grad_layers is not None and self.loss.fn is not None:
-            encoder.tower_layers()   # a student without the blocks to cut is refused before training
         towers = StudentTowers(encoder, train_bias=cfg.contrastive == "sigmoid",
                                grad_checkpointing=cfg.grad_checkpointing).train()
+        if cfg.outside_grad_layers is not None and reads_lists(cfg):
+            towers.blocks()   # a student without the blocks to cut is refused before training
         self.trainer = Trainer(cfg, acc, out, length, name="distill", model=towers,
                                batches=self.batches, step=self.step, logged=Logged(self.COUNTS, self.more, self.SHOWN),
                                validate=self.validate, extra_state=self.kept,
