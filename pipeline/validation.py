@@ -5,6 +5,8 @@
 
 With a teacher, each query's top `k_test` is scored by it (the pairs are cached across validations, so later
 validations score only the pairs the student newly ranks there) for the rank agreement the loss optimises.
+Validation runs beside the training state on the same GPU: a batch that does not fit is retried at half the size
+(and later validations keep it), down to one item, before the run stops with one line.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from .corpus import Corpus
+from .errors import PipelineError
 from .metrics import KS
 from .retrieval import ScoreCache, evaluate_retrieval
 
@@ -41,6 +44,8 @@ class Validator:
     itc_weight: float = 0.0
     cache: Optional[ScoreCache] = None
     batch_size: int = 64
+    # the advice when one item per batch does not fit beside training
+    out_of_memory: str = "lower --batch-size and rerun with --force (a new run)"
 
     def __call__(self, encoder: Any) -> dict[str, float]:
         """Encoder: a DualEncoder sharing the training model; it is put in eval mode and back."""
@@ -51,8 +56,20 @@ class Validator:
             # the random state is left as it was (a DataLoader draws a seed): training is the same with or
             # without validation
             with torch.random.fork_rng(devices=[]):
-                metrics = evaluate_retrieval(self.corpus, encoder, self.teacher, self.k_test, self.itc_weight,
-                                             self.batch_size, progress=False, cache=self.cache)
+                metrics = self._fitting(encoder)
         finally:
             model.train(was_training)
         return flatten(metrics)
+
+    def _fitting(self, encoder: Any) -> dict:
+        """evaluate_retrieval at the largest batch (halving from batch_size) that fits beside training."""
+        while True:
+            try:
+                return evaluate_retrieval(self.corpus, encoder, self.teacher, self.k_test, self.itc_weight,
+                                          self.batch_size, progress=False, cache=self.cache)
+            except torch.cuda.OutOfMemoryError as e:
+                if self.batch_size == 1:
+                    raise PipelineError("out of GPU memory validating, at one item per batch, beside the training "
+                                        f"state: {self.out_of_memory}") from e
+                torch.cuda.empty_cache()
+                self.batch_size //= 2

@@ -677,4 +677,6 @@ def _validator(cfg: DistillConfig, corpus, teacher: dict, out: Path, acc) -> Val
     where = (teacher.get("locations") or {}).get("teacher") or t["teacher"]
     model = load_teacher(where, device, torch_dtype(t["dtype"], device), t.get("revision"),
                          t.get("trust_remote_code", False))
-    return Validator(corpus, model, cfg.val_k_test, weight, ScoreCache(out / "val-teacher-scores.npz"))
+    return Validator(corpus, model, cfg.val_k_test, weight, ScoreCache(out / "val-teacher-scores.npz"),
+                     out_of_memory="rerun with --no-val-teacher (the teacher stays off the GPU) or a smaller "
+                                   "--batch-size, and --force (a new run)")

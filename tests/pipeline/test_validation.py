@@ -2,8 +2,11 @@
 import pytest
 import torch
 
+import pipeline.validation as validation
+
 from conftest import write_albef_corpus
 from pipeline.corpus import read_corpus
+from pipeline.errors import PipelineError
 from pipeline.metrics import KS
 from pipeline.models import DualEncoder
 from pipeline.retrieval import evaluate_retrieval
@@ -25,3 +28,42 @@ def test_numbers_and_random_state(tmp_path, tiny_clip):
     assert row["val_rsum"] == pytest.approx(want["rsum"])
     assert {f"val_{d}_R@{k}" for d in ("i2t", "t2i") for k in KS} <= set(row)
     assert row["val_t2i_R@5"] == pytest.approx(want["t2i"]["R@5"])
+
+
+def test_a_batch_that_does_not_fit_the_gpu_is_halved(tmp_path, tiny_clip, monkeypatch):
+    corpus = read_corpus(str(write_albef_corpus(tmp_path / "val", n_images=10)), log=lambda *_: None)
+    enc = DualEncoder(str(tiny_clip))
+    want = evaluate_retrieval(corpus, enc, batch_size=64, progress=False)
+    tried = []
+
+    def fits_up_to_16(*args):
+        tried.append(args[5])                      # evaluate_retrieval's batch_size
+        if args[5] > 16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return evaluate_retrieval(*args, progress=False)
+
+    monkeypatch.setattr(validation, "evaluate_retrieval", lambda *a, **kw: fits_up_to_16(*a))
+    val = Validator(corpus)
+    row = val(enc)
+    assert tried == [64, 32, 16]
+    assert row["val_rsum"] == pytest.approx(want["rsum"], abs=1e-6)    # the same ranks at a smaller batch
+    val(enc)                                                             # later validations start where it fit
+    assert tried == [64, 32, 16, 16]
+
+
+def test_out_of_gpu_memory_at_one_item_is_one_line(tmp_path, tiny_clip, monkeypatch):
+    corpus = read_corpus(str(write_albef_corpus(tmp_path / "val", n_images=4)), log=lambda *_: None)
+    tried = []
+
+    def never_fits(*args, **kwargs):
+        tried.append(args[5])
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(validation, "evaluate_retrieval", never_fits)
+    enc = DualEncoder(str(tiny_clip))
+    enc.model.train()
+    with pytest.raises(PipelineError, match=r"^out of GPU memory validating, at one item per batch, beside the "
+                                            r"training state: use less$"):
+        Validator(corpus, out_of_memory="use less")(enc)
+    assert tried == [64, 32, 16, 8, 4, 2, 1]
+    assert enc.model.training                                   # back in training mode all the same

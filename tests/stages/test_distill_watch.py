@@ -80,6 +80,23 @@ def test_resume_keeps_the_best_so_far(run, val_data, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_validation_out_of_gpu_memory_is_one_line(run, val_data, monkeypatch):
+    import pipeline.validation as validation
+
+    def never_fits(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(validation, "evaluate_retrieval", never_fits)
+    result = cli("distill", "--run", run, *FAST, *VAL, "--val-data", val_data, "--save-every", "1", expect=2)
+    line = result.output.strip().splitlines()[-1]
+    assert line == ("error: out of GPU memory validating, at one item per batch, beside the training state: rerun "
+                    "with --no-val-teacher (the teacher stays off the GPU) or a smaller --batch-size, and --force "
+                    "(a new run)"), line
+    out = run / "distill"
+    assert [r["step"] for r in metrics(out)] == [1]          # step 2's row waits for its validation
+    assert (out / "checkpoints" / "step-1").is_dir() and not (out / "final").exists()
+
+
 def read_events(folder):
     """Scalars {tag: [(step, value)]} of every TensorBoard event file under folder (TFRecord framing: length,
     its CRC, the record, its CRC)."""
