@@ -14,8 +14,9 @@ by a quarter to a third, and taken as the baseline it made every ratio after it 
 Rows: `none` as the demo trains it (batch 64); each teacher loss on batches of 256 with the whole lists (every
 entry encoded with gradient, `--out-of-batch encode`), with the lists cut to the batch's own pairs (`--out-of-batch
 drop`), with a budget of 256, 512, 768 or 1,024 encoded images and captions outside the pairs, those listed most
-often (`--out-of-batch budget --out-of-batch-budget N --out-of-batch-priority listed`), and with 512 or 768 (the
-default: 3 per query) by teacher rank, and the default's with the outside items' gradient through the last 1 or
+often (`--out-of-batch budget --out-of-batch-budget N --out-of-batch-priority listed`), with 512 or 768 (the
+default: 3 per query) by teacher rank, and 512 by steep teacher rank (`teacher-rank-steep`, `make demo`'s KL row),
+and the default's with the outside items' gradient through the last 1 or
 2 of the 4 blocks of each tower (`--outside-grad-layers`) or with its blocks recomputed in the backward
 (`--grad-checkpointing`); and KL with in-batch lists on batches packed in clusters
 of 64 rows.
@@ -41,6 +42,8 @@ LISTS = {"whole lists": {"out_of_batch": "encode"}, "in-batch lists": {"out_of_b
          **{f"budget {n} by teacher rank" + (" (default)" if n == 768 else ""):
             {"out_of_batch": "budget", "out_of_batch_budget": n, "out_of_batch_priority": "teacher-rank"}
             for n in (512, 768)},
+         "budget 512 by steep teacher rank (kl in the demo)":
+            {"out_of_batch": "budget", "out_of_batch_budget": 512, "out_of_batch_priority": "teacher-rank-steep"},
          **{f"budget 768 by teacher rank, gradient through the last {n} block(s)":
             {**DEFAULT, "outside_grad_layers": n} for n in (1, 2)},
          "budget 768 by teacher rank, --grad-checkpointing": {**DEFAULT, "grad_checkpointing": True}}

@@ -27,8 +27,8 @@ A batch encodes each unique image (by file) and caption (by text) once. For B qu
 A list entry outside the batch's pairs costs one more image or caption to encode; with `outside="drop"` it is
 left out of the list instead (the lists then hold only in-batch entries, and the batch encodes its pairs alone);
 with `outside_budget` N, only N of those images and captions are encoded (the ones listed most often in the
-batch, or with `outside_priority` "teacher-rank" those whose listings rank highest by the teacher), and the
-entries of the others are left out.
+batch, or with `outside_priority` "teacher-rank" or "teacher-rank-steep" those whose listings rank highest by
+the teacher), and the entries of the others are left out.
 
 False negatives: a mined candidate that is really a match is never a negative. An i2t candidate caption is
 one when its text is identical to one of the query image's own captions, or when it belongs to the same image
@@ -110,7 +110,7 @@ class BatchSpec:
     shuffle_buffer: int = 10000            # rows in the streaming shuffle buffer (without a packing order)
     outside: str = "encode"                # list entries that are no query or positive of the batch: encode, drop
     outside_budget: Optional[int] = None   # with "encode": at most this many of their images and captions
-    outside_priority: str = "teacher-rank"  # which ones: by "teacher-rank", or "listed" most often (see below)
+    outside_priority: str = "teacher-rank"  # which ones: by "teacher-rank" (-steep), or "listed" most often
     max_teacher_margin: Optional[float] = None  # drop candidates the teacher puts this far above the positive
     image_cache_mb: float = 512            # processed images kept per worker (LRU)
     rank: int = 0
@@ -385,18 +385,19 @@ class DistillBatches(torch.utils.data.IterableDataset):
         (outside "drop"), all ("encode"), or the `outside_budget` with the most weight (ties: first listed). Under
         priority "listed" each listing weighs 1; under "teacher-rank" a listing weighs 1 / sqrt(1 + r), r its rank
         by teacher score among its row's entries (0 = the hardest), so a row's hardest negatives go before the
-        tail entries that many rows share."""
+        tail entries that many rows share; under "teacher-rank-steep" it weighs 1 / (1 + r)."""
         if self.spec.outside == "drop":
             return set()
         weights: dict[tuple[bool, str], float] = {}   # insertion order = first listed, for ties
         for r, kept in enumerate(entries):
             i2t = rows["direction"][r] == "i2t"
-            if self.spec.outside_priority == "teacher-rank":
+            if self.spec.outside_priority in ("teacher-rank", "teacher-rank-steep"):
                 scores = rows["teacher_scores"][r]
                 order = sorted(range(len(kept)), key=lambda e: -scores[kept[e][0]])   # stable: ties keep list order
                 weight = [0.0] * len(kept)
+                steep = self.spec.outside_priority == "teacher-rank-steep"
                 for rank, e in enumerate(order):
-                    weight[e] = 1.0 / math.sqrt(1 + rank)
+                    weight[e] = 1.0 / (1 + rank) if steep else 1.0 / math.sqrt(1 + rank)
             else:
                 weight = [1.0] * len(kept)
             for (_, _, item, here), w in zip(kept, weight):

@@ -185,8 +185,8 @@ def test_a_test_run_in_a_val_runs_folder_adds_its_galleries_and_keeps_the_train_
 
 def test_the_default_recipe_runs_on_its_student_only_assets_with_the_demo_teacher(tmp_path):
     """data/demo.yaml as shipped (the default recipe; quick mode, its CPRD row and the baseline): the assets folder
-    holds only the 128x4 student, the teacher comes from the folder its assets.json names, and the teacher's rows
-    train with distill's default lists. data/demo-transfer.yaml is the same setting with the whole lists."""
+    holds only the 128x4 student, the teacher comes from the folder its assets.json names, and the CPRD row trains
+    with distill's default lists. data/demo-transfer.yaml is the same setting with the whole lists."""
     import yaml
 
     recipe = yaml.safe_load((ASSETS.parent / "demo.yaml").read_text())

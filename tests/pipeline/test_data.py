@@ -193,12 +193,13 @@ def test_packed_dealing_covers_every_batch_once_and_holds_no_table_before_it_ite
 
 
 @pytest.mark.parametrize("outside,budget,priority", [("drop", None, "listed"), ("encode", None, "listed"),
-                                                     ("encode", 3, "listed"), ("encode", 7, "teacher-rank")])
+                                                     ("encode", 3, "listed"), ("encode", 7, "teacher-rank"),
+                                                     ("encode", 7, "teacher-rank-steep")])
 def test_list_entries_outside_the_batch_are_counted_and_dropped_or_kept(scored_run, outside, budget, priority):
     """Brute force from the definition: an entry is in-batch when its caption text or image file is that of a
     query or (chosen) positive of the batch; with a budget, only the `budget` outside items of most weight (ties:
-    the first listed) keep their entries: a listing weighs 1 (listed) or 1 / sqrt(1 + its rank by teacher score
-    in its row) (teacher-rank)."""
+    the first listed) keep their entries: a listing weighs 1 (listed), 1 / sqrt(1 + its rank by teacher score
+    in its row) (teacher-rank) or 1 / (1 + that rank) (teacher-rank-steep)."""
     rows = _rows(scored_run, n=24)
     n = len(rows["query_id"])
     data, _, _ = _dataset(scored_run, outside=outside, outside_budget=budget, outside_priority=priority)
@@ -212,19 +213,20 @@ def test_list_entries_outside_the_batch_are_counted_and_dropped_or_kept(scored_r
     pair_paths = {path[q if i else p] for q, p, i in zip(rows["query_id"], chosen, i2t)}
     pair_texts = {text[p if i else q] for q, p, i in zip(rows["query_id"], chosen, i2t)}
     item = lambda r, c: ("t", text[c]) if i2t[r] else ("i", path[c])
-    weights = {"listed": {}, "teacher-rank": {}}
+    weights = {"listed": {}, "teacher-rank": {}, "teacher-rank-steep": {}}
     first = {}
     for r in range(n):
         scores = rows["teacher_scores"][r][:4]
         for j, c in enumerate(rows["candidate_ids"][r][:4]):
             if not (text[c] in pair_texts if i2t[r] else path[c] in pair_paths):
                 above = sum(s > scores[j] for s in scores) + sum(s == scores[j] for s in scores[:j])
-                for how, w in (("listed", 1.0), ("teacher-rank", (1 + above) ** -0.5)):
+                for how, w in (("listed", 1.0), ("teacher-rank", (1 + above) ** -0.5),
+                               ("teacher-rank-steep", 1 / (1 + above))):
                     weights[how][item(r, c)] = weights[how].get(item(r, c), 0.0) + w
                 first.setdefault(item(r, c), len(first))
     counts = weights[priority]
     ranked = {how: sorted(w, key=lambda k: (-w[k], first[k])) for how, w in weights.items()}
-    if budget is not None and priority != "listed":   # the batch tells the two priorities apart
+    if budget is not None and priority != "listed":   # the batch tells a rank rule from the count
         assert set(ranked[priority][:budget]) != set(ranked["listed"][:budget])
     ranked = ranked[priority]
     allowed = set(ranked if budget is None else ranked[:budget]) if outside == "encode" else set()
@@ -244,6 +246,20 @@ def test_list_entries_outside_the_batch_are_counted_and_dropped_or_kept(scored_r
     assert (len(batch["pixel_values"]) + len(batch["input_ids"]) == len(set(batch["pair_image"].tolist()))
             + len(set(batch["pair_text"].tolist())) + len(allowed))
     assert budget is None or len(allowed) == budget < len(counts)
+
+
+@pytest.mark.parametrize("priority,chosen", [("listed", "shared"), ("teacher-rank", "shared"),
+                                              ("teacher-rank-steep", "hardest")])
+def test_the_steep_rank_rule_takes_one_hardest_negative_over_two_third_ranked_listings(scored_run, priority,
+                                                                                       chosen):
+    """Budget 1. Two caption queries list images (teacher scores 5, 4, 3 in list order): `hardest` at rank 0 of
+    the first, `shared` at rank 2 of both. Weights: listed 1 against 2; teacher-rank 1 against 2 / sqrt(3) =
+    1.15; teacher-rank-steep 1 against 2 / 3."""
+    data, _, _ = _dataset(scored_run, outside="encode", outside_budget=1, outside_priority=priority)
+    rows = {"direction": ["t2i", "t2i"], "teacher_scores": [[5.0, 4.0, 3.0], [5.0, 4.0, 3.0]]}
+    entries = [[(0, "a", "hardest", False), (1, "b", "second", False), (2, "c", "shared", False)],
+               [(0, "d", "other", False), (1, "e", "another", False), (2, "c", "shared", False)]]
+    assert data._outside_encoded(entries, rows) == {(False, chosen)}
 
 
 def test_the_contrastive_positives_are_every_caption_of_each_image_file(scored_run):
