@@ -1,5 +1,6 @@
 """A distill epoch's encoder work at a CLIP ViT-B/16 geometry on a GPU (random weights, bf16): time and peak memory
-for `none`, the whole lists, the default lists and the default with the outside items cut (--outside-grad-layers).
+for `none`, the whole lists, the default lists and the default with the outside items cut (--outside-grad-layers),
+and `make demo`'s KL row (2 per query).
 
 Each step encodes what a step encodes on the transfer demo's data (`bench/epoch_bench.py`, per batch of its epoch:
 images, captions, and which of them are the batch's pairs), so the rows differ as the demo's do, at the model size
@@ -31,7 +32,10 @@ ROWS = {
     "default, --frozen-negatives": dict(DEFAULT, frozen=True),
     "default, --outside-grad-layers 1": dict(DEFAULT, cut=1),
     "default, --outside-grad-layers 3": dict(DEFAULT, cut=3),
-    "default, --grad-checkpointing": dict(DEFAULT, checkpointed=True),
+    # make demo's KL row: 512 outside items by --out-of-batch-priority teacher-rank-steep (32,499 images and
+    # 13,597 captions in the epoch)
+    "2 per query by steep teacher rank (KL in make demo)": dict(images=691, texts=289, **PAIRS_256),
+    "default, --grad-checkpointing": dict(DEFAULT, checkpointed=True),   # checkpointed rows go last
 }
 CLIP_B16 = dict(vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                             image_size=224, patch_size=16),
