@@ -31,8 +31,8 @@ test-openclip:
 	$(OC_VENV)/bin/python -m pip install --quiet -e ".[test,openclip]"
 	$(OC_VENV)/bin/python -m pytest -q tests/pipeline/test_openclip.py tests/stages/test_distill.py -k "open_clip or openclip"
 
-# The teacher's knowledge reaching a student of the teacher's size at 1.3-1.4x (KL) and 1.8-2.2x (the CPRD row) the
-# cost of contrastive training (data/demo.yaml: budgets of 2 and 3 outside items per query); 7 to 9.5 minutes on 2
+# The teacher's knowledge reaching a student of the teacher's size at about 1.4x (KL) and 1.8-2.2x (the CPRD row) the
+# cost of contrastive training (data/demo.yaml: budgets of 2 and 3 outside items per query); 8 to 9.5 minutes on 2
 # cores.
 demo: install
 	$(VENV)/bin/cprd-pipeline demo --out runs/demo

@@ -1,7 +1,8 @@
 """`cprd-pipeline demo`: the whole pipeline on the bundled demo, ending in a table a researcher can trust.
 
 1. generate the demo corpus (train split and the evaluation galleries) from the recipe (data/demo.yaml: the
-   teacher's knowledge reaching the student with distill's default lists; data/demo-transfer.yaml: the same with
+   teacher's knowledge reaching the student with budgeted lists, KL's 2 per query by teacher-rank-steep and the
+   CPRD row's distill's default; data/demo-transfer.yaml: the same with
    the whole lists; data/demo-tour.yaml: every row on the tiny student), read as a typed
    `Recipe` (cprd_pipeline/demo_recipe.py) after `--quick` and `--corpus-seed` (`Recipe.for_run`)
 2. unpack the recipe's student (tiny CLIP) and teacher (tiny BLIP) from its assets folder

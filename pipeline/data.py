@@ -398,8 +398,10 @@ class DistillBatches(torch.utils.data.IterableDataset):
                 steep = self.spec.outside_priority == "teacher-rank-steep"
                 for rank, e in enumerate(order):
                     weight[e] = 1.0 / (1 + rank) if steep else 1.0 / math.sqrt(1 + rank)
-            else:
+            elif self.spec.outside_priority == "listed":
                 weight = [1.0] * len(kept)
+            else:
+                raise ValueError(f"unknown outside_priority {self.spec.outside_priority!r}")
             for (_, _, item, here), w in zip(kept, weight):
                 if not here:
                     weights[(i2t, item)] = weights.get((i2t, item), 0.0) + w

@@ -61,11 +61,13 @@ class ScoreCache:
 
 
 def rerank(corpus: Corpus, teacher, i2t_rows: np.ndarray, t2i_rows: np.ndarray, k: int, itc_weight: float,
-           progress: bool, cache: Optional[ScoreCache] = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+           progress: bool, cache: Optional[ScoreCache] = None, image_batch: int = 64
+           ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Re-order each query's first k candidates by teacher score (the rest keep the student's order).
 
     Returns ([i2t, t2i] re-ranked rows, [i2t, t2i] teacher scores [Q, k] of the first k in the student's order).
-    With a cache, only pairs it does not hold are scored (and then added to it).
+    With a cache, only pairs it does not hold are scored (and then added to it). The teacher scores
+    `image_batch` images and 4 x that many pairs at a time.
     """
     # all (image, text) pairs of both directions, deduplicated and sorted by image: one vision pass per image
     n_t = corpus.num_texts
@@ -74,7 +76,8 @@ def rerank(corpus: Corpus, teacher, i2t_rows: np.ndarray, t2i_rows: np.ndarray, 
     keys = np.unique(np.concatenate([i2t_keys.ravel(), t2i_keys.ravel()]))
     todo = keys if cache is None else cache.missing(keys)
     with tqdm(total=len(todo), desc="re-rank", unit="pair", disable=not progress, leave=False) as bar:
-        fresh = score_pairs(teacher, corpus, *layout.split_key(todo, n_t), itc_weight=itc_weight, bar=bar)
+        fresh = score_pairs(teacher, corpus, *layout.split_key(todo, n_t), batch_size=4 * image_batch,
+                            image_batch_size=image_batch, itc_weight=itc_weight, bar=bar)
     if cache is None:
         scores = fresh
     else:
@@ -91,7 +94,8 @@ def rerank(corpus: Corpus, teacher, i2t_rows: np.ndarray, t2i_rows: np.ndarray, 
 
 def evaluate_retrieval(corpus: Corpus, encoder: Any, teacher: Optional[CrossEncoder] = None, k_test: int = 16,
                        itc_weight: float = 0.0, batch_size: int = 64, num_workers: int = 0,
-                       progress: bool = True, cache: Optional[ScoreCache] = None) -> dict:
+                       progress: bool = True, cache: Optional[ScoreCache] = None,
+                       teacher_image_batch: int = 64) -> dict:
     """Recall@1/5/10 both ways and RSUM of `encoder` (a DualEncoder) on `corpus`; with a teacher, the same after
     the teacher re-ranks each query's top `k_test` (`rerank`), and the student-teacher rank agreement over
     those candidates (`agreement`, per direction)."""
@@ -105,7 +109,7 @@ def evaluate_retrieval(corpus: Corpus, encoder: Any, teacher: Optional[CrossEnco
     metrics.update(num_images=corpus.num_images, num_texts=corpus.num_texts)
     if teacher is not None:
         (r_i2t, r_t2i), (t_i2t, t_t2i) = rerank(corpus, teacher, i2t_rows, t2i_rows, k_test, itc_weight, progress,
-                                                cache)
+                                                cache, teacher_image_batch)
         metrics["rerank"] = {**retrieval_metrics(r_i2t, r_t2i, image_texts, text_image), "k_test": k_test}
         k = t_i2t.shape[1]
         metrics["agreement"] = {"i2t": rank_agreement(i2t_scores[:, :k], t_i2t),

@@ -5,8 +5,9 @@
 
 With a teacher, each query's top `k_test` is scored by it (the pairs are cached across validations, so later
 validations score only the pairs the student newly ranks there) for the rank agreement the loss optimises.
-Validation runs beside the training state on the same GPU: a batch that does not fit is retried at half the size
-(and later validations keep it), down to one item, before the run stops with one line.
+Validation runs beside the training state on the same GPU: a batch that does not fit (the student's or the
+teacher's) is retried at half the size (and later validations keep it), down to one item, before the run stops
+with one line.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ class Validator:
     cache: Optional[ScoreCache] = None
     batch_size: int = 64
     # the advice when one item per batch does not fit beside training
-    out_of_memory: str = "lower --batch-size and rerun with --force (a new run)"
+    out_of_memory: str = ("the training state leaves no room: rerun without --val-data and with --force (a new run), "
+                          "then evaluate the student apart")
 
     def __call__(self, encoder: Any) -> dict[str, float]:
         """Encoder: a DualEncoder sharing the training model; it is put in eval mode and back."""
@@ -62,14 +64,17 @@ class Validator:
         return flatten(metrics)
 
     def _fitting(self, encoder: Any) -> dict:
-        """evaluate_retrieval at the largest batch (halving from batch_size) that fits beside training."""
+        """evaluate_retrieval at the largest batch (halving from batch_size) that fits beside training: the
+        student's (batch_size images, 4 x as many captions) and the teacher's (as many images, 4 x as many pairs)."""
         while True:
             try:
                 return evaluate_retrieval(self.corpus, encoder, self.teacher, self.k_test, self.itc_weight,
-                                          self.batch_size, progress=False, cache=self.cache)
+                                          self.batch_size, progress=False, cache=self.cache,
+                                          teacher_image_batch=self.batch_size)
             except torch.cuda.OutOfMemoryError as e:
                 if self.batch_size == 1:
                     raise PipelineError("out of GPU memory validating, at one item per batch, beside the training "
                                         f"state: {self.out_of_memory}") from e
-                torch.cuda.empty_cache()
-                self.batch_size //= 2
+            # outside the handler: the failed attempt's tensors are gone with its traceback
+            torch.cuda.empty_cache()
+            self.batch_size //= 2

@@ -142,8 +142,8 @@ class DistillOptions:
                                                         "score in its list), so each query's hardest negatives go "
                                                         "before the tail entries many lists share), "
                                                         "teacher-rank-steep (a listing weighing 1/(1 + its rank): "
-                                                        "the hardest first by more; with --loss kl at 2 per query it "
-                                                        "kept KL's gain on the demo) or listed (those the batch's "
+                                                        "the hardest first by more; with --loss kl at 2 per query and "
+                                                        "--distill-weight 1.5 it kept KL's gain on the demo) or listed (those the batch's "
                                                         "lists name most often; the rule before priorities)",
                                         choices=PRIORITY, added=True)
     contrastive: str = option("auto", "the student's own contrastive term: softmax (CLIP's InfoNCE over the batch), "
@@ -681,5 +681,5 @@ def _validator(cfg: DistillConfig, corpus, teacher: dict, out: Path, acc) -> Val
     model = load_teacher(where, device, torch_dtype(t["dtype"], device), t.get("revision"),
                          t.get("trust_remote_code", False))
     return Validator(corpus, model, cfg.val_k_test, weight, ScoreCache(out / "val-teacher-scores.npz"),
-                     out_of_memory="rerun with --no-val-teacher (the teacher stays off the GPU) or a smaller "
-                                   "--batch-size, and --force (a new run)")
+                     out_of_memory="rerun with --no-val-teacher (the teacher stays off the GPU) and --force "
+                                   "(a new run)")

@@ -36,13 +36,14 @@ def test_a_batch_that_does_not_fit_the_gpu_is_halved(tmp_path, tiny_clip, monkey
     want = evaluate_retrieval(corpus, enc, batch_size=64, progress=False)
     tried = []
 
-    def fits_up_to_16(*args):
+    def fits_up_to_16(*args, teacher_image_batch, **kwargs):
         tried.append(args[5])                      # evaluate_retrieval's batch_size
+        assert teacher_image_batch == args[5]      # the teacher's batch halves with the student's
         if args[5] > 16:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return evaluate_retrieval(*args, progress=False)
 
-    monkeypatch.setattr(validation, "evaluate_retrieval", lambda *a, **kw: fits_up_to_16(*a))
+    monkeypatch.setattr(validation, "evaluate_retrieval", fits_up_to_16)
     val = Validator(corpus)
     row = val(enc)
     assert tried == [64, 32, 16]
