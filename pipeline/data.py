@@ -51,6 +51,9 @@ from .errors import PipelineError
 from .models import load_image, pad_images
 
 COLUMNS = ["direction", "query_id", "positive_ids", "candidate_ids", "teacher_scores", "positive_teacher_scores"]
+# how a listing at rank r (by teacher score in its row, 0 = the hardest) weighs, by outside_priority; "listed": 1
+RANK_WEIGHT = {"teacher-rank": lambda r: 1.0 / math.sqrt(1 + r), "teacher-rank-steep": lambda r: 1.0 / (1 + r)}
+PRIORITIES = ("listed", *RANK_WEIGHT)
 
 
 def teacher_stream(files: Sequence[Path], seed: int, epoch: int, shuffle_buffer: int,
@@ -391,17 +394,17 @@ class DistillBatches(torch.utils.data.IterableDataset):
         weights: dict[tuple[bool, str], float] = {}   # insertion order = first listed, for ties
         for r, kept in enumerate(entries):
             i2t = rows["direction"][r] == "i2t"
-            if self.spec.outside_priority in ("teacher-rank", "teacher-rank-steep"):
+            if self.spec.outside_priority in RANK_WEIGHT:
+                of_rank = RANK_WEIGHT[self.spec.outside_priority]
                 scores = rows["teacher_scores"][r]
                 order = sorted(range(len(kept)), key=lambda e: -scores[kept[e][0]])   # stable: ties keep list order
                 weight = [0.0] * len(kept)
-                steep = self.spec.outside_priority == "teacher-rank-steep"
                 for rank, e in enumerate(order):
-                    weight[e] = 1.0 / (1 + rank) if steep else 1.0 / math.sqrt(1 + rank)
+                    weight[e] = of_rank(rank)
             elif self.spec.outside_priority == "listed":
                 weight = [1.0] * len(kept)
             else:
-                raise ValueError(f"unknown outside_priority {self.spec.outside_priority!r}")
+                raise ValueError(f"unknown outside_priority {self.spec.outside_priority!r} (known: {PRIORITIES})")
             for (_, _, item, here), w in zip(kept, weight):
                 if not here:
                     weights[(i2t, item)] = weights.get((i2t, item), 0.0) + w

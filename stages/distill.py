@@ -46,7 +46,7 @@ from pipeline.artifacts import StageWriter, atomic_write_json, read_json, requir
 from pipeline.card import write_card
 from pipeline.config import choice_options, location, option, runtime
 from pipeline.corpus import FORMATS, load_checked, read_source
-from pipeline.data import BatchSpec, DistillBatches, Matches, Processors, list_rows
+from pipeline.data import PRIORITIES, BatchSpec, DistillBatches, Matches, Processors, list_rows
 from pipeline.errors import PipelineError
 from pipeline.log import make_result
 from pipeline.losses import DistillInputs, DistillLoss, itc_loss, registry, sigmoid_loss
@@ -60,7 +60,6 @@ from pipeline.validation import Validator
 DIRECTIONS = ("both", "i2t", "t2i")   # --distill-directions
 BATCHING = ("shuffle", "packed")      # --batching
 OUT_OF_BATCH = ("budget", "encode", "drop")     # --out-of-batch
-PRIORITY = ("listed", "teacher-rank", "teacher-rank-steep")   # --out-of-batch-priority
 BUDGET_PER_QUERY = 3   # --out-of-batch budget's default: 768 per 256 queries, chosen on the demo's validation galleries
 CONTRASTIVE = ("auto", "softmax", "sigmoid")   # --contrastive
 VAL_SOURCE = ("val_format", "val_image_root", "val_image_column", "val_caption_column", "val_id_column")
@@ -145,7 +144,7 @@ class DistillOptions:
                                                         "the hardest first by more; with --loss kl at 2 per query and "
                                                         "--distill-weight 1.5 it kept KL's gain on the demo) or listed (those the batch's "
                                                         "lists name most often; the rule before priorities)",
-                                        choices=PRIORITY, added=True)
+                                        choices=PRIORITIES, added=True)
     contrastive: str = option("auto", "the student's own contrastive term: softmax (CLIP's InfoNCE over the batch), "
                                       "sigmoid (SigLIP's pairwise loss; trains the logit bias too) or auto (sigmoid "
                                       "for a SigLIP-family student, one with a learned logit bias; else softmax)",
